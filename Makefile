@@ -1,0 +1,32 @@
+# Two commands: `make demo` trains and evaluates a small vision-language model on this machine's CPU;
+# `make test` runs the test suite. Both create (or reuse) the virtualenv in $(VENV).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MMFM := $(VENV)/bin/mmfm
+DATA ?= data/synth
+RUN ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+TORCH_VERSION ?= 2.13.0
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test clean-runs
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	@# The pinned CPU wheel first, where no torch is present: a bare `torch` pulls a multi-GB CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(MMFM) data synth --out $(DATA)
+	$(MMFM) train experiment=demo data.path=$(DATA) run_dir=$(RUN)
+	@echo "\n== mmfm generate on held-out image files (true captions in $(DATA)/examples/captions.json) =="
+	$(MMFM) generate --checkpoint $(RUN) --images $(DATA)/examples/*.png
+
+test: install
+	$(PY) -m pytest -q
+
+clean-runs:
+	rm -rf runs outputs

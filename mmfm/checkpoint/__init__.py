@@ -1,0 +1,5 @@
+"""Distributed checkpoints (torch.distributed.checkpoint) with atomic 'latest' and exact resume."""
+
+from mmfm.checkpoint.manager import CheckpointError, CheckpointManager
+
+__all__ = ["CheckpointError", "CheckpointManager"]

@@ -1,0 +1,187 @@
+"""Checkpoints through torch.distributed.checkpoint: model, optimizer, RNG and a JSON trainer state.
+
+Layout under the run directory:
+
+    checkpoints/step_00000100/   .metadata + *.distcp (DCP) + trainer_state.json
+    checkpoints/latest           name of the newest complete checkpoint
+
+A checkpoint is written into a hidden `.step_N.partial` folder and renamed into place only once every
+file is on disk; `latest` is switched (atomically) after that. A crash mid-save therefore leaves
+`latest` on the previous checkpoint, and an unfinished folder is never mistaken for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from mmfm.errors import MmfmError
+
+log = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+TRAINER_STATE = "trainer_state.json"
+LATEST = "latest"
+
+
+class CheckpointError(MmfmError):
+    pass
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextlib.contextmanager
+def _single_process_quietly():
+    """DCP warns on every call that it runs without a process group; that is expected here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def is_complete(folder: Path) -> bool:
+    return (STEP_DIR.match(folder.name) is not None and (folder / ".metadata").is_file()
+            and (folder / TRAINER_STATE).is_file())
+
+
+class CheckpointManager:
+    def __init__(self, root: str | Path, keep_last: int = 2):
+        self.root, self.keep_last = Path(root), keep_last
+
+    def step_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if STEP_DIR.match(p.name))
+
+    def latest(self) -> Optional[Path]:
+        """The newest complete checkpoint, or None when this folder has none.
+
+        Raises when checkpoints exist but `latest` is missing or points at an incomplete one, rather
+        than letting training start over and write on top of them.
+        """
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            if self.step_dirs():
+                raise CheckpointError(f"{self.root} holds checkpoints but no '{LATEST}' file; resume from one "
+                                      f"explicitly with checkpoint.resume=<path to a step_* folder>")
+            return None
+        target = self.root / pointer.read_text().strip()
+        if not is_complete(target):
+            raise CheckpointError(f"{pointer} points at {target}, which is missing or incomplete; resume from "
+                                  "an earlier one with checkpoint.resume=<path to a step_* folder>")
+        return target
+
+    def resolve(self, spec: str) -> Optional[Path]:
+        """checkpoint.resume -> the folder to load: 'auto' = latest here (or none), 'never', or a path."""
+        if spec == "never":
+            if self.step_dirs():
+                raise CheckpointError(f"checkpoint.resume=never but {self.root} already holds checkpoints; use a "
+                                      "new run_dir or checkpoint.resume=auto")
+            return None
+        if spec == "auto":
+            return self.latest()
+        path = Path(spec)
+        if path.is_dir() and (path / LATEST).is_file():
+            return CheckpointManager(path).latest()
+        if not path.exists():
+            raise CheckpointError(f"checkpoint.resume={spec}: no such folder; give a step_* folder or a "
+                                  "checkpoints/ folder with a 'latest' file")
+        if not is_complete(path):
+            raise CheckpointError(f"checkpoint.resume={spec} is not a complete checkpoint (needs .metadata and "
+                                  f"{TRAINER_STATE}); pick another step_* folder")
+        return path
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
+        final = self.root / f"step_{step:08d}"
+        partial = self.root / f".step_{step:08d}.partial"
+        if partial.exists():
+            shutil.rmtree(partial)  # left by an interrupted save; never referenced by `latest`
+        partial.mkdir(parents=True)
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
+                 "rng": rng_state()}
+        with _single_process_quietly():
+            dcp.save(state, checkpoint_id=str(partial))
+        (partial / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+        _fsync_tree(partial)
+        if final.exists():
+            kept = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            final.rename(kept)
+            log.warning("checkpoint %s already existed; moved it to %s", final, kept)
+        partial.rename(final)
+        self._point_latest(final.name)
+        self._prune()
+        return final
+
+    def _point_latest(self, name: str) -> None:
+        tmp = self.root / f"{LATEST}.tmp"
+        with open(tmp, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / LATEST)
+
+    def _prune(self) -> None:
+        complete = [p for p in self.step_dirs() if is_complete(p)]
+        for old in complete[: -self.keep_last]:
+            shutil.rmtree(old)
+
+    @staticmethod
+    def load(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+        """Load model (and optimizer, RNG) state in place; return the trainer state saved with them."""
+        try:
+            trainer_state = json.loads((path / TRAINER_STATE).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"checkpoint {path}: unreadable {TRAINER_STATE} ({exc}); resume from another "
+                                  "step_* folder") from None
+        state: dict = {"model": get_model_state_dict(model)}
+        if optimizer is not None:
+            state["optim"] = get_optimizer_state_dict(model, optimizer)
+            state["rng"] = rng_state()
+        try:
+            with _single_process_quietly():
+                dcp.load(state, checkpoint_id=str(path))
+        except Exception as exc:  # DCP wraps reader failures in several exception types
+            detail = " ".join(str(exc).split())[:300]
+            raise CheckpointError(f"checkpoint {path} could not be loaded ({type(exc).__name__}: {detail}); it is "
+                                  "corrupt or was written for another model config; resume from another "
+                                  "step_* folder or match the model config") from None
+        set_model_state_dict(model, state["model"])
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, state["optim"])
+            set_rng_state(state["rng"])
+        return trainer_state

@@ -1,0 +1,44 @@
+"""`mmfm train [overrides]`: a Hydra app over configs/ (so --cfg job, --help, --multirun all work)."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from mmfm.cli.errors import one_line_errors
+from mmfm.config import config_dir, to_job_config, validate
+from mmfm.config.load import register_schema
+
+
+def report(summary: dict, run_dir: str) -> None:
+    print(f"\nrun directory: {run_dir}")
+    print(f"final validation loss: {summary['val_loss']:.4f}")
+    if "caption_accuracy" in summary:
+        for ex in summary["examples"]:
+            mark = "ok " if ex["prediction"].strip() == ex["truth"].strip() else "BAD"
+            print(f"  [{mark}] {ex['key']}: {ex['prediction']!r}  (reference: {ex['truth']!r})")
+        n = summary["caption_samples"]
+        acc = summary["caption_accuracy"]
+        print(f"held-out exact-match caption accuracy: {acc:.1%} ({round(acc * n)}/{n})")
+
+
+def task(cfg: DictConfig) -> None:
+    with one_line_errors("mmfm train"):
+        job = validate(to_job_config(cfg))
+        from mmfm.train.trainer import Trainer  # heavy imports only once the config is known to be good
+
+        run_dir = HydraConfig.get().runtime.output_dir
+        report(Trainer(job, run_dir).fit(), run_dir)
+
+
+def main(argv: list[str]) -> int:
+    with one_line_errors("mmfm train"):
+        path = str(config_dir())
+    register_schema()
+    app = hydra.main(version_base="1.3", config_path=path, config_name="config")(task)
+    sys.argv = ["mmfm train", *argv]
+    app()
+    return 0

@@ -1,0 +1,7 @@
+"""Typed config schema, Hydra registration and validation."""
+
+from mmfm.config.load import config_dir, load_config, to_job_config
+from mmfm.config.schema import JobConfig
+from mmfm.config.validate import ConfigError, image_tokens, validate
+
+__all__ = ["ConfigError", "JobConfig", "config_dir", "image_tokens", "load_config", "to_job_config", "validate"]

@@ -1,0 +1,139 @@
+"""The typed config schema: one dataclass tree, composed by Hydra from `configs/`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 32
+    patch_size: int = 4
+    num_channels: int = 3
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+
+
+@dataclass
+class LanguageConfig:
+    vocab_size: int = 512
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 352
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vlm"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    image_token_id: int = 3
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/synth"
+    prompt: str = "describe the image."
+    seq_len: int = 128
+    batch_size: int = 32
+    shuffle_buffer: int = 1000
+    val_batch_size: int = 64
+
+
+@dataclass
+class StageConfig:
+    objective: str = "pretrain"
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 500
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    val_every: int = 100
+    val_batches: int = 2
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 256
+    show_examples: int = 5
+    max_new_tokens: int = 32
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    keep_last: int = 2
+    resume: str = "auto"
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: str = "offline"
+    project: str = "mmfm"
+    entity: Optional[str] = None
+
+
+@dataclass
+class LoggerConfig:
+    log_every: int = 10
+    progress_bar: bool = True
+    cpu_peak_tflops: float = 1.0
+    peak_tflops: Optional[float] = None
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    experiment_name: str = "default"
+    run_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"

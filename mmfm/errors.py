@@ -1,0 +1,5 @@
+"""The project's user-facing errors: each message is one line naming the problem and the fix."""
+
+
+class MmfmError(RuntimeError):
+    """Base of all errors the CLI reports as a single line (exit code 2) instead of a traceback."""

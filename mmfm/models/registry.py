@@ -1,0 +1,42 @@
+"""Model families keyed by `model.name`, each with its builder and analytic counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mmfm.config.schema import ModelConfig
+from mmfm.models import counts
+from mmfm.models.vlm import VisionLanguageModel
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    model_cls: Callable[[ModelConfig], nn.Module]
+    num_params: Callable[[ModelConfig], int]
+    training_flops: Callable[..., float]
+
+
+MODEL_REGISTRY: dict[str, ModelSpec] = {
+    "vlm": ModelSpec("vlm", VisionLanguageModel, counts.num_params, counts.training_flops),
+}
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
+    """Build on the meta device (no memory), then materialize on `device` and initialize.
+
+    Passing device="meta" returns the unmaterialized model, e.g. to count or shard a 100B+ layout.
+    Initialization draws from torch's global RNG, so seed it first for reproducible weights.
+    """
+    spec = MODEL_REGISTRY[cfg.name]
+    with torch.device("meta"):
+        model = spec.model_cls(cfg)
+    if torch.device(device).type == "meta":
+        return model
+    model.to_empty(device=device)
+    model.init_weights()
+    return model

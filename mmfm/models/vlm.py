@@ -1,0 +1,70 @@
+"""The multimodal model: projected image features spliced into the token sequence at placeholder tokens."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mmfm.config.schema import ModelConfig
+from mmfm.models.language.llama import KVCache, LanguageModel
+from mmfm.models.projector import MLPProjector
+from mmfm.models.vision.vit import VisionTransformer
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTransformer(cfg.vision)
+        self.projector = MLPProjector(cfg.vision.hidden_size, cfg.language.hidden_size)
+        self.language = LanguageModel(cfg.language)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vision.num_patches
+
+    def init_weights(self) -> None:
+        self.vision.init_weights(self.cfg.init_std)
+        self.projector.init_weights(self.cfg.init_std)
+        self.language.init_weights(self.cfg.init_std)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> [N, tokens_per_image, language hidden]."""
+        return self.projector(self.vision(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with the i-th image's features at the i-th run of placeholder tokens.
+
+        Images are consumed in reading order over the batch (sample by sample, left to right), so a
+        sample may hold any number of images, including none.
+        """
+        h = self.language.embed(input_ids)
+        slots = input_ids == self.cfg.image_token_id
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        expected = num_images * self.tokens_per_image
+        if int(slots.sum()) != expected:
+            raise ValueError(f"batch has {int(slots.sum())} image placeholder tokens but {num_images} images "
+                             f"x {self.tokens_per_image} tokens per image = {expected}")
+        if num_images == 0:
+            # Run the vision tower anyway (on a blank image, contributing exactly zero) so that every
+            # rank executes the same modules and collectives whatever its batch holds.
+            v = self.cfg.vision
+            blank = torch.zeros(1, v.num_channels, v.image_size, v.image_size, device=h.device, dtype=h.dtype)
+            return h + 0.0 * self.image_features(blank).sum()
+        feats = self.image_features(pixel_values.to(h.dtype)).reshape(-1, h.shape[-1])
+        return h.masked_scatter(slots.unsqueeze(-1), feats.to(h.dtype))
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Logits [B, T, V]. positions default to 0..T-1 for every row."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return self.language(self.embed(input_ids, pixel_values), positions, attn_mask, cache)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        lm = self.cfg.language
+        return KVCache(lm.num_layers, batch, lm.num_kv_heads, max_len, lm.hidden_size // lm.num_heads,
+                       dtype, device)

@@ -1,0 +1,1 @@
+"""The training loop, optimizer and schedule, objectives, metrics and evaluation."""

@@ -1,0 +1,167 @@
+"""The one training loop. A stage differs by its objective and data, never by a copy of this loop."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from mmfm.checkpoint import CheckpointManager
+from mmfm.config import JobConfig, validate
+from mmfm.data.build import load_tokenizer, sample_encoder, train_loader, val_loader, val_stream
+from mmfm.data.manifest import TOKENIZER
+from mmfm.models import MODEL_REGISTRY, build_model
+from mmfm.train import evaluate
+from mmfm.train.metrics import MetricsLogger, peak_flops, peak_memory_gib, plot_loss
+from mmfm.train.objectives import OBJECTIVES
+from mmfm.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def write_resolved_config(cfg: JobConfig, run_dir: Path) -> None:
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, run_dir: str | Path):
+        self.cfg = validate(cfg)
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = pick_device(cfg.device)
+        self.tokenizer = load_tokenizer(cfg)
+        seed_everything(cfg.seed)
+        self.model = build_model(cfg.model, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.loader = train_loader(cfg, self.tokenizer)
+        self.objective = OBJECTIVES[cfg.stage.objective]
+        self.spec = MODEL_REGISTRY[cfg.model.name]
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self.step = 0
+        self.peak = peak_flops(self.device, cfg.logger)
+
+    def autocast(self):
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def resume(self) -> None:
+        path = self.checkpoints.resolve(self.cfg.checkpoint.resume)
+        if path is None:
+            return
+        state = CheckpointManager.load(path, self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["data"])
+        self.step = state["step"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> None:
+        state = {"scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict()}
+        path = self.checkpoints.save(self.step, self.model, self.optimizer, state)
+        log.info("saved checkpoint %s", path)
+
+    # -- one optimizer step -----------------------------------------------------------------------
+    def train_step(self) -> dict:
+        """Forward/backward over grad_accum_steps micro-batches, loss averaged over all their tokens."""
+        micro = [b.to(self.device) for b in itertools.islice(self.loader, self.cfg.train.grad_accum_steps)]
+        total_tokens = sum(b.num_loss_tokens for b in micro)
+        loss_sum = 0.0
+        for batch in micro:
+            with self.autocast():
+                logits = self.model(batch.input_ids, batch.pixel_values)
+            loss, _ = self.objective(logits, batch.targets)
+            (loss / total_tokens).backward()
+            loss_sum += loss.item()
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seq_len = max(b.input_ids.shape[1] for b in micro)
+        return {"loss": loss_sum / total_tokens, "lr": lr, "grad_norm": grad_norm,
+                "positions": sum(b.input_ids.numel() for b in micro),
+                "samples": sum(b.input_ids.shape[0] for b in micro),
+                "images": sum(sum(b.images_per_sample) for b in micro), "seq_len": seq_len}
+
+    def step_metrics(self, raw: dict, seconds: float) -> dict:
+        flops = self.spec.training_flops(self.cfg.model, raw["positions"], raw["seq_len"], raw["images"])
+        mfu = flops / seconds / self.peak if self.peak else None
+        skipped = self.loader.state_dict()["skipped"]
+        return {"loss": raw["loss"], "lr": raw["lr"], "grad_norm": raw["grad_norm"],
+                "tokens_per_s": raw["positions"] / seconds, "samples_per_s": raw["samples"] / seconds,
+                "mfu": mfu, "peak_mem_gib": peak_memory_gib(self.device), "epoch": self.loader.state_dict()["epoch"],
+                "skipped_samples": sum(skipped.values()), **{f"skipped_{k}": v for k, v in skipped.items()}}
+
+    def validate_now(self) -> float:
+        batches = itertools.islice(val_loader(self.cfg, self.tokenizer), self.cfg.train.val_batches)
+        return evaluate.validation_loss(self.model, batches, self.device, self.autocast)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        write_resolved_config(self.cfg, self.run_dir)
+        shutil.copyfile(Path(self.cfg.data.path) / TOKENIZER, self.run_dir / TOKENIZER)
+        self.resume()
+        self.model.train()
+        metrics = MetricsLogger(self.cfg, self.run_dir, self.step)
+        t = self.cfg.train
+        losses = {}
+        try:
+            while self.step < t.max_steps:
+                start = time.perf_counter()
+                raw = self.train_step()
+                self.step += 1
+                step_metrics = self.step_metrics(raw, time.perf_counter() - start)
+                losses[self.step] = raw["loss"]
+                if self.step % self.cfg.logger.log_every == 0 or self.step == t.max_steps:
+                    metrics.log(self.step, step_metrics)
+                metrics.advance()
+                if t.val_every and self.step % t.val_every == 0:
+                    metrics.log(self.step, {"loss": self.validate_now()}, kind="val")
+                if (self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0) \
+                        or self.step == t.max_steps:
+                    self.save()
+            summary = self.final_eval(metrics)
+        finally:
+            metrics.close()
+        plot_loss(self.run_dir)
+        summary["losses"] = losses
+        return summary
+
+    def final_eval(self, metrics: MetricsLogger) -> dict:
+        e = self.cfg.eval
+        summary = {"step": self.step, "val_loss": self.validate_now()}
+        if e.num_samples:
+            samples = itertools.islice(val_stream(self.cfg, self.tokenizer), e.num_samples)
+            results = evaluate.caption_samples(self.model, self.tokenizer, sample_encoder(self.cfg, self.tokenizer),
+                                               samples, self.cfg.data.val_batch_size, e.max_new_tokens, self.device)
+            summary["caption_accuracy"] = evaluate.accuracy(results)
+            summary["caption_samples"] = len(results)
+            summary["examples"] = [dataclasses.asdict(r) for r in results[: e.show_examples]]
+        metrics.log(self.step, {k: v for k, v in summary.items() if k != "examples"}, kind="eval")
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
