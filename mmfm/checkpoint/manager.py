@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -175,7 +176,7 @@ class CheckpointManager:
         try:
             with _single_process_quietly():
                 dcp.load(state, checkpoint_id=str(path))
-        except Exception as exc:  # DCP wraps reader failures in several exception types
+        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
             detail = " ".join(str(exc).split())[:300]
             raise CheckpointError(f"checkpoint {path} could not be loaded ({type(exc).__name__}: {detail}); it is "
                                   "corrupt or was written for another model config; resume from another "

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import resource
+import secrets
 import time
 from pathlib import Path
 from typing import Optional
@@ -63,7 +64,7 @@ class MetricsLogger:
         import wandb
 
         id_file = run_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(8)
         id_file.write_text(run_id)
         w = cfg.logger.wandb
         return wandb.init(project=w.project, entity=w.entity, mode=w.mode, dir=str(run_dir), id=run_id,

@@ -1,0 +1,40 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mmfm.config import load_config  # noqa: E402
+from mmfm.data.synth import build_synth_dataset  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# A small, fast variant of the demo model used across the tests.
+SMALL_MODEL = [
+    "model.vision.hidden_size=64", "model.vision.num_layers=1", "model.vision.patch_size=8",
+    "model.language.hidden_size=64", "model.language.num_layers=2", "model.language.intermediate_size=176",
+    "model.language.max_seq_len=64", "data.seq_len=48",
+]
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """A small synthetic data set shared by the tests (read-only: copy it before damaging it)."""
+    out = tmp_path_factory.mktemp("data") / "synth"
+    build_synth_dataset(out, seed=0, train_size=3000, val_size=300, shard_size=500, progress=False)
+    return out
+
+
+@pytest.fixture
+def make_cfg(synth_dir):
+    """load_config with the test data set, no wandb, no progress bar, plus the given overrides."""
+
+    def make(*overrides, small=True, data=None):
+        base = [f"data.path={data or synth_dir}", "logger.wandb.enabled=false", "logger.progress_bar=false",
+                "eval.num_samples=0", "train.val_every=0", "checkpoint.every=0"]
+        return load_config(base + (SMALL_MODEL if small else []) + list(overrides))
+
+    return make
