@@ -4,7 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MMFM := $(VENV)/bin/mmfm
 DATA ?= data/synth
-RUN ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+ifndef RUN
+RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+endif
 TORCH_VERSION ?= 2.13.0
 export HF_HUB_OFFLINE := 1
 
@@ -22,7 +24,7 @@ install: $(VENV)/.installed
 demo: install
 	$(MMFM) data synth --out $(DATA)
 	$(MMFM) train experiment=demo data.path=$(DATA) run_dir=$(RUN)
-	@echo "\n== mmfm generate on held-out image files (true captions in $(DATA)/examples/captions.json) =="
+	@printf "\n== mmfm generate on held-out image files (true captions in $(DATA)/examples/captions.json) ==\n"
 	$(MMFM) generate --checkpoint $(RUN) --images $(DATA)/examples/*.png
 
 test: install

@@ -14,7 +14,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # A small, fast variant of the demo model used across the tests.
 SMALL_MODEL = [
-    "model.vision.hidden_size=64", "model.vision.num_layers=1", "model.vision.patch_size=8",
+    "model.vision.hidden_size=64", "model.vision.num_layers=1", "model.vision.patch_size=16",
     "model.language.hidden_size=64", "model.language.num_layers=2", "model.language.intermediate_size=176",
     "model.language.max_seq_len=64", "data.seq_len=48",
 ]

@@ -24,7 +24,7 @@ def mmfm(*args, cwd):
 def test_help(args, tmp_path):
     res = mmfm(*args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "usage" in res.stdout.lower() or "== Config groups ==" in res.stdout
+    assert "usage" in res.stdout.lower() or "== Configuration groups ==" in res.stdout
 
 
 def damage_first_png(shard: Path) -> str:

@@ -95,7 +95,7 @@ def test_batch_masks_only_caption_and_eos(make_cfg):
         assert loss_positions == list(range(start - 1, start - 1 + len(caption_ids)))
         assert tgt[loss_positions].tolist() == caption_ids
         assert torch.all(ids[start + len(caption_ids):] == tok.pad_id)
-    assert batch.pixel_values.shape == (cfg.data.batch_size, 3, 32, 32)
+    assert batch.pixel_values.shape == (cfg.data.batch_size, 3, 64, 64)
     assert -1.0 <= batch.pixel_values.min() and batch.pixel_values.max() <= 1.0
 
 
@@ -162,3 +162,11 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path, make_cfg, caplog):
 def test_missing_data_set_is_a_clear_error(tmp_path, make_cfg):
     with pytest.raises(DataError, match=r"no manifest.json in .*mmfm data synth"):
         load_tokenizer(make_cfg(data=tmp_path))
+
+
+def test_data_with_no_usable_sample_stops_instead_of_spinning(tmp_path, make_cfg):
+    cfg = make_cfg()
+    tok = load_tokenizer(cfg)
+    shard = write_tar(tmp_path / "bad.tar", [{"__key__": f"k{i}", "png": png_bytes()} for i in range(3)])
+    with pytest.raises(DataError, match="gave no usable sample"):
+        next(stream_of(cfg, tok, [shard]))

@@ -13,7 +13,8 @@ IMG = 3  # <image> token id
 
 
 def tiny(**language) -> ModelConfig:
-    cfg = load_config(["model.vision.hidden_size=32", "model.vision.num_layers=1", "model.vision.patch_size=8",
+    cfg = load_config(["model.vision.image_size=32", "model.vision.hidden_size=32", "model.vision.num_layers=1",
+                       "model.vision.patch_size=8", "model.vision.stem=patch",
                        "model.language.hidden_size=32", "model.language.num_layers=2",
                        "model.language.intermediate_size=64", "model.language.vocab_size=64"]).model
     cfg.language = dataclasses.replace(cfg.language, **language)
@@ -29,9 +30,10 @@ def sequence(num_images: int, tokens_per_image: int, text=(10, 11, 12, 13)) -> l
     return [1] + [IMG] * (num_images * tokens_per_image) + list(text)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_param_count_matches_modules(tied):
+@pytest.mark.parametrize("tied,stem", [(True, "patch"), (False, "patch"), (True, "conv")])
+def test_param_count_matches_modules(tied, stem):
     cfg = tiny(tie_embeddings=tied)
+    cfg.vision.stem = stem
     model = make(cfg)
     assert sum(p.numel() for p in model.parameters()) == num_params(cfg)
 

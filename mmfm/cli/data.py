@@ -18,7 +18,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--train-size", type=int, default=20000)
     s.add_argument("--val-size", type=int, default=1000)
-    s.add_argument("--image-size", type=int, default=32)
+    s.add_argument("--image-size", type=int, default=64)
     s.add_argument("--shard-size", type=int, default=2000, help="samples per tar shard")
     s.add_argument("--digit-fraction", type=float, default=0.2, help="share of handwritten-digit samples")
     s.add_argument("--force", action="store_true", help="rebuild a folder built with other parameters")

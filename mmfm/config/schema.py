@@ -16,6 +16,7 @@ class VisionConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
+    stem: str = "patch"
 
 
 @dataclass

@@ -51,6 +51,10 @@ def _validate_model(cfg: JobConfig) -> None:
     _require(v.image_size % v.patch_size == 0,
              f"model.vision.image_size={v.image_size} is not divisible by model.vision.patch_size="
              f"{v.patch_size}; pick a patch size that divides the image size")
+    _require(v.stem in ("patch", "conv"), f"model.vision.stem={v.stem!r} is unknown; use 'patch' or 'conv'")
+    _require(v.stem != "conv" or v.patch_size & (v.patch_size - 1) == 0,
+             f"model.vision.stem=conv needs a power-of-two model.vision.patch_size, not {v.patch_size}; "
+             "use stem=patch or patch_size 2, 4, 8, 16")
     _require(v.hidden_size % v.num_heads == 0,
              f"model.vision.hidden_size={v.hidden_size} is not divisible by model.vision.num_heads="
              f"{v.num_heads}; change one so that hidden_size % num_heads == 0")

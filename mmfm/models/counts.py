@@ -10,10 +10,24 @@ def _vision_layer_params(v: VisionConfig) -> int:
     return 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)
 
 
+def stem_convs(v: VisionConfig) -> list[tuple[int, int, int, int]]:
+    """(in channels, out channels, kernel, output side) of each convolution of the patch embedding."""
+    side = v.image_size // v.patch_size
+    if v.stem != "conv":
+        return [(v.num_channels, v.hidden_size, v.patch_size, side)]
+    convs, channels = [], v.num_channels
+    steps = v.patch_size.bit_length() - 1
+    for i in range(steps):
+        out = max(v.hidden_size >> (steps - i), 8)
+        convs.append((channels, out, 3, v.image_size >> (i + 1)))
+        channels = out
+    return convs + [(channels, v.hidden_size, 1, side)]
+
+
 def vision_params(v: VisionConfig) -> int:
     d, p = v.hidden_size, (v.image_size // v.patch_size) ** 2
-    patch = v.num_channels * v.patch_size**2 * d + d
-    return patch + p * d + v.num_layers * _vision_layer_params(v) + 2 * d
+    stem = sum(cin * cout * k * k + cout for cin, cout, k, _ in stem_convs(v))
+    return stem + p * d + v.num_layers * _vision_layer_params(v) + 2 * d
 
 
 def projector_params(cfg: ModelConfig) -> int:
@@ -49,10 +63,11 @@ def vision_flops_per_image(cfg: ModelConfig) -> float:
     v = cfg.vision
     p = (v.image_size // v.patch_size) ** 2
     d, m = v.hidden_size, int(v.hidden_size * v.mlp_ratio)
-    matmul_per_patch = v.num_channels * v.patch_size**2 * d + v.num_layers * (4 * d * d + 2 * d * m)
+    stem = sum(cin * cout * k * k * side * side for cin, cout, k, side in stem_convs(v))
+    matmul_per_patch = v.num_layers * (4 * d * d + 2 * d * m)
     proj = cfg.vision.hidden_size * cfg.language.hidden_size + cfg.language.hidden_size**2
     attention = 12 * v.num_layers * d * p * p
-    return 6.0 * p * (matmul_per_patch + proj) + attention
+    return 6.0 * (stem + p * (matmul_per_patch + proj)) + attention
 
 
 def training_flops(cfg: ModelConfig, num_positions: int, seq_len: int, num_images: int) -> float:

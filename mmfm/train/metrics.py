@@ -8,6 +8,7 @@ import logging
 import os
 import resource
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -52,8 +53,11 @@ class MetricsLogger:
     def __init__(self, cfg: JobConfig, run_dir: Path, start_step: int):
         self.run_dir = run_dir
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        # A live bar on a terminal; in a log file (batch jobs, CI) one plain line per logged step instead.
+        live = cfg.logger.progress_bar and sys.stderr.isatty()
         self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                        disable=not cfg.logger.progress_bar)
+                        disable=not live)
+        self.max_steps = cfg.train.max_steps
         self.wandb = self._init_wandb(cfg, run_dir) if cfg.logger.wandb.enabled else None
 
     @staticmethod
@@ -76,12 +80,16 @@ class MetricsLogger:
         self.jsonl.flush()
         if self.wandb is not None:
             self.wandb.log({f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-        if kind == "train":
+        if kind == "train" and not self.bar.disable:
             shown = {k: metrics[k] for k in ("loss", "lr", "tokens_per_s", "mfu") if metrics.get(k) is not None}
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+            return
+        text = f"step {step}/{self.max_steps} {kind}: " + ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if v is not None)
+        if self.bar.disable:
+            log.info(text)
         else:
-            self.bar.write(f"step {step} {kind}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else
-                                                               f"{k}={v}" for k, v in metrics.items()))
+            self.bar.write(text)
 
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)

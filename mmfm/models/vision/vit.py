@@ -46,6 +46,18 @@ class VisionBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def conv_stem(cfg: VisionConfig) -> nn.Sequential:
+    """Stride-2 3x3 convolutions down to one token per patch, then a 1x1 projection: the "early
+    convolutions" ViT stem (Xiao et al., 2021), which trains much faster than patchify on small data."""
+    layers, channels = [], cfg.num_channels
+    steps = cfg.patch_size.bit_length() - 1
+    for i in range(steps):
+        out = max(cfg.hidden_size >> (steps - i), 8)
+        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GELU()]
+        channels = out
+    return nn.Sequential(*layers, nn.Conv2d(channels, cfg.hidden_size, 1))
+
+
 class VisionTransformer(nn.Module):
     """Images [N, C, H, W] -> patch features [N, (H/p)*(W/p), hidden]."""
 
@@ -53,7 +65,10 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
-        self.patch_embed = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        if cfg.stem == "conv":
+            self.patch_embed = conv_stem(cfg)
+        else:
+            self.patch_embed = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.empty(1, self.num_patches, cfg.hidden_size))
         self.blocks = nn.ModuleDict({str(i): VisionBlock(cfg) for i in range(cfg.num_layers)})
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
@@ -66,6 +81,10 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
+        if self.cfg.stem == "conv":  # keep the signal's scale through the stacked convolutions
+            for conv in self.patch_embed.modules():
+                if isinstance(conv, nn.Conv2d):
+                    nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed
