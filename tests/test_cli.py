@@ -44,15 +44,15 @@ def test_synth_train_generate(tmp_path):
     assert "train: 200 samples in 2 shards" in res.stdout
     bad_key = damage_first_png(tmp_path / "data/train-000000.tar")
 
-    res = mmfm("train", "data.path=data", "run_dir=run", "train.max_steps=4", "train.schedule.warmup_steps=1",
-               "data.batch_size=16", "logger.log_every=1", "logger.wandb.enabled=false", "eval.num_samples=4",
+    res = mmfm("train", "data.path=data", "run_dir=run", "train.max_steps=9", "train.schedule.warmup_steps=1",
+               "data.batch_size=25", "logger.log_every=1", "logger.wandb.enabled=false", "eval.num_samples=4",
                *SMALL_MODEL, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "held-out exact-match caption accuracy" in res.stdout
     run = tmp_path / "run"
     assert f"skipped sample {bad_key} (bad_image)" in (run / "train.log").read_text()
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line][-1]
-    assert last["skipped_bad_image"] == 1
+    assert last["skipped_bad_image"] == 1 and last["epoch"] == 1  # the whole first epoch was read
 
     res = mmfm("generate", "--checkpoint", "run", "--images", *sorted(str(p) for p in (tmp_path / "data/examples").glob("*.png"))[:3],
                "--json", cwd=tmp_path)

@@ -21,6 +21,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--image-size", type=int, default=64)
     s.add_argument("--shard-size", type=int, default=2000, help="samples per tar shard")
     s.add_argument("--digit-fraction", type=float, default=0.2, help="share of handwritten-digit samples")
+    s.add_argument("--pair-fraction", type=float, default=0.45, help="share of two-object scenes among scenes")
     s.add_argument("--force", action="store_true", help="rebuild a folder built with other parameters")
     return p.parse_args(argv)
 
@@ -32,7 +33,8 @@ def main(argv: list[str]) -> int:
     with one_line_errors("mmfm data synth"):
         m = build_synth_dataset(args.out, seed=args.seed, train_size=args.train_size, val_size=args.val_size,
                                 image_size=args.image_size, shard_size=args.shard_size,
-                                digit_fraction=args.digit_fraction, force=args.force)
+                                digit_fraction=args.digit_fraction, pair_fraction=args.pair_fraction,
+                                force=args.force)
     counts = ", ".join(f"{k}: {v['samples']} samples in {len(v['shards'])} shards" for k, v in m["splits"].items())
     print(f"data set in {args.out} ({counts}; tokenizer of {m['tokenizer']['vocab_size']} tokens)")
     return 0
