@@ -1,0 +1,1 @@
+"""Data: the synthetic data set, shard/manifest format, tokenizer and runtime loaders."""

@@ -1,0 +1,238 @@
+"""Runtime loading: webdataset shards -> decoded, tokenized, padded batches, with a resumable position.
+
+A sample is a tar group with one JSON member ({"caption": ...}) and zero or more images. It becomes
+
+    <bos> [<image> x tokens_per_image] per image, prompt tokens, caption tokens, <eos>
+
+(text-only samples have no images and no prompt). Only the caption and <eos> carry loss. Samples that
+cannot be used (corrupt image, unreadable tar member, no caption, too long) are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from mmfm.data.manifest import DataError
+from mmfm.data.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+IGNORE_INDEX = -100
+
+
+class SkipSample(Exception):
+    """Raised by the encoder for a sample that is counted and dropped; args[0] is the reason."""
+
+
+@dataclass
+class EncodedSample:
+    key: str
+    input_ids: list[int]
+    targets: list[int]
+    images: list[torch.Tensor]
+    caption: str
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    targets: torch.Tensor  # [B, T]: the next token where it carries loss, else IGNORE_INDEX
+    pixel_values: Optional[torch.Tensor]  # [N, C, H, W], images in reading order, or None
+    images_per_sample: list[int]
+    captions: list[str]
+    keys: list[str]
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())
+
+    def to(self, device) -> "Batch":
+        pv = None if self.pixel_values is None else self.pixel_values.to(device)
+        return Batch(self.input_ids.to(device), self.targets.to(device), pv, self.images_per_sample,
+                     self.captions, self.keys)
+
+
+def load_image(data: bytes, size: int) -> torch.Tensor:
+    """Decode and fully verify an image; RGB, resized to size x size, scaled to [-1, 1], [C, H, W]."""
+    img = Image.open(io.BytesIO(data))
+    img.load()  # raises on truncated or corrupt data
+    img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class SampleEncoder:
+    tokenizer: TextTokenizer
+    prompt: str
+    tokens_per_image: int
+    image_size: int
+    seq_len: int
+    prompt_ids: list[int] = field(init=False)
+
+    def __post_init__(self):
+        self.prompt_ids = self.tokenizer.encode(self.prompt)
+
+    def prefix(self, num_images: int) -> list[int]:
+        """The tokens before the caption: what generation is prompted with."""
+        t = self.tokenizer
+        if num_images == 0:
+            return [t.bos_id]
+        return [t.bos_id] + [t.image_id] * (self.tokens_per_image * num_images) + self.prompt_ids
+
+    def images_of(self, raw: dict) -> list[torch.Tensor]:
+        names = sorted(k for k in raw if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
+        try:
+            return [load_image(raw[name], self.image_size) for name in names]
+        except Exception as exc:
+            raise SkipSample("bad_image", f"{type(exc).__name__}: {exc}") from None
+
+    def caption_of(self, raw: dict) -> str:
+        try:
+            meta = json.loads(raw["json"]) if "json" in raw else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SkipSample("bad_json", str(exc)) from None
+        caption = meta.get("caption") if isinstance(meta, dict) else None
+        if not isinstance(caption, str) or not caption.strip():
+            raise SkipSample("no_caption", "missing or empty caption")
+        return caption.strip()
+
+    def __call__(self, raw: dict) -> EncodedSample:
+        caption = self.caption_of(raw)
+        images = self.images_of(raw)
+        prefix = self.prefix(len(images))
+        caption_ids = self.tokenizer.encode(caption) + [self.tokenizer.eos_id]
+        ids = prefix + caption_ids
+        if len(ids) > self.seq_len:
+            raise SkipSample("too_long", f"{len(ids)} tokens > data.seq_len={self.seq_len}")
+        targets = [IGNORE_INDEX] * (len(prefix) - 1) + caption_ids + [IGNORE_INDEX]
+        return EncodedSample(raw["__key__"], ids, targets, images, caption)
+
+
+def collate(samples: list[EncodedSample], pad_id: int) -> Batch:
+    length = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    for row, s in enumerate(samples):
+        ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        targets[row, : len(s.targets)] = torch.tensor(s.targets)
+    images = [img for s in samples for img in s.images]
+    return Batch(ids, targets, torch.stack(images) if images else None, [len(s.images) for s in samples],
+                 [s.caption for s in samples], [s.key for s in samples])
+
+
+class SampleStream:
+    """Encoded samples from shards, epoch after epoch; its state is (epoch, raw samples consumed).
+
+    Shard order and the shuffle buffer are seeded by (seed, epoch), so replaying the first `position`
+    raw samples of an epoch reproduces the stream exactly: that is how load_state_dict resumes.
+    """
+
+    def __init__(self, shards: list[str], encoder: SampleEncoder, seed: int, shuffle_buffer: int,
+                 shuffle: bool = True, loop: bool = True):
+        if not shards:
+            raise ValueError("no shards to read")
+        self.shards, self.encoder, self.seed = list(shards), encoder, seed
+        self.shuffle_buffer, self.shuffle, self.loop = shuffle_buffer, shuffle, loop
+        self.epoch, self.position = 0, 0
+        self.skipped: Counter = Counter()
+        self._it: Optional[Iterator] = None
+        self._replaying = False
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.skipped = Counter(state.get("skipped", {}))
+        self._it = None
+
+    def _on_read_error(self, exc: Exception) -> bool:
+        if not self._replaying:  # replayed errors were counted before the checkpoint
+            self._skip("read_error", "", f"{type(exc).__name__}: {exc}")
+        return True
+
+    def _skip(self, reason: str, key: str, detail: str) -> None:
+        self.skipped[reason] += 1
+        log.warning("skipped sample %s (%s): %s", key or "?", reason, detail)
+
+    def _raw_epoch(self, epoch: int) -> Iterator[dict]:
+        rng = random.Random(f"{self.seed}-{epoch}")
+        shards = list(self.shards)
+        stages = [wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=self._on_read_error)]
+        if self.shuffle:
+            rng.shuffle(shards)
+            stages[0] = wds.SimpleShardList(shards)
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
+        return iter(wds.DataPipeline(*stages))
+
+    def _samples(self) -> Iterator[EncodedSample]:
+        while True:
+            raw_iter = self._raw_epoch(self.epoch)
+            self._replaying = True
+            consumed = sum(1 for _ in itertools.islice(raw_iter, self.position))
+            self._replaying = False
+            if consumed < self.position:
+                raise DataError(f"loader state says epoch {self.epoch} consumed {self.position} samples, but the "
+                                 f"shards hold only {consumed}: the data set changed since the checkpoint")
+            usable = 0
+            for raw in raw_iter:
+                self.position += 1
+                try:
+                    sample = self.encoder(raw)
+                except SkipSample as skip:
+                    self._skip(skip.args[0], raw.get("__key__", "?"), skip.args[1])
+                    continue
+                usable += 1
+                yield sample
+            if not self.loop:
+                return
+            if usable == 0 and consumed == 0:
+                raise DataError(f"a whole epoch of {len(self.shards)} shard(s) gave no usable sample (skipped so "
+                                f"far: {dict(self.skipped)}); check the data set, e.g. {self.shards[0]}")
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def __iter__(self) -> Iterator[EncodedSample]:
+        return self
+
+    def __next__(self) -> EncodedSample:
+        if self._it is None:
+            self._it = self._samples()
+        return next(self._it)
+
+
+class BatchLoader:
+    """Batches of `batch_size` samples from a SampleStream; resumable through state_dict()."""
+
+    def __init__(self, stream: SampleStream, batch_size: int, pad_id: int):
+        self.stream, self.batch_size, self.pad_id = stream, batch_size, pad_id
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        samples = list(itertools.islice(self.stream, self.batch_size))
+        if not samples:
+            raise StopIteration
+        return collate(samples, self.pad_id)

@@ -1,0 +1,211 @@
+"""`mmfm data synth`: a learnable image-caption data set made on the spot, deterministic from a seed.
+
+Two sources: scenes of one or two shapes rendered with PIL (shape x colour x position, captioned from a
+template) and the handwritten digits that scikit-learn ships (upscaled, captioned with the digit).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (215, 45, 45), "green": (50, 175, 70), "blue": (55, 95, 230),
+           "yellow": (230, 205, 40), "purple": (150, 65, 200), "white": (235, 235, 235)}
+SHAPES = ("circle", "square", "triangle", "cross")
+SINGLE_POSITIONS = {"on the left": (0.27, 0.5), "on the right": (0.73, 0.5), "at the top": (0.5, 0.27),
+                    "at the bottom": (0.5, 0.73), "in the center": (0.5, 0.5)}
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+RENDER_SCALE = 4
+
+
+@dataclass
+class Sample:
+    key: str
+    image: Image.Image
+    caption: str
+    source: str
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, colour) -> None:
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + 0.85 * r), (cx + r, cy + 0.85 * r)], fill=colour)
+    else:
+        w = 0.35 * r
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=colour)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=colour)
+
+
+def _jitter(colour, rng: random.Random):
+    return tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in colour)
+
+
+def render_scene(objects: list[tuple[str, str, float, float]], size: int, rng: random.Random) -> Image.Image:
+    """objects: (shape, colour, x, y) with x, y in [0, 1]; drawn large, then downsampled (antialiased)."""
+    big = size * RENDER_SCALE
+    bg = tuple(rng.randint(0, 45) for _ in range(3))
+    img = Image.new("RGB", (big, big), bg)
+    draw = ImageDraw.Draw(img)
+    for shape, colour, x, y in objects:
+        radius = big * rng.uniform(0.17, 0.22)
+        _draw_shape(draw, shape, x * big, y * big, radius, _jitter(COLOURS[colour], rng))
+    return img.resize((size, size), Image.BOX)
+
+
+def scene_sample(rng: random.Random, size: int, pair_fraction: float) -> tuple[Image.Image, str]:
+    def pick():
+        return rng.choice(SHAPES), rng.choice(list(COLOURS))
+
+    def wobble(v):
+        return v + rng.uniform(-0.06, 0.06)
+
+    if rng.random() < 1 - pair_fraction:
+        (shape, colour), where = pick(), rng.choice(list(SINGLE_POSITIONS))
+        x, y = SINGLE_POSITIONS[where]
+        return render_scene([(shape, colour, wobble(x), wobble(y))], size, rng), f"a {colour} {shape} {where}."
+    (s1, c1), (s2, c2) = pick(), pick()
+    if rng.random() < 0.5:
+        objs = [(s1, c1, wobble(0.25), wobble(0.5)), (s2, c2, wobble(0.75), wobble(0.5))]
+        caption = f"a {c1} {s1} on the left and a {c2} {s2} on the right."
+    else:
+        objs = [(s1, c1, wobble(0.5), wobble(0.25)), (s2, c2, wobble(0.5), wobble(0.75))]
+        caption = f"a {c1} {s1} at the top and a {c2} {s2} at the bottom."
+    return render_scene(objs, size, rng), caption
+
+
+def load_digits_split(seed: int, val_fraction: float = 0.2):
+    """scikit-learn's 1797 8x8 digits (bundled with it, no download), split by image into train/val."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.target))
+    n_val = int(len(order) * val_fraction)
+    pick = lambda idx: (digits.images[idx], digits.target[idx])  # noqa: E731
+    return pick(order[n_val:]), pick(order[:n_val])
+
+
+def digit_image(pixels: np.ndarray, size: int, rng: random.Random, augment: bool) -> Image.Image:
+    arr = (pixels / 16.0 * 255).astype(np.uint8)
+    inner = int(size * (rng.uniform(0.7, 0.9) if augment else 0.8))
+    digit = Image.fromarray(arr, mode="L").resize((inner, inner), Image.BILINEAR)
+    img = Image.new("L", (size, size), 0)
+    slack = size - inner
+    offset = (rng.randint(0, slack), rng.randint(0, slack)) if augment else (slack // 2, slack // 2)
+    img.paste(digit, offset)
+    return img.convert("RGB")
+
+
+def generate_samples(split: str, count: int, seed: int, size: int, digit_fraction: float,
+                     pair_fraction: float, digits) -> Iterator[Sample]:
+    rng = random.Random(f"{seed}-{split}")
+    images, labels = digits
+    for i in range(count):
+        key = f"{split}-{i:07d}"
+        if rng.random() < digit_fraction:
+            j = rng.randrange(len(labels))
+            img = digit_image(images[j], size, rng, augment=split == "train")
+            yield Sample(key, img, f"the handwritten digit {DIGIT_WORDS[labels[j]]}.", "sklearn-digits")
+        else:
+            img, caption = scene_sample(rng, size, pair_fraction)
+            yield Sample(key, img, caption, "synthetic-scenes")
+
+
+def encode_sample(sample: Sample) -> dict:
+    buf = io.BytesIO()
+    sample.image.save(buf, format="PNG", optimize=False)
+    meta = {"caption": sample.caption, "source": sample.source}
+    return {"__key__": sample.key, "png": buf.getvalue(), "json": json.dumps(meta, sort_keys=True).encode()}
+
+
+def all_caption_texts(prompt: str) -> list[str]:
+    """Every caption the generator can emit plus the prompt: the tokenizer's training text."""
+    texts = [prompt]
+    for colour in COLOURS:
+        for shape in SHAPES:
+            texts += [f"a {colour} {shape} {where}." for where in SINGLE_POSITIONS]
+            texts += [f"a {colour} {shape} on the left and a {colour} {shape} at the top."]
+    texts += [f"the handwritten digit {w}." for w in DIGIT_WORDS]
+    return texts
+
+
+LICENCES = {"synthetic-scenes": "generated by mmfm, CC0-1.0",
+            "sklearn-digits": "UCI ML hand-written digits (CC BY 4.0), as bundled with scikit-learn"}
+
+
+def build_synth_dataset(out: str | Path, seed: int = 0, train_size: int = 20000, val_size: int = 1000,
+                        image_size: int = 64, shard_size: int = 2000, digit_fraction: float = 0.2,
+                        pair_fraction: float = 0.45,
+                        vocab_size: int = 512, prompt: str = "describe the image.", num_examples: int = 8,
+                        force: bool = False, progress: bool = True) -> dict:
+    """Write train/val shards, tokenizer.json, examples/ and manifest.json (last, atomically) under `out`.
+
+    An existing data set built with the same parameters is reused; different parameters need force=True.
+    """
+    from tqdm import tqdm
+
+    from mmfm import __version__
+    from mmfm.data import manifest as mf
+    from mmfm.data.tokenizer import train_tokenizer
+
+    for name, value in (("train_size", train_size), ("val_size", val_size), ("image_size", image_size),
+                        ("shard_size", shard_size)):
+        if value <= 0:
+            raise mf.DataError(f"{name}={value} must be > 0")
+    for name, value in (("digit_fraction", digit_fraction), ("pair_fraction", pair_fraction)):
+        if not 0 <= value <= 1:
+            raise mf.DataError(f"{name}={value} must lie in [0, 1]")
+    out = Path(out)
+    params = dict(seed=seed, train_size=train_size, val_size=val_size, image_size=image_size,
+                  shard_size=shard_size, digit_fraction=digit_fraction, pair_fraction=pair_fraction,
+                  vocab_size=vocab_size, prompt=prompt)
+    if (out / mf.MANIFEST).is_file():
+        existing = mf.read_manifest(out)
+        if existing.get("params") == params:
+            return existing
+        if not force:
+            raise mf.DataError(f"{out} already holds a data set built with other parameters "
+                               f"({existing.get('params')}); pass --force to rebuild it or choose another --out")
+        (out / mf.MANIFEST).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    digits_train, digits_val = load_digits_split(seed)
+    splits, sources = {}, {}
+    for split, count, digits in (("train", train_size, digits_train), ("val", val_size, digits_val)):
+        samples = list(tqdm(generate_samples(split, count, seed, image_size, digit_fraction, pair_fraction, digits),
+                            total=count, desc=f"rendering {split}", disable=not progress))
+        sources[split] = {src: sum(s.source == src for s in samples) for src in LICENCES}
+        shards = mf.write_shards((encode_sample(s) for s in samples), out, split, shard_size)
+        splits[split] = {"samples": count, "shards": shards}
+        if split == "val":
+            _write_examples(out / "examples", samples[:num_examples])
+
+    tokenizer = train_tokenizer(all_caption_texts(prompt), vocab_size)
+    tokenizer.save(str(out / mf.TOKENIZER))
+    manifest = {
+        "format": mf.FORMAT, "generator": "mmfm data synth", "mmfm_version": __version__, "params": params,
+        "splits": splits, "sources": sources, "licences": LICENCES,
+        "tokenizer": {"file": mf.TOKENIZER, "vocab_size": tokenizer.get_vocab_size(),
+                      "sha256": mf.sha256_file(out / mf.TOKENIZER)},
+    }
+    mf.write_json_atomic(out / mf.MANIFEST, manifest)
+    return manifest
+
+
+def _write_examples(folder: Path, samples: list[Sample]) -> None:
+    """A few held-out images as plain PNG files, with their true captions, to try `mmfm generate` on."""
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = {}
+    for s in samples:
+        s.image.save(folder / f"{s.key}.png")
+        captions[f"{s.key}.png"] = s.caption
+    (folder / "captions.json").write_text(json.dumps(captions, indent=2, sort_keys=True))
