@@ -170,3 +170,27 @@ def test_data_with_no_usable_sample_stops_instead_of_spinning(tmp_path, make_cfg
     shard = write_tar(tmp_path / "bad.tar", [{"__key__": f"k{i}", "png": png_bytes()} for i in range(3)])
     with pytest.raises(DataError, match="gave no usable sample"):
         next(stream_of(cfg, tok, [shard]))
+
+
+def test_multi_image_and_text_only_samples_batch_and_run_through_the_model(tmp_path, make_cfg):
+    from mmfm.models import build_model
+
+    cfg = make_cfg()
+    tok = load_tokenizer(cfg)
+    shard = write_tar(tmp_path / "mixed.tar", [
+        {"__key__": "two", "0.png": png_bytes((200, 0, 0)), "1.jpg": jpeg_bytes(),
+         "json": caption_json("a red square on the left.")},
+        {"__key__": "text", "json": caption_json("the handwritten digit one.")},
+    ])
+    batch = next(BatchLoader(stream_of(cfg, tok, [shard], shuffle=False), 2, tok.pad_id))
+    per_image = 16  # 64 px / 16 px patches
+    assert batch.images_per_sample == [2, 0]
+    assert batch.pixel_values.shape == (2, 3, 64, 64)
+    assert batch.pixel_values[0, 0].mean() > batch.pixel_values[1, 0].mean()  # red image first
+    assert int((batch.input_ids[0] == tok.image_id).sum()) == 2 * per_image
+    assert int((batch.input_ids[1] == tok.image_id).sum()) == 0
+    text_ids = tok.encode("the handwritten digit one.") + [tok.eos_id]
+    assert batch.input_ids[1, : len(text_ids) + 1].tolist() == [tok.bos_id] + text_ids
+    assert batch.targets[1, : len(text_ids)].tolist() == text_ids
+    logits = build_model(cfg.model)(batch.input_ids, batch.pixel_values)
+    assert logits.shape == (*batch.input_ids.shape, cfg.model.language.vocab_size)

@@ -174,10 +174,10 @@ class SampleStream:
     def _raw_epoch(self, epoch: int) -> Iterator[dict]:
         rng = random.Random(f"{self.seed}-{epoch}")
         shards = list(self.shards)
-        stages = [wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=self._on_read_error)]
         if self.shuffle:
             rng.shuffle(shards)
-            stages[0] = wds.SimpleShardList(shards)
+        stages = [wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=self._on_read_error)]
+        if self.shuffle:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
         return iter(wds.DataPipeline(*stages))
 
