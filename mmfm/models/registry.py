@@ -19,10 +19,14 @@ class ModelSpec:
     model_cls: Callable[[ModelConfig], nn.Module]
     num_params: Callable[[ModelConfig], int]
     training_flops: Callable[..., float]
+    # Containers whose children are the repeated blocks: the units of FSDP sharding, activation
+    # checkpointing and pipeline splitting.
+    block_containers: tuple[str, ...] = ()
 
 
 MODEL_REGISTRY: dict[str, ModelSpec] = {
-    "vlm": ModelSpec("vlm", VisionLanguageModel, counts.num_params, counts.training_flops),
+    "vlm": ModelSpec("vlm", VisionLanguageModel, counts.num_params, counts.training_flops,
+                     block_containers=("vision.blocks", "language.layers")),
 }
 
 

@@ -1,0 +1,69 @@
+"""100B+ layouts checked in one process: the fake process-group backend stands in for 8 ranks, the model
+lives on the meta device, and each rank's FSDP2 shard is compared with its analytic share."""
+
+import math
+
+import pytest
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from mmfm.config import ConfigError, load_config
+from mmfm.models import MODEL_REGISTRY, build_model
+from mmfm.models.counts import num_params
+from mmfm.parallel import ParallelDims
+from mmfm.parallel.data_parallel import apply_fsdp
+
+MODEL_113B = ["model=vlm_7b", "model.language.hidden_size=12288", "model.language.num_layers=72",
+              "model.language.num_heads=96", "model.language.num_kv_heads=8", "model.language.intermediate_size=32768",
+              "model.language.vocab_size=128256", "model.vision.hidden_size=1280", "model.vision.num_layers=32"]
+
+
+def shard_share(shapes, index: int, shards: int) -> int:
+    """Elements one rank holds when every parameter is split into `shards` dim-0 chunks (torch.chunk)."""
+    total = 0
+    for shape in shapes:
+        chunk = math.ceil(shape[0] / shards)
+        rows = max(0, min(chunk, shape[0] - index * chunk))
+        total += rows * math.prod(shape[1:])
+    return total
+
+
+@pytest.mark.parametrize("layout", [{"dp_shard": 8}, {"dp_replicate": 2, "dp_shard": 4}], ids=["fsdp8", "hsdp2x4"])
+def test_113b_model_shards_without_materializing(layout):
+    cfg = load_config(MODEL_113B).model
+    dims = ParallelDims(**layout).validate(cfg, world_size=8)
+    shapes = [p.shape for p in build_model(cfg, "meta").parameters()]
+    assert sum(math.prod(s) for s in shapes) == num_params(cfg) > 100e9
+    local = []
+    for rank in range(8):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=8)
+        try:
+            mesh = dims.build_mesh("cpu")
+            model = build_model(cfg, "meta")
+            apply_fsdp(model, mesh[dims.dp_mesh_names()], MODEL_REGISTRY[cfg.name].block_containers)
+            assert all(isinstance(p, DTensor) and p.is_meta for p in model.parameters())
+            local.append(sum(p.to_local().numel() for p in model.parameters()))
+        finally:
+            dist.destroy_process_group()
+    shards = layout["dp_shard"]
+    for rank, held in enumerate(local):
+        assert held == shard_share(shapes, rank % shards, shards)
+    assert sum(local[:shards]) == num_params(cfg)  # one replica group holds the model exactly once
+    assert max(local) <= num_params(cfg) / shards * 1.01
+
+
+@pytest.mark.parametrize("layout,message", [
+    ({"tp": 3}, "model.language.num_heads=32 is not divisible by parallel.tp=3"),
+    ({"pp": 64}, "parallel.pp=64 exceeds model.language.num_layers=32"),
+    ({"dp_shard": 4}, "multiply to 4 but the job has 8 processes"),
+])
+def test_layouts_that_cannot_work_are_named(layout, message):
+    with pytest.raises(ConfigError, match=message):
+        ParallelDims(**layout).validate(load_config(["model=vlm_7b"]).model, world_size=8)
+
+
+def test_mesh_keeps_only_dims_larger_than_one_in_order():
+    assert ParallelDims(dp_shard=2, tp=2, pp=2).mesh_shape() == ((2, 2, 2), ("pp", "dp_shard", "tp"))
+    assert ParallelDims().mesh_shape() == ((1,), ("dp_shard",))
+    assert ParallelDims(dp_replicate=2, dp_shard=2).dp_mesh_names() == ("dp_replicate", "dp_shard")
