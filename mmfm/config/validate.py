@@ -5,8 +5,6 @@ Every failure is one line that names the field and the fix.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from mmfm.errors import MmfmError
@@ -126,14 +124,12 @@ def _validate_run(cfg: JobConfig) -> None:
 
 
 def _validate_parallel(cfg: JobConfig) -> None:
-    p = cfg.parallel
-    dims = {k: getattr(p, k) for k in ("dp_replicate", "dp_shard", "tp", "pp", "cp")}
-    for name, value in dims.items():
-        _positive(f"parallel.{name}", value)
-    world = math.prod(dims.values())
-    _require(world == 1,
-             f"parallel dims {dims} ask for {world} processes, but this release trains on one process; "
-             "use parallel=single")
+    from mmfm.parallel.dims import ParallelDims
+
+    dims = ParallelDims.from_config(cfg.parallel).validate(cfg.model)
+    _require(dims.world_size == 1,
+             f"parallel dims {dims.sizes} ask for {dims.world_size} processes, but this release trains on one "
+             "process; use parallel=single")
 
 
 def _validate_device(cfg: JobConfig) -> None:

@@ -3,6 +3,7 @@ turned into one DeviceMesh with named dimensions."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -14,17 +15,13 @@ from mmfm.config.validate import ConfigError
 MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
-@dataclass(frozen=True)
-class ParallelDims:
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    cp: int = 1
-    tp: int = 1
-    pp: int = 1
+@dataclass
+class ParallelDims(ParallelConfig):
+    """The `parallel` config with what the layout implies: sizes, world size, checks and the mesh."""
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig) -> "ParallelDims":
-        return cls(cfg.dp_replicate, cfg.dp_shard, cfg.cp, cfg.tp, cfg.pp)
+        return cls(**dataclasses.asdict(cfg))
 
     @property
     def sizes(self) -> dict[str, int]:
