@@ -51,7 +51,7 @@ def test_type_error_is_one_line():
 
 def test_groups_and_experiment_compose():
     cfg = load_config(["experiment=demo", "model=vlm_7b"])
-    assert cfg.experiment_name == "demo" and cfg.train.max_steps == 1200 and cfg.train.optim.lr == 2e-3
+    assert cfg.experiment_name == "demo" and cfg.train.max_steps == 1400 and cfg.train.optim.lr == 2e-3
     assert cfg.model.language.hidden_size == 4096 and cfg.model.vision.patch_size == 14
 
 
