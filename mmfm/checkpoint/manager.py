@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from mmfm.errors import MmfmError
+from mmfm.parallel.distributed import barrier, is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +129,25 @@ class CheckpointManager:
         return path
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
+        """Collective: every rank writes its shards; rank 0 writes the JSON state and publishes."""
         final = self.root / f"step_{step:08d}"
         partial = self.root / f".step_{step:08d}.partial"
-        if partial.exists():
-            shutil.rmtree(partial)  # left by an interrupted save; never referenced by `latest`
-        partial.mkdir(parents=True)
+        if is_main_process():
+            if partial.exists():
+                shutil.rmtree(partial)  # left by an interrupted save; never referenced by `latest`
+            partial.mkdir(parents=True)
+        barrier()
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
                  "rng": rng_state()}
         with _single_process_quietly():
             dcp.save(state, checkpoint_id=str(partial))
-        (partial / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+        if is_main_process():
+            self._publish(partial, final, {"step": step, **trainer_state})
+        barrier()
+        return final
+
+    def _publish(self, partial: Path, final: Path, trainer_state: dict) -> None:
+        (partial / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         _fsync_tree(partial)
         if final.exists():
             kept = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -146,7 +156,6 @@ class CheckpointManager:
         partial.rename(final)
         self._point_latest(final.name)
         self._prune()
-        return final
 
     def _point_latest(self, name: str) -> None:
         tmp = self.root / f"{LATEST}.tmp"

@@ -30,8 +30,10 @@ def task(cfg: DictConfig) -> None:
         job = validate(to_job_config(cfg))
         from mmfm.train.trainer import Trainer  # heavy imports only once the config is known to be good
 
-        run_dir = HydraConfig.get().runtime.output_dir
-        report(Trainer(job, run_dir).fit(), run_dir)
+        trainer = Trainer(job, HydraConfig.get().runtime.output_dir)
+        summary = trainer.fit()
+        if trainer.main:
+            report(summary, str(trainer.run_dir))
 
 
 def main(argv: list[str]) -> int:

@@ -126,10 +126,18 @@ def _validate_run(cfg: JobConfig) -> None:
 def _validate_parallel(cfg: JobConfig) -> None:
     from mmfm.parallel.dims import ParallelDims
 
-    dims = ParallelDims.from_config(cfg.parallel).validate(cfg.model)
-    _require(dims.world_size == 1,
-             f"parallel dims {dims.sizes} ask for {dims.world_size} processes, but this release trains on one "
-             "process; use parallel=single")
+    from mmfm.parallel.distributed import env_world_size
+
+    dims = ParallelDims.from_config(cfg.parallel)
+    for name in ("tp", "pp", "cp"):
+        _require(dims.sizes[name] == 1, f"parallel.{name}={dims.sizes[name]}: only data parallelism (parallel."
+                 f"dp_shard, parallel.dp_replicate) is available in this release; set parallel.{name}=1")
+    world = env_world_size()
+    _require(dims.world_size == world,
+             f"parallel dims {dims.sizes} ask for {dims.world_size} processes but this job has {world} "
+             f"(WORLD_SIZE); launch with `torchrun --nproc_per_node={dims.world_size} -m mmfm.cli.main train ...` "
+             "or change parallel.*")
+    dims.validate(cfg.model, world)
 
 
 def _validate_device(cfg: JobConfig) -> None:

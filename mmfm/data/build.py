@@ -27,9 +27,10 @@ def sample_encoder(cfg: JobConfig, tokenizer: TextTokenizer) -> SampleEncoder:
                          cfg.data.seq_len)
 
 
-def train_loader(cfg: JobConfig, tokenizer: TextTokenizer) -> BatchLoader:
+def train_loader(cfg: JobConfig, tokenizer: TextTokenizer, dp_rank: int = 0, dp_size: int = 1) -> BatchLoader:
+    """data.batch_size samples per data-parallel rank and micro-step, each rank its own share of the stream."""
     stream = SampleStream(shard_paths(cfg.data.path, "train"), sample_encoder(cfg, tokenizer), cfg.seed,
-                          cfg.data.shuffle_buffer)
+                          cfg.data.shuffle_buffer, rank=dp_rank, world=dp_size)
     return BatchLoader(stream, cfg.data.batch_size, tokenizer.pad_id)
 
 

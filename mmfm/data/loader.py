@@ -141,12 +141,16 @@ class SampleStream:
 
     Shard order and the shuffle buffer are seeded by (seed, epoch), so replaying the first `position`
     raw samples of an epoch reproduces the stream exactly: that is how load_state_dict resumes.
+    Data-parallel rank `rank` of `world` takes the samples whose index in that global stream is
+    congruent to `rank`: over an epoch every sample goes to exactly one rank, and one step of `world`
+    ranks reads the same samples as one process with a `world` times larger batch.
     """
 
     def __init__(self, shards: list[str], encoder: SampleEncoder, seed: int, shuffle_buffer: int,
-                 shuffle: bool = True, loop: bool = True):
+                 shuffle: bool = True, loop: bool = True, rank: int = 0, world: int = 1):
         if not shards:
             raise ValueError("no shards to read")
+        self.rank, self.world = rank, world
         self.shards, self.encoder, self.seed = list(shards), encoder, seed
         self.shuffle_buffer, self.shuffle, self.loop = shuffle_buffer, shuffle, loop
         self.epoch, self.position = 0, 0
@@ -193,6 +197,8 @@ class SampleStream:
             usable = 0
             for raw in raw_iter:
                 self.position += 1
+                if (self.position - 1) % self.world != self.rank:
+                    continue
                 try:
                     sample = self.encoder(raw)
                 except SkipSample as skip:

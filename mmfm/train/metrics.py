@@ -50,7 +50,12 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    def __init__(self, cfg: JobConfig, run_dir: Path, start_step: int):
+    """Writes on the main process only; on other ranks (enabled=False) every call does nothing."""
+
+    def __init__(self, cfg: JobConfig, run_dir: Path, start_step: int, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
         self.run_dir = run_dir
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         # A live bar on a terminal; in a log file (batch jobs, CI) one plain line per logged step instead.
@@ -75,6 +80,8 @@ class MetricsLogger:
                           resume="allow", name=cfg.experiment_name, config=dataclasses.asdict(cfg))
 
     def log(self, step: int, metrics: dict, kind: str = "train") -> None:
+        if not self.enabled:
+            return
         record = {"kind": kind, "step": step, "time": time.time(), **metrics}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
@@ -92,9 +99,12 @@ class MetricsLogger:
             self.bar.write(text)
 
     def advance(self, steps: int = 1) -> None:
-        self.bar.update(steps)
+        if self.enabled:
+            self.bar.update(steps)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.bar.close()
         self.jsonl.close()
         if self.wandb is not None:

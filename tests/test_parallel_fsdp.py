@@ -1,0 +1,69 @@
+"""Data parallelism (FSDP2 / HSDP) on gloo processes against one process: same seed, same samples.
+
+Tolerance (fp32): losses within rtol 1e-5, parameters after 3 AdamW steps within atol 1e-4. The
+processes sum gradients in another order (reduce-scatter over ranks) and pad their micro-batches to
+their own longest sample, so results agree to rounding, not bit for bit; Adam's first steps move each
+weight by about lr * sign(gradient), so a gradient entry near zero can flip by up to lr=1e-3 * 0.1.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
+
+from conftest import SMALL_MODEL
+from mmfm.config import load_config
+from mmfm.train.trainer import Trainer
+
+STEPS = ["train.max_steps=3", "train.schedule.warmup_steps=1", "train.grad_accum_steps=2", "eval.num_samples=0",
+         "logger.wandb.enabled=false", "logger.progress_bar=false", "train.val_every=0", "checkpoint.every=0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def full_params(model) -> dict:
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def worker(rank: int, world: int, port: int, overrides: list, run_dir: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    trainer = Trainer(load_config(overrides), run_dir)
+    summary = trainer.fit()
+    params = full_params(trainer.model)
+    if rank == 0:
+        torch.save({"losses": summary["losses"], "grad_norms": summary["grad_norms"], "params": params}, out)
+    dist.destroy_process_group()
+
+
+def run_parallel(world: int, overrides: list, tmp_path) -> dict:
+    out = str(tmp_path / "result.pt")
+    mp.spawn(worker, args=(world, free_port(), overrides, str(tmp_path / "run"), out), nprocs=world, join=True)
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("parallel,world", [("fsdp2", 2), ("hsdp2x2", 4)])
+def test_data_parallel_matches_one_process(synth_dir, tmp_path, parallel, world):
+    base = [f"data.path={synth_dir}", *SMALL_MODEL, *STEPS]
+    local_batch = 4
+    got = run_parallel(world, base + [f"parallel={parallel}", f"data.batch_size={local_batch}"], tmp_path / "dp")
+    single = Trainer(load_config(base + [f"data.batch_size={local_batch * world}"]), tmp_path / "single")
+    summary = single.fit()
+    want = full_params(single.model)
+    assert sorted(got["losses"]) == [1, 2, 3]
+    for step, loss in summary["losses"].items():
+        assert got["losses"][step] == pytest.approx(loss, rel=1e-5)
+        assert got["grad_norms"][step] == pytest.approx(summary["grad_norms"][step], rel=1e-4)
+    assert got["losses"][3] < got["losses"][1]
+    for name, value in want.items():
+        torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-4, msg=name)
+    assert (tmp_path / "dp/run/checkpoints/step_00000003/.metadata").is_file()
