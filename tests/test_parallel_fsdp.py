@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from conftest import SMALL_MODEL
+from mmfm.checkpoint import CheckpointError
 from mmfm.config import load_config
 from mmfm.train.trainer import Trainer
 
@@ -67,3 +68,19 @@ def test_data_parallel_matches_one_process(synth_dir, tmp_path, parallel, world)
     for name, value in want.items():
         torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-4, msg=name)
     assert (tmp_path / "dp/run/checkpoints/step_00000003/.metadata").is_file()
+
+
+def test_fsdp_resume_from_sharded_checkpoint_is_exact(synth_dir, tmp_path):
+    base = [f"data.path={synth_dir}", *SMALL_MODEL, *STEPS, "parallel=fsdp2", "data.batch_size=4",
+            "train.max_steps=5", "checkpoint.every=2", "checkpoint.keep_last=3"]
+    straight = run_parallel(2, base, tmp_path / "straight")
+    resumed = run_parallel(2, base + [f"checkpoint.resume={tmp_path}/straight/run/checkpoints/step_00000002"],
+                           tmp_path / "resumed")
+    assert sorted(resumed["losses"]) == [3, 4, 5]
+    assert all(resumed["losses"][s] == straight["losses"][s] for s in (3, 4, 5))  # bitwise
+    for name, value in straight["params"].items():
+        assert torch.equal(resumed["params"][name], value), name
+    one_process = [f"data.path={synth_dir}", *SMALL_MODEL, *STEPS, "data.batch_size=8",
+                   f"checkpoint.resume={tmp_path}/straight/run/checkpoints/step_00000004"]
+    with pytest.raises(CheckpointError, match="holds data-loader positions for 2 data-parallel ranks, this job has 1"):
+        Trainer(load_config(one_process), tmp_path / "one").fit()
