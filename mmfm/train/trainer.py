@@ -57,7 +57,7 @@ class Trainer:
         # One run directory for all ranks: rank 0's (a timestamped default may differ across ranks).
         self.run_dir = Path(gather_objects(str(run_dir))[0])
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.dims = ParallelDims.from_config(cfg.parallel).validate(cfg.model, self.world)
+        self.dims = ParallelDims.from_config(cfg.parallel)  # validated against the world size above
         self.main = self.rank == 0
         self.tokenizer = load_tokenizer(cfg)
         self.spec = MODEL_REGISTRY[cfg.model.name]
