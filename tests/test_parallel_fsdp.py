@@ -31,7 +31,9 @@ def free_port() -> int:
 
 
 def full_params(model) -> dict:
-    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+    """Unsharded parameters by name (without the activation-checkpoint wrapper's name prefix)."""
+    return {n.replace("_checkpoint_wrapped_module.", ""): (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+            for n, p in model.named_parameters()}
 
 
 def worker(rank: int, world: int, port: int, overrides: list, run_dir: str, out: str) -> None:
@@ -52,11 +54,14 @@ def run_parallel(world: int, overrides: list, tmp_path) -> dict:
     return torch.load(out, weights_only=True)
 
 
-@pytest.mark.parametrize("parallel,world", [("fsdp2", 2), ("hsdp2x2", 4)])
-def test_data_parallel_matches_one_process(synth_dir, tmp_path, parallel, world):
+@pytest.mark.parametrize("parallel,world,extra", [("fsdp2", 2, []), ("hsdp2x2", 4, []),
+                                                  ("fsdp2", 2, ["train.activation_checkpoint=full"])],
+                         ids=["fsdp2", "hsdp2x2", "fsdp2+full-ac"])
+def test_data_parallel_matches_one_process(synth_dir, tmp_path, parallel, world, extra):
     base = [f"data.path={synth_dir}", *SMALL_MODEL, *STEPS]
     local_batch = 4
-    got = run_parallel(world, base + [f"parallel={parallel}", f"data.batch_size={local_batch}"], tmp_path / "dp")
+    got = run_parallel(world, base + [f"parallel={parallel}", f"data.batch_size={local_batch}", *extra],
+                       tmp_path / "dp")
     single = Trainer(load_config(base + [f"data.batch_size={local_batch * world}"]), tmp_path / "single")
     summary = single.fit()
     want = full_params(single.model)
@@ -65,6 +70,7 @@ def test_data_parallel_matches_one_process(synth_dir, tmp_path, parallel, world)
         assert got["losses"][step] == pytest.approx(loss, rel=1e-5)
         assert got["grad_norms"][step] == pytest.approx(summary["grad_norms"][step], rel=1e-4)
     assert got["losses"][3] < got["losses"][1]
+    assert got["params"].keys() == want.keys()
     for name, value in want.items():
         torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-4, msg=name)
     assert (tmp_path / "dp/run/checkpoints/step_00000003/.metadata").is_file()

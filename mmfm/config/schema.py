@@ -91,6 +91,8 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     val_every: int = 100
     val_batches: int = 2
+    activation_checkpoint: str = "none"
+    activation_checkpoint_every: int = 2
 
 
 @dataclass

@@ -102,6 +102,12 @@ def _validate_train(cfg: JobConfig) -> None:
              f"train.schedule.min_lr_ratio={t.schedule.min_lr_ratio} must lie in [0, 1]")
     _require(t.val_every >= 0, f"train.val_every={t.val_every} must be >= 0 (0 disables validation)")
     _require(t.val_batches >= 1, f"train.val_batches={t.val_batches} must be >= 1")
+    from mmfm.parallel.activation_checkpoint import MODES
+
+    _require(t.activation_checkpoint in MODES,
+             f"train.activation_checkpoint={t.activation_checkpoint!r} is unknown; use one of {MODES}")
+    _require(t.activation_checkpoint_every >= 1,
+             f"train.activation_checkpoint_every={t.activation_checkpoint_every} must be >= 1")
     from mmfm.train.objectives import OBJECTIVES
 
     _require(cfg.stage.objective in OBJECTIVES,

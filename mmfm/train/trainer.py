@@ -23,6 +23,7 @@ from mmfm.data.build import load_tokenizer, sample_encoder, train_loader, val_lo
 from mmfm.data.manifest import TOKENIZER
 from mmfm.models import MODEL_REGISTRY, build_model
 from mmfm.parallel import ParallelDims
+from mmfm.parallel.activation_checkpoint import apply_activation_checkpointing
 from mmfm.parallel.data_parallel import apply_fsdp
 from mmfm.parallel.distributed import all_reduce_sums, gather_objects, init_distributed
 from mmfm.train import evaluate
@@ -72,8 +73,12 @@ class Trainer:
         self.peak = peak_flops(self.device, cfg.logger)
 
     def build_parallel_model(self) -> torch.nn.Module:
-        """Every rank builds the same seeded model, then data parallelism shards it (FSDP2 / HSDP)."""
+        """Every rank builds the same seeded model; activation checkpointing wraps its blocks, then data
+        parallelism shards it (FSDP2 / HSDP)."""
         model = build_model(self.cfg.model, self.device)
+        t = self.cfg.train
+        apply_activation_checkpointing(model, self.spec.block_containers, t.activation_checkpoint,
+                                       t.activation_checkpoint_every)
         if self.world > 1:
             mesh = self.dims.build_mesh(self.device.type)
             apply_fsdp(model, mesh[self.dims.dp_mesh_names()], self.spec.block_containers)

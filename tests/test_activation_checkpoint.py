@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from conftest import SMALL_MODEL
+from mmfm.config import ConfigError, load_config, validate
+from mmfm.models import MODEL_REGISTRY, build_model
+from mmfm.parallel.activation_checkpoint import apply_activation_checkpointing
+from mmfm.train.trainer import Trainer
+
+CONTAINERS = MODEL_REGISTRY["vlm"].block_containers
+
+
+def loss_grads_and_saved(mode: str, every: int = 2):
+    """Loss, parameter gradients and the number of tensors autograd kept for backward."""
+    cfg = load_config(["model.language.num_layers=4", "model.vision.num_layers=2"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    wrapped = apply_activation_checkpointing(model, CONTAINERS, mode, every)
+    torch.manual_seed(1)
+    ids = torch.randint(4, 300, (2, 80))
+    ids[:, 1:65] = 3
+    images = torch.randn(2, 3, 64, 64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = model(ids, images).float().logsumexp(-1).mean()
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters()], sum(saved), wrapped
+
+
+@pytest.mark.parametrize("mode,every,wrapped", [("full", 2, 6), ("selective", 2, 3)])
+def test_checkpointing_recomputes_exactly_and_keeps_fewer_activations(mode, every, wrapped):
+    loss, grads, saved, n = loss_grads_and_saved("none")
+    ac_loss, ac_grads, ac_saved, ac_n = loss_grads_and_saved(mode, every)
+    assert (n, ac_n) == (0, wrapped)
+    assert ac_loss == loss
+    assert all(torch.equal(a, b) for a, b in zip(grads, ac_grads))
+    assert ac_saved < 0.7 * saved
+
+
+def test_training_with_checkpointing_matches_and_checkpoints_keep_plain_names(synth_dir, tmp_path):
+    base = [f"data.path={synth_dir}", "logger.wandb.enabled=false", "logger.progress_bar=false",
+            "eval.num_samples=0", "train.val_every=0", "checkpoint.every=0", *SMALL_MODEL, "train.max_steps=2",
+            "train.schedule.warmup_steps=1", "data.batch_size=8"]
+    plain = Trainer(load_config(base), tmp_path / "plain").fit()["losses"]
+    ac = Trainer(load_config(base + ["train.activation_checkpoint=full"]), tmp_path / "ac")
+    assert ac.fit()["losses"] == plain
+    # a checkpoint written with checkpointing loads into a model without it
+    resumed = Trainer(load_config(base + ["train.max_steps=3", f"checkpoint.resume={tmp_path}/ac/checkpoints"]),
+                      tmp_path / "resumed")
+    assert sorted(resumed.fit()["losses"]) == [3]
+
+
+def test_unknown_mode_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.activation_checkpoint='some' is unknown"):
+        validate(load_config(["train.activation_checkpoint=some"]))
