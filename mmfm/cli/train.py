@@ -18,7 +18,7 @@ def report(summary: dict, run_dir: str) -> None:
     print(f"final validation loss: {summary['val_loss']:.4f}")
     if "caption_accuracy" in summary:
         for ex in summary["examples"]:
-            mark = "ok " if ex["prediction"].strip() == ex["truth"].strip() else "BAD"
+            mark = "ok " if ex["correct"] else "BAD"
             print(f"  [{mark}] {ex['key']}: {ex['prediction']!r}  (reference: {ex['truth']!r})")
         n = summary["caption_samples"]
         acc = summary["caption_accuracy"]

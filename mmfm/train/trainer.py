@@ -145,10 +145,11 @@ class Trainer:
     def step_metrics(self, raw: dict, seconds: float) -> dict:
         flops = self.spec.training_flops(self.cfg.model, raw["positions"], raw["seq_len"], raw["images"])
         mfu = flops / seconds / (self.peak * self.world) if self.peak else None
-        skipped = self.loader.state_dict()["skipped"]
+        data_state = self.loader.state_dict()
+        skipped = data_state["skipped"]
         return {"loss": raw["loss"], "lr": raw["lr"], "grad_norm": raw["grad_norm"],
                 "tokens_per_s": raw["positions"] / seconds, "samples_per_s": raw["samples"] / seconds,
-                "mfu": mfu, "peak_mem_gib": peak_memory_gib(self.device), "epoch": self.loader.state_dict()["epoch"],
+                "mfu": mfu, "peak_mem_gib": peak_memory_gib(self.device), "epoch": data_state["epoch"],
                 "skipped_samples": sum(skipped.values()), **{f"skipped_{k}": v for k, v in skipped.items()}}
 
     def validate_now(self) -> float:
@@ -197,7 +198,8 @@ class Trainer:
                                                samples, self.cfg.data.val_batch_size, e.max_new_tokens, self.device)
             summary["caption_accuracy"] = evaluate.accuracy(results)
             summary["caption_samples"] = len(results)
-            summary["examples"] = [dataclasses.asdict(r) for r in results[: e.show_examples]]
+            summary["examples"] = [{**dataclasses.asdict(r), "correct": r.correct}
+                                   for r in results[: e.show_examples]]
         metrics.log(self.step, {k: v for k, v in summary.items() if k != "examples"}, kind="eval")
         if self.main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
