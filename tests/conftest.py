@@ -1,4 +1,5 @@
 import os
+import socket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -18,6 +19,17 @@ SMALL_MODEL = [
     "model.language.hidden_size=64", "model.language.num_layers=2", "model.language.intermediate_size=176",
     "model.language.max_seq_len=64", "data.seq_len=48",
 ]
+
+
+# Three optimizer steps of two micro-batches, nothing else: the runs that parallel layouts are compared on.
+STEPS = ["train.max_steps=3", "train.schedule.warmup_steps=1", "train.grad_accum_steps=2", "eval.num_samples=0",
+         "logger.wandb.enabled=false", "logger.progress_bar=false", "train.val_every=0", "checkpoint.every=0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from mmfm.config.schema import ModelConfig
 from mmfm.models import build_model
 from mmfm.models.counts import language_flops_per_token, num_params, training_flops, vision_flops_per_image
 from mmfm.models.generate import generate
+from mmfm.models.init import init_parameters
 
 IMG = 3  # <image> token id
 
@@ -22,8 +23,7 @@ def tiny(**language) -> ModelConfig:
 
 
 def make(cfg: ModelConfig, seed=0):
-    torch.manual_seed(seed)
-    return build_model(cfg)
+    return build_model(cfg, seed=seed)
 
 
 def sequence(num_images: int, tokens_per_image: int, text=(10, 11, 12, 13)) -> list[int]:
@@ -55,11 +55,17 @@ def test_meta_build_then_materialize_matches_seeded_build():
     a = make(cfg, seed=3)
     b = build_model(cfg, "meta")
     b.to_empty(device="cpu")
-    torch.manual_seed(3)
-    b.init_weights()
+    torch.manual_seed(99)  # initialization does not depend on the global RNG
+    init_parameters(b, seed=3)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
     assert torch.allclose(a.language.rope_cos, b.language.rope_cos)
+    c = make(cfg, seed=4)
+    assert not torch.equal(a.language.layers["0"].attention.wq.weight, c.language.layers["0"].attention.wq.weight)
+    # the same rules as before per parameter kind
+    assert torch.equal(a.language.norm.weight, torch.ones_like(a.language.norm.weight))
+    assert a.vision.blocks["0"].attn.wq.bias.abs().sum() == 0
+    assert a.language.layers["0"].attention.wq.weight.std().item() == pytest.approx(0.02, rel=0.1)
 
 
 def test_training_flops_adds_images():
@@ -122,7 +128,9 @@ def test_gqa_shapes(kv_heads):
 def greedy_without_cache(model, prompt, image, steps):
     ids, out = torch.tensor([prompt]), []
     for _ in range(steps):
-        token = model(ids, image).argmax(-1)[0, -1].item()
+        logits = model(ids, image)[0, -1]
+        logits[IMG] = float("-inf")  # the placeholder is never generated
+        token = logits.argmax().item()
         out.append(token)
         ids = torch.cat([ids, torch.tensor([[token]])], 1)
     return out

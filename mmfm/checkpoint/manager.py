@@ -28,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -74,6 +75,30 @@ def _single_process_quietly():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+# Optimizer state keyed by parameter name, so that it loads at any layout (other sharding, other stages).
+OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _parts(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def model_state(parts: list[nn.Module]) -> list[dict]:
+    """One state dict per model part (pipeline stages hold disjoint names, a tied copy aside)."""
+    return [get_model_state_dict(p) for p in parts]
+
+
+def optim_state(parts: list[nn.Module], optimizers: list) -> list[dict]:
+    return [get_optimizer_state_dict(p, o, options=OPTIM_OPTIONS) for p, o in zip(parts, optimizers)]
+
+
+def _merged(states: list[dict]) -> dict:
+    merged: dict = {}
+    for state in states:
+        merged.update(state)
+    return merged
 
 
 def is_complete(folder: Path) -> bool:
@@ -128,8 +153,11 @@ class CheckpointManager:
                                   f"{TRAINER_STATE}); pick another step_* folder")
         return path
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
-        """Collective: every rank writes its shards; rank 0 writes the JSON state and publishes."""
+    def save(self, step: int, model, optimizer, trainer_state: dict) -> Path:
+        """Collective: every rank writes its shards; rank 0 writes the JSON state and publishes.
+
+        model / optimizer: a module and its optimizer, or lists of them (one per pipeline stage held).
+        """
         final = self.root / f"step_{step:08d}"
         partial = self.root / f".step_{step:08d}.partial"
         if is_main_process():
@@ -137,7 +165,8 @@ class CheckpointManager:
                 shutil.rmtree(partial)  # left by an interrupted save; never referenced by `latest`
             partial.mkdir(parents=True)
         barrier()
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
+        parts, optimizers = _parts(model), _parts(optimizer)
+        state = {"model": _merged(model_state(parts)), "optim": _merged(optim_state(parts, optimizers)),
                  "rng": rng_state()}
         with _single_process_quietly():
             dcp.save(state, checkpoint_id=str(partial))
@@ -171,27 +200,40 @@ class CheckpointManager:
             shutil.rmtree(old)
 
     @staticmethod
-    def load(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
-        """Load model (and optimizer, RNG) state in place; return the trainer state saved with them."""
+    def load(path: Path, model, optimizer=None, no_dist: bool = False) -> dict:
+        """Load model (and optimizer, RNG) state in place; return the trainer state saved with them.
+
+        Any layout loads a checkpoint of any other (resharded by torch.distributed.checkpoint).
+        no_dist: load in this process alone (e.g. rank 0 evaluating an unsharded copy).
+        """
         try:
             trainer_state = json.loads((path / TRAINER_STATE).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"checkpoint {path}: unreadable {TRAINER_STATE} ({exc}); resume from another "
                                   "step_* folder") from None
-        state: dict = {"model": get_model_state_dict(model)}
+        parts = _parts(model)
+        models = model_state(parts)
+        state: dict = {"model": _merged(models)}
         if optimizer is not None:
-            state["optim"] = get_optimizer_state_dict(model, optimizer)
+            optims = optim_state(parts, _parts(optimizer))
+            state["optim"] = _merged(optims)
             state["rng"] = rng_state()
         try:
             with _single_process_quietly():
-                dcp.load(state, checkpoint_id=str(path))
+                dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
         except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
             detail = " ".join(str(exc).split())[:300]
             raise CheckpointError(f"checkpoint {path} could not be loaded ({type(exc).__name__}: {detail}); it is "
                                   "corrupt or was written for another model config; resume from another "
                                   "step_* folder or match the model config") from None
-        set_model_state_dict(model, state["model"])
+        # DCP loads tensors in place and replaces other values: take both back into the per-part dicts
+        for part_states, merged in ((models, state["model"]), (optims if optimizer is not None else [], state.get("optim"))):
+            for part_state in part_states:
+                part_state.update({k: merged[k] for k in part_state})
+        for part, part_state in zip(parts, models):
+            set_model_state_dict(part, part_state)
         if optimizer is not None:
-            set_optimizer_state_dict(model, optimizer, state["optim"])
+            for part, opt, part_state in zip(parts, _parts(optimizer), optims):
+                set_optimizer_state_dict(part, opt, part_state, options=OPTIM_OPTIONS)
             set_rng_state(state["rng"])
         return trainer_state

@@ -64,6 +64,14 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    # Pipeline: the schedule (gpipe | 1f1b | interleaved_1f1b | zero_bubble), stages per rank (>= 2 for
+    # the interleaved and zero-bubble schedules), and decoder layers per stage (empty: balanced by cost).
+    # The micro-batches of a pipeline step are the train.grad_accum_steps loader batches.
+    pp_schedule: str = "1f1b"
+    pp_virtual_stages: int = 1
+    pp_layers: list[int] = field(default_factory=list)
+    # FSDP: keep parameters gathered between forward and backward (more memory, fewer all-gathers).
+    reshard_after_forward: bool = True
 
 
 @dataclass
@@ -93,6 +101,8 @@ class TrainConfig:
     val_batches: int = 2
     activation_checkpoint: str = "none"
     activation_checkpoint_every: int = 2
+    # torch.compile each transformer block (in place, so parameter names are unchanged).
+    compile: bool = False
 
 
 @dataclass

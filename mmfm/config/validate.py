@@ -135,15 +135,13 @@ def _validate_parallel(cfg: JobConfig) -> None:
     from mmfm.parallel.distributed import env_world_size
 
     dims = ParallelDims.from_config(cfg.parallel)
-    for name in ("tp", "pp", "cp"):
-        _require(dims.sizes[name] == 1, f"parallel.{name}={dims.sizes[name]}: only data parallelism (parallel."
-                 f"dp_shard, parallel.dp_replicate) is available in this release; set parallel.{name}=1")
+    dims.validate(cfg.model)
+    dims.validate_run(cfg.data.seq_len, cfg.train.grad_accum_steps)
     world = env_world_size()
     _require(dims.world_size == world,
              f"parallel dims {dims.sizes} ask for {dims.world_size} processes but this job has {world} "
              f"(WORLD_SIZE); launch with `torchrun --nproc_per_node={dims.world_size} -m mmfm.cli.main train ...` "
              "or change parallel.*")
-    dims.validate(cfg.model, world)
 
 
 def _validate_device(cfg: JobConfig) -> None:

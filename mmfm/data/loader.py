@@ -10,6 +10,8 @@ cannot be used (corrupt image, unreadable tar member, no caption, too long) are 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
 import itertools
 import json
@@ -136,14 +138,25 @@ def collate(samples: list[EncodedSample], pad_id: int) -> Batch:
                  [s.caption for s in samples], [s.key for s in samples])
 
 
+def owns(index: int, rank: int, world: int, base: int = 0, consumed: frozenset | set = frozenset()) -> bool:
+    """Whether data-parallel rank `rank` of `world` serves raw sample `index` of an epoch's global stream."""
+    return index >= base and (index - base) % world == rank and index not in consumed
+
+
 class SampleStream:
-    """Encoded samples from shards, epoch after epoch; its state is (epoch, raw samples consumed).
+    """Encoded samples from shards, epoch after epoch; resumable through state_dict().
 
     Shard order and the shuffle buffer are seeded by (seed, epoch), so replaying the first `position`
     raw samples of an epoch reproduces the stream exactly: that is how load_state_dict resumes.
-    Data-parallel rank `rank` of `world` takes the samples whose index in that global stream is
-    congruent to `rank`: over an epoch every sample goes to exactly one rank, and one step of `world`
-    ranks reads the same samples as one process with a `world` times larger batch.
+    Data-parallel rank `rank` of `world` serves raw sample `i` (its index in that global stream) iff
+    `i >= base`, `(i - base) % world == rank` and `i` is not in `consumed`; samples before `base` and
+    those in `consumed` were served before a change of data-parallel size (see reshard_stream_states).
+    Over an epoch every sample goes to exactly one rank, and one step of `world` ranks reads the same
+    samples as one process with a `world` times larger batch. A new epoch starts with base 0, nothing
+    consumed.
+
+    State: {"epoch", "position" (raw samples passed: index of the next one), "skipped" (counts by
+    reason), "base", "consumed" (sorted indices >= base)}; the last two default to 0 and [].
     """
 
     def __init__(self, shards: list[str], encoder: SampleEncoder, seed: int, shuffle_buffer: int,
@@ -153,16 +166,20 @@ class SampleStream:
         self.rank, self.world = rank, world
         self.shards, self.encoder, self.seed = list(shards), encoder, seed
         self.shuffle_buffer, self.shuffle, self.loop = shuffle_buffer, shuffle, loop
-        self.epoch, self.position = 0, 0
+        self.epoch, self.position, self.base = 0, 0, 0
+        self.consumed: list[int] = []
         self.skipped: Counter = Counter()
         self._it: Optional[Iterator] = None
         self._replaying = False
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "skipped": dict(self.skipped)}
+        return {"epoch": self.epoch, "position": self.position, "skipped": dict(self.skipped),
+                "base": self.base, "consumed": list(self.consumed)}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.base = int(state.get("base", 0))  # states from before resharding have neither key
+        self.consumed = sorted(int(i) for i in state.get("consumed", []))
         self.skipped = Counter(state.get("skipped", {}))
         self._it = None
 
@@ -189,15 +206,15 @@ class SampleStream:
         while True:
             raw_iter = self._raw_epoch(self.epoch)
             self._replaying = True
-            consumed = sum(1 for _ in itertools.islice(raw_iter, self.position))
+            replayed = sum(1 for _ in itertools.islice(raw_iter, self.position))
             self._replaying = False
-            if consumed < self.position:
+            if replayed < self.position:
                 raise DataError(f"loader state says epoch {self.epoch} consumed {self.position} samples, but the "
-                                 f"shards hold only {consumed}: the data set changed since the checkpoint")
-            usable = 0
+                                 f"shards hold only {replayed}: the data set changed since the checkpoint")
+            usable, consumed = 0, set(self.consumed)
             for raw in raw_iter:
                 self.position += 1
-                if (self.position - 1) % self.world != self.rank:
+                if not owns(self.position - 1, self.rank, self.world, self.base, consumed):
                     continue
                 try:
                     sample = self.encoder(raw)
@@ -208,10 +225,10 @@ class SampleStream:
                 yield sample
             if not self.loop:
                 return
-            if usable == 0 and consumed == 0:
+            if usable == 0 and replayed == 0:
                 raise DataError(f"a whole epoch of {len(self.shards)} shard(s) gave no usable sample (skipped so "
                                 f"far: {dict(self.skipped)}); check the data set, e.g. {self.shards[0]}")
-            self.epoch, self.position = self.epoch + 1, 0
+            self.epoch, self.position, self.base, self.consumed = self.epoch + 1, 0, 0, []
 
     def __iter__(self) -> Iterator[EncodedSample]:
         return self
@@ -222,11 +239,63 @@ class SampleStream:
         return next(self._it)
 
 
-class BatchLoader:
-    """Batches of `batch_size` samples from a SampleStream; resumable through state_dict()."""
+def reshard_stream_states(states: list[dict], new_world: int) -> list[dict]:
+    """The SampleStream states of `new_world` ranks that continue those of len(states) ranks (in rank order).
 
-    def __init__(self, stream: SampleStream, batch_size: int, pad_id: int):
-        self.stream, self.batch_size, self.pad_id = stream, batch_size, pad_id
+    Continuing from them, the new ranks serve exactly the samples of the epoch that no old rank served
+    yet, each once, rank r' taking index i when (i - base) % new_world == r'. New base: the lowest old
+    position; consumed: the indices from there to the highest old position that an old rank served (or
+    skipped). Skip counts are summed onto the new rank 0.
+    """
+    if not states or new_world < 1:
+        raise ValueError(f"need at least one state and one new rank, got {len(states)} and {new_world}")
+    world = len(states)
+    if new_world == world:
+        return [copy.deepcopy(s) for s in states]
+    epochs = {int(s["epoch"]) for s in states}
+    bases = {int(s.get("base", 0)) for s in states}
+    if len(epochs) > 1 or len(bases) > 1:
+        where = f"epochs {sorted(epochs)}" if len(epochs) > 1 else f"bases {sorted(bases)}"
+        raise DataError(f"the {world} data-loader states are at different {where}, so they cannot be resharded "
+                        f"to {new_world} data-parallel ranks; resume at the same data-parallel size ({world}) "
+                        "or from another checkpoint")
+    (epoch,), (base,) = epochs, bases
+    old_consumed = {int(i) for s in states for i in s.get("consumed", [])}
+    positions = [int(s["position"]) for s in states]
+    new_base = min(positions)
+    # an index below its old owner's position was served (or skipped) by that rank
+    consumed = [i for i in range(new_base, max(positions))
+                if i in old_consumed or i < positions[(i - base) % world]]
+    skipped = sum((Counter(s.get("skipped", {})) for s in states), Counter())
+    return [{"epoch": epoch, "position": new_base, "skipped": dict(skipped) if r == 0 else {},
+             "base": new_base, "consumed": list(consumed)} for r in range(new_world)]
+
+
+def pad_sequence(batch: Batch, length: int, pad_id: int) -> Batch:
+    """Right-pad a batch to `length` positions (padding carries no loss and, causally, changes nothing)."""
+    extra = length - batch.input_ids.shape[1]
+    if extra < 0:
+        raise ValueError(f"batch of {batch.input_ids.shape[1]} positions does not fit in {length}")
+    if extra == 0:
+        return batch
+    pad = torch.nn.functional.pad
+    return dataclasses.replace(batch, input_ids=pad(batch.input_ids, (0, extra), value=pad_id),
+                               targets=pad(batch.targets, (0, extra), value=IGNORE_INDEX))
+
+
+def blank_sample(pad_id: int) -> EncodedSample:
+    """A one-token row with no loss and no image: fills the last batch up to a fixed size."""
+    return EncodedSample("<blank>", [pad_id], [IGNORE_INDEX], [], "")
+
+
+class BatchLoader:
+    """Batches of `batch_size` samples from a SampleStream; resumable through state_dict().
+
+    pad_rows: fill the last, short batch with blank rows (for layouts that need fixed batch shapes).
+    """
+
+    def __init__(self, stream: SampleStream, batch_size: int, pad_id: int, pad_rows: bool = False):
+        self.stream, self.batch_size, self.pad_id, self.pad_rows = stream, batch_size, pad_id, pad_rows
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()
@@ -241,4 +310,6 @@ class BatchLoader:
         samples = list(itertools.islice(self.stream, self.batch_size))
         if not samples:
             raise StopIteration
+        if self.pad_rows:
+            samples += [blank_sample(self.pad_id)] * (self.batch_size - len(samples))
         return collate(samples, self.pad_id)

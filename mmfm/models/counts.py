@@ -35,7 +35,7 @@ def projector_params(cfg: ModelConfig) -> int:
     return dv * d + d + d * d + d
 
 
-def _language_layer_matmul_params(lm: LanguageConfig) -> int:
+def language_layer_matmul_params(lm: LanguageConfig) -> int:
     d, hd = lm.hidden_size, lm.hidden_size // lm.num_heads
     attn = d * lm.num_heads * hd * 2 + d * lm.num_kv_heads * hd * 2
     return attn + 3 * d * lm.intermediate_size
@@ -44,7 +44,7 @@ def _language_layer_matmul_params(lm: LanguageConfig) -> int:
 def language_params(lm: LanguageConfig) -> int:
     d = lm.hidden_size
     embed = lm.vocab_size * d * (1 if lm.tie_embeddings else 2)
-    return embed + lm.num_layers * (_language_layer_matmul_params(lm) + 2 * d) + d
+    return embed + lm.num_layers * (language_layer_matmul_params(lm) + 2 * d) + d
 
 
 def num_params(cfg: ModelConfig) -> int:
@@ -53,7 +53,7 @@ def num_params(cfg: ModelConfig) -> int:
 
 def language_flops_per_token(lm: LanguageConfig, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per sequence position: 6 x matmul params + attention scores."""
-    matmul = lm.num_layers * _language_layer_matmul_params(lm) + lm.vocab_size * lm.hidden_size
+    matmul = lm.num_layers * language_layer_matmul_params(lm) + lm.vocab_size * lm.hidden_size
     attention = 12 * lm.num_layers * lm.hidden_size * seq_len
     return 6.0 * matmul + attention
 

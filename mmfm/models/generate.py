@@ -55,8 +55,10 @@ def generate(model: VisionLanguageModel, prompts: Sequence[Sequence[int]], pixel
     next_pos = positions[:, -1:] + 1
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(batch)]
+    never = model.cfg.image_token_id  # an image placeholder is input only, never an answer
     for step in range(max_new_tokens):
-        token = _pick(logits, temperature, top_k, generator)
+        token = _pick(logits.index_fill(-1, torch.tensor([never], device=device), float("-inf")), temperature,
+                      top_k, generator)
         for row in torch.nonzero(~done).flatten().tolist():
             if token[row].item() == eos_id:
                 done[row] = True

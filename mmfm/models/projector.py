@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -12,10 +13,11 @@ class MLPProjector(nn.Module):
         self.fc1 = nn.Linear(vision_dim, text_dim)
         self.fc2 = nn.Linear(text_dim, text_dim)
 
-    def init_weights(self, std: float) -> None:
-        for lin in (self.fc1, self.fc2):
-            nn.init.normal_(lin.weight, std=std)
-            nn.init.zeros_(lin.bias)
+    def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> None:
+        if name.endswith("bias"):
+            nn.init.zeros_(tensor)
+        else:
+            nn.init.normal_(tensor, std=std, generator=generator)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))

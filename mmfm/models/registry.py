@@ -10,6 +10,7 @@ from torch import nn
 
 from mmfm.config.schema import ModelConfig
 from mmfm.models import counts
+from mmfm.models.init import init_parameters
 from mmfm.models.vlm import VisionLanguageModel
 
 
@@ -30,11 +31,10 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {
 }
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
-    """Build on the meta device (no memory), then materialize on `device` and initialize.
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
+    """Build on the meta device (no memory), then materialize on `device` and initialize from `seed`.
 
     Passing device="meta" returns the unmaterialized model, e.g. to count or shard a 100B+ layout.
-    Initialization draws from torch's global RNG, so seed it first for reproducible weights.
     """
     spec = MODEL_REGISTRY[cfg.name]
     with torch.device("meta"):
@@ -42,5 +42,5 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> nn.Modu
     if torch.device(device).type == "meta":
         return model
     model.to_empty(device=device)
-    model.init_weights()
+    init_parameters(model, seed)
     return model

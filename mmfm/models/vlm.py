@@ -25,10 +25,13 @@ class VisionLanguageModel(nn.Module):
     def tokens_per_image(self) -> int:
         return self.vision.num_patches
 
-    def init_weights(self) -> None:
-        self.vision.init_weights(self.cfg.init_std)
-        self.projector.init_weights(self.cfg.init_std)
-        self.language.init_weights(self.cfg.init_std)
+    def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
+        """Initialize the full tensor of parameter `name` (e.g. 'language.layers.0.attention.wq.weight')."""
+        part, rest = name.split(".", 1)
+        getattr(self, part).init_parameter(rest, tensor, generator, self.cfg.init_std)
+
+    def init_buffers(self) -> None:
+        self.language.init_buffers()
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> [N, tokens_per_image, language hidden]."""
@@ -38,10 +41,16 @@ class VisionLanguageModel(nn.Module):
         """Token embeddings with the i-th image's features at the i-th run of placeholder tokens.
 
         Images are consumed in reading order over the batch (sample by sample, left to right), so a
-        sample may hold any number of images, including none.
+        sample may hold any number of images, including none. pixel_values is [N, C, H, W] in that
+        order, or [B, K, C, H, W] per sample, padded to K images (the form that splits into micro-batches
+        along the batch dim): a sample's images are then the first (its placeholders / tokens per image).
         """
         h = self.language.embed(input_ids)
         slots = input_ids == self.cfg.image_token_id
+        if pixel_values is not None and pixel_values.dim() == 5:
+            counts = slots.sum(1) // self.tokens_per_image
+            present = torch.arange(pixel_values.shape[1], device=counts.device) < counts.unsqueeze(1)
+            pixel_values = pixel_values[present]
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
         expected = num_images * self.tokens_per_image
         if int(slots.sum()) != expected:
@@ -59,10 +68,12 @@ class VisionLanguageModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
-        """Logits [B, T, V]. positions default to 0..T-1 for every row."""
-        if positions is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        return self.language(self.embed(input_ids, pixel_values), positions, attn_mask, cache)
+        """Logits [B, T, V]. positions default to 0..T-1 for every row.
+
+        A later pipeline stage holds no vision tower: its input is the previous stage's hidden states.
+        """
+        h = self.embed(input_ids, pixel_values) if self.vision is not None else input_ids
+        return self.language(h, positions, attn_mask, cache)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         lm = self.cfg.language

@@ -10,10 +10,14 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
 def sharding_units(model: nn.Module, containers: tuple[str, ...]) -> list[nn.Module]:
-    """The blocks inside each named container (e.g. 'language.layers'): one FSDP unit each."""
+    """The blocks inside each named container (e.g. 'language.layers'): one FSDP unit each. A pipeline
+    stage may lack a container (no vision tower after the first stage)."""
     units = []
     for path in containers:
-        units += list(model.get_submodule(path).children())
+        try:
+            units += list(model.get_submodule(path).children())
+        except AttributeError:
+            continue
     return units
 
 

@@ -35,6 +35,16 @@ class ParallelDims(ParallelConfig):
     def dp_size(self) -> int:
         return self.dp_replicate * self.dp_shard
 
+    @property
+    def fsdp_size(self) -> int:
+        """Ranks over which FSDP shards and averages gradients: data parallel and context parallel
+        (context-parallel ranks hold the same parameters, each with the gradient of its chunk)."""
+        return self.dp_size * self.cp
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.pp_virtual_stages
+
     def validate(self, model: ModelConfig, world_size: Optional[int] = None) -> "ParallelDims":
         """Raise ConfigError naming the field and the fix; return self when the layout can work."""
         for name, size in self.sizes.items():
@@ -50,12 +60,51 @@ class ParallelDims(ParallelConfig):
             if value % self.tp:
                 raise ConfigError(f"{field}={value} is not divisible by parallel.tp={self.tp}; choose a tp that "
                                   f"divides it")
-        if self.pp > lm.num_layers:
-            raise ConfigError(f"parallel.pp={self.pp} exceeds model.language.num_layers={lm.num_layers}; every "
-                              "pipeline stage needs at least one decoder layer")
+        patches = (v.image_size // v.patch_size) ** 2
+        if patches % self.tp:
+            raise ConfigError(f"the vision tower's {patches} patches are not divisible by parallel.tp={self.tp} "
+                              "(sequence parallelism splits them); change the image or patch size, or tp")
+        self._validate_pipeline(lm.num_layers)
+        if self.cp > 1 and (self.tp > 1 or self.pp > 1):
+            raise ConfigError(f"parallel.cp={self.cp} together with tp or pp is not supported yet; combine context "
+                              "parallelism with data parallelism only (parallel.dp_shard / dp_replicate)")
         if world_size is not None and self.world_size != world_size:
             raise ConfigError(f"parallel dims {self.sizes} multiply to {self.world_size} but the job has "
                               f"{world_size} processes; make their product equal the world size")
+        return self
+
+    def _validate_pipeline(self, num_layers: int) -> None:
+        from mmfm.parallel.pipeline_parallel import MULTI_STAGE_SCHEDULES, SCHEDULES
+
+        if self.pp_schedule not in SCHEDULES:
+            raise ConfigError(f"parallel.pp_schedule={self.pp_schedule!r} is unknown; use one of {sorted(SCHEDULES)}")
+        multi = self.pp_schedule in MULTI_STAGE_SCHEDULES
+        if self.pp > 1 and multi and self.pp_virtual_stages < 2:
+            raise ConfigError(f"parallel.pp_schedule={self.pp_schedule} runs several stages per rank; set "
+                              "parallel.pp_virtual_stages>=2")
+        if self.pp > 1 and not multi and self.pp_virtual_stages != 1:
+            raise ConfigError(f"parallel.pp_schedule={self.pp_schedule} runs one stage per rank; set "
+                              "parallel.pp_virtual_stages=1 or pick interleaved_1f1b / zero_bubble")
+        if self.num_stages > num_layers:
+            raise ConfigError(f"parallel.pp={self.pp} x pp_virtual_stages={self.pp_virtual_stages} = "
+                              f"{self.num_stages} stages exceed model.language.num_layers={num_layers}; every "
+                              "pipeline stage needs at least one decoder layer")
+        if self.pp_layers and (len(self.pp_layers) != self.num_stages or sum(self.pp_layers) != num_layers
+                               or min(self.pp_layers) < 1):
+            raise ConfigError(f"parallel.pp_layers={list(self.pp_layers)} must list {self.num_stages} stages of >= 1 "
+                              f"decoder layer summing to model.language.num_layers={num_layers}, or be empty")
+
+    def validate_run(self, seq_len: int, micro_batches: int) -> "ParallelDims":
+        """Checks against the data and the step: sequence splits and pipeline micro-batches."""
+        if seq_len % (self.tp * self.cp):
+            raise ConfigError(f"data.seq_len={seq_len} must be divisible by parallel.tp x parallel.cp = "
+                              f"{self.tp * self.cp} (the sequence is split over them)")
+        if self.pp > 1 and micro_batches < self.pp:
+            raise ConfigError(f"train.grad_accum_steps={micro_batches} gives the pipeline fewer micro-batches than "
+                              f"its {self.pp} ranks; set train.grad_accum_steps>={self.pp} (bubble: (pp-1)/(m+pp-1))")
+        if self.pp > 1 and self.pp_virtual_stages > 1 and micro_batches % self.pp:
+            raise ConfigError(f"train.grad_accum_steps={micro_batches} must be a multiple of parallel.pp={self.pp} "
+                              f"for the {self.pp_schedule} schedule")
         return self
 
     def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -74,3 +123,19 @@ class ParallelDims(ParallelConfig):
         """The mesh dims FSDP shards and replicates over: ('dp_replicate', 'dp_shard') for HSDP."""
         names = tuple(n for n in ("dp_replicate", "dp_shard") if self.sizes[n] > 1)
         return names or ("dp_shard",)
+
+    def fsdp_mesh(self, mesh):
+        """The (1-D, or 2-D for HSDP) mesh FSDP runs on: dp_shard and cp flattened into one shard dim."""
+        shard = [n for n in ("dp_shard", "cp") if self.sizes[n] > 1]
+        if len(shard) == 2:
+            mesh[tuple(shard)]._flatten("dp_shard_cp")
+            shard = ["dp_shard_cp"]
+        names = (["dp_replicate"] if self.dp_replicate > 1 else []) + shard
+        return mesh[tuple(names)] if names else None
+
+    def coordinate(self, mesh, name: str) -> int:
+        """This rank's index along mesh dim `name` (0 when that dim has size 1)."""
+        return mesh.get_local_rank(name) if self.sizes[name] > 1 else 0
+
+    def dp_rank(self, mesh) -> int:
+        return self.coordinate(mesh, "dp_replicate") * self.dp_shard + self.coordinate(mesh, "dp_shard")

@@ -11,21 +11,27 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor
 
-from mmfm.checkpoint import CheckpointError, CheckpointManager
-from mmfm.config import JobConfig, validate
+from torch.distributed.pipelining import PipelineStage
+
+from mmfm.checkpoint import CheckpointManager
+from mmfm.config import JobConfig, image_tokens, validate
 from mmfm.data.build import load_tokenizer, sample_encoder, train_loader, val_loader, val_stream
+from mmfm.data.loader import Batch, BatchLoader, pad_sequence, reshard_stream_states
 from mmfm.data.manifest import TOKENIZER
 from mmfm.models import MODEL_REGISTRY, build_model
 from mmfm.parallel import ParallelDims
-from mmfm.parallel.activation_checkpoint import apply_activation_checkpointing
-from mmfm.parallel.data_parallel import apply_fsdp
-from mmfm.parallel.distributed import all_reduce_sums, gather_objects, init_distributed
+from mmfm.parallel.distributed import all_reduce_sums, barrier, gather_objects, init_distributed
+from mmfm.parallel.grad_norm import clip_grad_norm
+from mmfm.parallel.parallelize import parallelize
+from mmfm.parallel.pipeline_parallel import build_schedule, pixel_rows, sync_tied_embedding
+from mmfm.parallel.tensor_parallel import loss_context
 from mmfm.train import evaluate
 from mmfm.train.metrics import MetricsLogger, peak_flops, peak_memory_gib, plot_loss
 from mmfm.train.objectives import OBJECTIVES
@@ -50,6 +56,10 @@ def write_resolved_config(cfg: JobConfig, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
+def scalar(t) -> float:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).item()
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig, run_dir: str | Path):
         self.cfg = validate(cfg)
@@ -58,31 +68,39 @@ class Trainer:
         # One run directory for all ranks: rank 0's (a timestamped default may differ across ranks).
         self.run_dir = Path(gather_objects(str(run_dir))[0])
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.dims = ParallelDims.from_config(cfg.parallel)  # validated against the world size above
+        self.dims = dims = ParallelDims.from_config(cfg.parallel)  # validated against the world size above
+        self.mesh = dims.build_mesh(self.device.type) if self.world > 1 else None
         self.main = self.rank == 0
         self.tokenizer = load_tokenizer(cfg)
         self.spec = MODEL_REGISTRY[cfg.model.name]
         seed_everything(cfg.seed)
-        self.model = self.build_parallel_model()
-        self.optimizer = build_optimizer(self.model, cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self.loader = train_loader(cfg, self.tokenizer, self.rank, self.world)
+        self.parts = parallelize(cfg, dims, self.device, self.mesh)
+        self.model = self.parts.parts[0]  # the whole model unless pipelined
+        self.optimizers = [build_optimizer(part, cfg.train) for part in self.parts.parts]
+        self.schedulers = [build_scheduler(opt, cfg.train) for opt in self.optimizers]
+        self.dp_rank = dims.dp_rank(self.mesh) if self.mesh is not None else 0
+        self.loader = train_loader(cfg, self.tokenizer, self.dp_rank, dims.dp_size)
         self.objective = OBJECTIVES[cfg.stage.objective]
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.step = 0
         self.peak = peak_flops(self.device, cfg.logger)
+        # Every data-parallel rank's batch is also read by its tp x pp x cp peers.
+        self.replicas = self.world // dims.dp_size
+        # FSDP averages gradients over its ranks; the loss is scaled back up by as much.
+        self.grad_divisor = dims.fsdp_size
+        tp0 = dims.coordinate(self.mesh, "tp") == 0 if self.mesh is not None else True
+        self.loss_owner = tp0 and self.parts.has_last_stage  # counts the loss in global sums
+        self.first_replica = tp0 and self.parts.has_last_stage and self.dp_rank == 0
+        self.schedule = self.build_schedule() if self.parts.pipelined else None
+        self._loss_scale = 1.0
 
-    def build_parallel_model(self) -> torch.nn.Module:
-        """Every rank builds the same seeded model; activation checkpointing wraps its blocks, then data
-        parallelism shards it (FSDP2 / HSDP)."""
-        model = build_model(self.cfg.model, self.device)
-        t = self.cfg.train
-        apply_activation_checkpointing(model, self.spec.block_containers, t.activation_checkpoint,
-                                       t.activation_checkpoint_every)
-        if self.world > 1:
-            mesh = self.dims.build_mesh(self.device.type)
-            apply_fsdp(model, mesh[self.dims.dp_mesh_names()], self.spec.block_containers)
-        return model
+    def build_schedule(self):
+        stages = [PipelineStage(part, stage, self.parts.num_stages, self.device, group=self.parts.group("pp"))
+                  for stage, part in zip(self.parts.stages, self.parts.parts)]
+        return build_schedule(self.dims.pp_schedule, stages, self.cfg.train.grad_accum_steps, self.pipeline_loss)
+
+    def pipeline_loss(self, logits, targets):
+        return self.objective(logits, targets)[0] * self._loss_scale
 
     def autocast(self):
         if self.cfg.train.precision == "bf16":
@@ -94,53 +112,100 @@ class Trainer:
         path = self.checkpoints.resolve(self.cfg.checkpoint.resume)
         if path is None:
             return
-        state = CheckpointManager.load(path, self.model, self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
+        state = CheckpointManager.load(path, self.parts.parts, self.optimizers)
+        for scheduler in self.schedulers:
+            scheduler.load_state_dict(state["scheduler"])
         data_states = state["data"]
-        if len(data_states) != self.world:
-            raise CheckpointError(f"checkpoint {path} holds data-loader positions for {len(data_states)} data-"
-                                  f"parallel ranks, this job has {self.world}; resume at the same data-parallel "
-                                  "size (the model and optimizer themselves reshard)")
-        self.loader.load_state_dict(data_states[self.rank])
+        if len(data_states) != self.dims.dp_size:
+            log.info("resharding data-loader positions from %d to %d data-parallel ranks", len(data_states),
+                     self.dims.dp_size)
+            data_states = reshard_stream_states(data_states, self.dims.dp_size)
+        self.loader.load_state_dict(data_states[self.dp_rank])
         self.step = state["step"]
         log.info("resumed from %s at step %d", path, self.step)
 
+    def data_states(self) -> list[dict]:
+        """One loader state per data-parallel rank, in rank order (tp/pp/cp peers hold the same)."""
+        by_rank = dict(gather_objects((self.dp_rank, self.loader.state_dict())))
+        return [by_rank[r] for r in range(self.dims.dp_size)]
+
     def save(self) -> None:
-        state = {"scheduler": self.scheduler.state_dict(), "data": gather_objects(self.loader.state_dict())}
-        path = self.checkpoints.save(self.step, self.model, self.optimizer, state)
+        state = {"scheduler": self.schedulers[0].state_dict(), "data": self.data_states()}
+        path = self.checkpoints.save(self.step, self.parts.parts, self.optimizers, state)
         if self.main:
             log.info("saved checkpoint %s", path)
 
     # -- one optimizer step -----------------------------------------------------------------------
+    def fit_batch(self, batch: Batch) -> Batch:
+        """Pad the sequence for the layout: to data.seq_len for pipeline stages (fixed shapes), else to a
+        multiple of tp x cp (the sequence is split over them)."""
+        length = batch.input_ids.shape[1]
+        if self.parts.pipelined:
+            target = self.cfg.data.seq_len
+        else:
+            multiple = self.dims.tp * self.dims.cp
+            target = -(-length // multiple) * multiple
+        return pad_sequence(batch, target, self.tokenizer.pad_id)
+
     def train_step(self) -> dict:
         """Forward/backward over grad_accum_steps micro-batches, loss averaged over all their tokens."""
-        micro = [b.to(self.device) for b in itertools.islice(self.loader, self.cfg.train.grad_accum_steps)]
-        (total_tokens,) = all_reduce_sums([sum(b.num_loss_tokens for b in micro)], self.device)
-        # Data-parallel gradients are averaged over ranks, so scale by the world size to get the mean
-        # over every loss token of the global step.
-        scale = self.world / max(total_tokens, 1)
-        loss_sum = 0.0
-        for i, batch in enumerate(micro):
-            if self.world > 1:  # reduce gradients only after the last micro-batch
-                self.model.set_requires_gradient_sync(i == len(micro) - 1)
-            with self.autocast():
-                logits = self.model(batch.input_ids, batch.pixel_values)
-            loss, _ = self.objective(logits, batch.targets)
-            (loss * scale).backward()
-            loss_sum += loss.item()
+        micro = [self.fit_batch(b.to(self.device))
+                 for b in itertools.islice(self.loader, self.cfg.train.grad_accum_steps)]
+        (total_tokens,) = all_reduce_sums([sum(b.num_loss_tokens for b in micro) / self.replicas], self.device)
+        scale = self.grad_divisor / max(total_tokens, 1)
+        loss_sum = self.pipeline_step(micro, scale) if self.parts.pipelined else self.local_steps(micro, scale)
+        sync_tied_embedding(self.parts.parts, self.parts.tied_group)
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = clip_grad_norm(self.parts.parameters(), clip, self.parts.group("pp"), self.parts.tied_copies())
+        lr = self.schedulers[0].get_last_lr()[0]
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         seq_len = max(b.input_ids.shape[1] for b in micro)
+        counts = [sum(b.input_ids.numel() for b in micro), sum(b.input_ids.shape[0] for b in micro),
+                  sum(sum(b.images_per_sample) for b in micro)]
         loss_sum, positions, samples, images = all_reduce_sums(
-            [loss_sum, sum(b.input_ids.numel() for b in micro), sum(b.input_ids.shape[0] for b in micro),
-             sum(sum(b.images_per_sample) for b in micro)], self.device)
+            [loss_sum if self.loss_owner else 0.0] + [c / self.replicas for c in counts], self.device)
         return {"loss": loss_sum / total_tokens, "lr": lr, "grad_norm": grad_norm, "positions": positions,
                 "samples": samples, "images": images, "seq_len": seq_len}
+
+    def targets_of(self, batch: Batch) -> torch.Tensor:
+        if self.dims.cp > 1:
+            from mmfm.parallel.context_parallel import shard_sequence
+
+            return shard_sequence(batch.targets, self.mesh["cp"])
+        return batch.targets
+
+    def local_steps(self, micro: list[Batch], scale: float) -> float:
+        """Every micro-batch through the whole model; gradients synchronized after the last."""
+        loss_sum = 0.0
+        for i, batch in enumerate(micro):
+            if self.grad_divisor > 1:  # reduce gradients only after the last micro-batch
+                self.model.set_requires_gradient_sync(i == len(micro) - 1)
+            with self.autocast(), loss_context(self.dims.tp):
+                logits = self.model(batch.input_ids, batch.pixel_values)
+                loss, _ = self.objective(logits, self.targets_of(batch))
+                (loss * scale).backward()
+            loss_sum += scalar(loss)
+        return loss_sum
+
+    def pipeline_inputs(self, micro: list[Batch]) -> tuple[tuple, torch.Tensor]:
+        """The step's micro-batches as one batch the schedule splits back along dim 0."""
+        v = self.cfg.model.vision
+        max_images = self.cfg.data.seq_len // image_tokens(self.cfg)
+        rows = [pixel_rows(b.pixel_values, b.images_per_sample, max_images,
+                           (v.num_channels, v.image_size, v.image_size)).to(self.device) for b in micro]
+        args = (torch.cat([b.input_ids for b in micro]), torch.cat(rows))
+        return (args if self.parts.has_first_stage else ()), torch.cat([b.targets for b in micro])
+
+    def pipeline_step(self, micro: list[Batch], scale: float) -> float:
+        args, targets = self.pipeline_inputs(micro)
+        self._loss_scale = scale
+        losses: list = []
+        with self.autocast(), loss_context(self.dims.tp):
+            self.schedule.step(*args, target=targets if self.parts.has_last_stage else None, losses=losses)
+        return sum(scalar(loss) for loss in losses) / scale
 
     def step_metrics(self, raw: dict, seconds: float) -> dict:
         flops = self.spec.training_flops(self.cfg.model, raw["positions"], raw["seq_len"], raw["images"])
@@ -152,9 +217,39 @@ class Trainer:
                 "mfu": mfu, "peak_mem_gib": peak_memory_gib(self.device), "epoch": data_state["epoch"],
                 "skipped_samples": sum(skipped.values()), **{f"skipped_{k}": v for k, v in skipped.items()}}
 
+    @torch.no_grad()
     def validate_now(self) -> float:
-        batches = itertools.islice(val_loader(self.cfg, self.tokenizer), self.cfg.train.val_batches)
-        return evaluate.validation_loss(self.model, batches, self.device, self.autocast)
+        """Token-mean loss on the first val_batches x val_batch_size held-out samples (same at any layout)."""
+        if not self.model_parallel:
+            batches = itertools.islice(val_loader(self.cfg, self.tokenizer), self.cfg.train.val_batches)
+            return evaluate.validation_loss(self.model, batches, self.device, self.autocast)
+        self.parts.train(False)
+        d, t = self.cfg.data, self.cfg.train
+        size = d.batch_size * (t.grad_accum_steps if self.parts.pipelined else 1)
+        samples = itertools.islice(val_stream(self.cfg, self.tokenizer), t.val_batches * d.val_batch_size)
+        loss_sum, tokens = 0.0, 0
+        for batch in BatchLoader(iter(samples), size, self.tokenizer.pad_id, pad_rows=True):
+            batch = self.fit_batch(batch.to(self.device))
+            tokens += batch.num_loss_tokens
+            with self.autocast(), loss_context(self.dims.tp):
+                if self.parts.pipelined:
+                    args, targets = self.pipeline_inputs([batch])
+                    losses: list = []
+                    self._loss_scale = 1.0
+                    self.schedule.eval(*args, target=targets if self.parts.has_last_stage else None, losses=losses)
+                    loss = sum(scalar(x) for x in losses)
+                else:
+                    logits = self.model(batch.input_ids, batch.pixel_values)
+                    loss = scalar(self.objective(logits, self.targets_of(batch))[0])
+            loss_sum += loss if self.first_replica else 0.0
+        self.parts.train(True)
+        (loss_sum,) = all_reduce_sums([loss_sum], self.device)
+        return loss_sum / max(tokens, 1)
+
+    @property
+    def model_parallel(self) -> bool:
+        """The model itself is split (tensor, pipeline or sequence), not only replicated or sharded."""
+        return self.dims.tp > 1 or self.dims.pp > 1 or self.dims.cp > 1
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -189,13 +284,33 @@ class Trainer:
         summary["losses"], summary["grad_norms"] = losses, grad_norms
         return summary
 
+    def caption_results(self) -> Optional[list]:
+        """Greedy captions of the first eval.num_samples held-out samples.
+
+        Data-parallel layouts decode on every rank with the sharded model. When the model itself is split
+        (tp, pp, cp), rank 0 loads the final checkpoint into one unsharded copy and decodes alone: the
+        model must then fit one device (others return None).
+        """
+        e = self.cfg.eval
+        samples = itertools.islice(val_stream(self.cfg, self.tokenizer), e.num_samples)
+        encoder = sample_encoder(self.cfg, self.tokenizer)
+        if not self.model_parallel:
+            return evaluate.caption_samples(self.model, self.tokenizer, encoder, samples,
+                                            self.cfg.data.val_batch_size, e.max_new_tokens, self.device)
+        results = None
+        if self.main:
+            whole = build_model(self.cfg.model, self.device)
+            CheckpointManager.load(self.checkpoints.latest(), whole, no_dist=True)
+            results = evaluate.caption_samples(whole, self.tokenizer, encoder, samples, self.cfg.data.val_batch_size,
+                                               e.max_new_tokens, self.device)
+        barrier()
+        return results
+
     def final_eval(self, metrics: MetricsLogger) -> dict:
         e = self.cfg.eval
         summary = {"step": self.step, "val_loss": self.validate_now()}
-        if e.num_samples:
-            samples = itertools.islice(val_stream(self.cfg, self.tokenizer), e.num_samples)
-            results = evaluate.caption_samples(self.model, self.tokenizer, sample_encoder(self.cfg, self.tokenizer),
-                                               samples, self.cfg.data.val_batch_size, e.max_new_tokens, self.device)
+        results = self.caption_results() if e.num_samples else None
+        if results is not None:
             summary["caption_accuracy"] = evaluate.accuracy(results)
             summary["caption_samples"] = len(results)
             summary["examples"] = [{**dataclasses.asdict(r), "correct": r.correct}

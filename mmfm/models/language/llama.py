@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfm.config.schema import LanguageConfig
+from mmfm.models.attention import CoreAttention
 
 
 class RMSNorm(nn.Module):
@@ -34,9 +35,10 @@ def rotary_tables(head_dim: int, max_len: int, theta: float, device=None) -> tup
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, D] by per-position angles cos/sin [B, T, D/2]."""
+    """Rotate x [B, H, T, D] by per-position angles cos/sin: [B, T, D/2], or [T, D/2] for every row."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
@@ -69,19 +71,24 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.core = CoreAttention(causal=True)
 
     def forward(self, x, cos, sin, attn_mask=None, cache: Optional[KVCache] = None, layer: int = 0):
+        """cos/sin: [B, T, D/2] per position, or whole [max_len, D/2] tables for positions 0..T-1."""
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # -1 heads: under tensor parallelism each rank holds a slice of the heads.
+        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if cos.dim() == 2:
+            cos, sin = cos[:t], sin[:t]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        repeat = self.num_heads // self.num_kv_heads
+        repeat = q.shape[1] // k.shape[1]
         if repeat > 1:
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+        out = self.core(q, k, v, attn_mask)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -125,24 +132,21 @@ class LanguageModel(nn.Module):
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, head_dim // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, head_dim // 2), persistent=False)
 
-    def init_weights(self, std: float) -> None:
+    def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> None:
+        """Initialize the full tensor of parameter `name` (relative to this module)."""
+        if name.endswith("norm.weight"):
+            nn.init.ones_(tensor)
+        elif name.endswith(("wo.weight", "w2.weight")):  # residual-branch outputs scaled down with depth
+            nn.init.normal_(tensor, std=std / (2 * self.cfg.num_layers) ** 0.5, generator=generator)
+        else:  # embeddings, output, q/k/v and w1/w3
+            nn.init.normal_(tensor, std=std, generator=generator)
+
+    def init_buffers(self) -> None:
         head_dim = self.cfg.hidden_size // self.cfg.num_heads
         cos, sin = rotary_tables(head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope_cos.device)
         with torch.no_grad():
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
-        # Residual-branch outputs scaled down with depth (GPT-2 / Llama practice).
-        out_std = std / (2 * self.cfg.num_layers) ** 0.5
-        for block in self.layers.values():
-            for name, lin in block.named_modules():
-                if isinstance(lin, nn.Linear):
-                    nn.init.normal_(lin.weight, std=out_std if name.endswith(("wo", "w2")) else std)
-            block.attention_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
-        self.norm.reset_parameters()
-        if self.output is not None:
-            nn.init.normal_(self.output.weight, std=std)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.tok_embeddings(input_ids)
@@ -150,13 +154,20 @@ class LanguageModel(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, attn_mask=None, cache=None) -> torch.Tensor:
-        """h [B, T, D] embeddings, positions [B, T] -> logits [B, T, V].
+    def forward(self, h: torch.Tensor, positions: Optional[torch.Tensor] = None, attn_mask=None,
+                cache=None) -> torch.Tensor:
+        """h [B, T, D] embeddings, positions [B, T] (default 0..T-1 on every row) -> logits [B, T, V].
 
         attn_mask None means causal attention over the whole sequence; otherwise a boolean
         [B, 1, T, S] mask (True = may attend), as built by generation for padded prompts.
+        A pipeline stage may hold only some layers, and no final norm: it then returns hidden states.
         """
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        for i, block in enumerate(self.layers.values()):
-            h = block(h, cos, sin, attn_mask, cache, i)
+        if positions is None:
+            cos, sin = self.rope_cos, self.rope_sin
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        for name, block in self.layers.items():
+            h = block(h, cos, sin, attn_mask, cache, int(name))
+        if self.norm is None:
+            return h
         return F.linear(self.norm(h), self.output_weight())

@@ -7,20 +7,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfm.config.schema import VisionConfig
+from mmfm.models.attention import CoreAttention
 
 
 class VisionAttention(nn.Module):
+    """Bidirectional multi-head attention; separate q/k/v projections so that tensor parallelism can
+    split them by heads."""
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.head_dim = dim // num_heads
+        self.wq, self.wk, self.wv = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
+        self.core = CoreAttention(causal=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+        b, t, _ = x.shape
+        q, k, v = (lin(x).view(b, t, -1, self.head_dim).transpose(1, 2) for lin in (self.wq, self.wk, self.wv))
+        return self.proj(self.core(q, k, v).transpose(1, 2).reshape(b, t, -1))
 
 
 class VisionMLP(nn.Module):
@@ -73,18 +77,19 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleDict({str(i): VisionBlock(cfg) for i in range(cfg.num_layers)})
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
-    def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.pos_embed, std=std)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                module.reset_parameters()
-        if self.cfg.stem == "conv":  # keep the signal's scale through the stacked convolutions
-            for conv in self.patch_embed.modules():
-                if isinstance(conv, nn.Conv2d):
-                    nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+    def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> None:
+        """Initialize the full tensor of parameter `name` (relative to this module)."""
+        if name == "pos_embed":
+            nn.init.normal_(tensor, std=std, generator=generator)
+        elif name.endswith("bias"):
+            nn.init.zeros_(tensor)
+        elif name.startswith("norm") or ".norm" in name:  # LayerNorm weights
+            nn.init.ones_(tensor)
+        elif name.startswith("patch_embed.") and self.cfg.stem == "conv":
+            # keep the signal's scale through the stacked convolutions
+            nn.init.kaiming_normal_(tensor, nonlinearity="relu", generator=generator)
+        else:
+            nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std, generator=generator)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed

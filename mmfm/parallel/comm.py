@@ -1,0 +1,180 @@
+"""Communication accounting: which collectives a region of code issues and how many bytes they carry.
+
+`CommCounter` is a dispatch mode that sees every collective reaching the dispatcher inside it, as
+c10d ops (`torch.ops.c10d.*`: what FSDP2 and `torch.distributed.*` calls issue; send/recv for
+pipeline P2P) or functional collectives (`torch.ops._c10d_functional*`: what DTensor / tensor
+parallel issue). Dispatch modes are thread-local; on CPU autograd runs backward in the calling
+thread, so collectives issued during backward (FSDP2's re-gathers and reduce-scatters) are counted.
+
+Payload of one call, in bytes, as seen by the calling rank (numel x element size):
+  all_gather      the gathered (full, world-sized) output
+  reduce_scatter  the full (world-sized) input
+  all_reduce      the tensor(s) reduced
+  broadcast       the tensor(s) broadcast
+  all_to_all      the input this rank sends (including its own chunk)
+  send / recv     the tensor(s) sent / received
+  reduce          the tensor(s) reduced;  gather: this rank's input;  scatter: this rank's output
+These are buffer sizes, not bytes on the wire: a ring all-gather moves (world-1)/world of them.
+
+`fsdp_expected_bytes` is the analytic count of what FSDP2 as applied by `apply_fsdp` should issue
+per optimizer step; `EXPECTATIONS` indexes such functions by parallel layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mmfm.parallel.data_parallel import sharding_units
+
+KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "broadcast", "send", "recv",
+         "reduce", "gather", "scatter")
+
+# op schema name -> (kind, where the payload is: an argument index, or "out" for the op's result)
+_FUNCOL = {
+    "all_gather_into_tensor": ("all_gather", "out"),
+    "all_gather_into_tensor_coalesced": ("all_gather", "out"),
+    "all_gather_into_tensor_out": ("all_gather", "out"),
+    "reduce_scatter_tensor": ("reduce_scatter", 0),
+    "reduce_scatter_tensor_coalesced": ("reduce_scatter", 0),
+    "reduce_scatter_tensor_out": ("reduce_scatter", 0),
+    "all_reduce": ("all_reduce", 0),
+    "all_reduce_": ("all_reduce", 0),
+    "all_reduce_coalesced": ("all_reduce", 0),
+    "all_reduce_coalesced_": ("all_reduce", 0),
+    "all_to_all_single": ("all_to_all", 0),
+    "broadcast": ("broadcast", 0),
+    "broadcast_": ("broadcast", 0),
+    "isend": ("send", 0),
+    "irecv": ("recv", 0),
+}
+_OPS: dict[str, tuple[str, Any]] = {
+    **{f"_c10d_functional::{name}": spec for name, spec in _FUNCOL.items()},
+    # Differentiable variants. On CPU eager they reach this mode as the plain functional op above
+    # (seen with all_gather_single_autograd); listed in case another path surfaces them.
+    "_c10d_functional_autograd::all_gather_into_tensor": ("all_gather", "out"),
+    "_c10d_functional_autograd::reduce_scatter_tensor": ("reduce_scatter", 0),
+    "_c10d_functional_autograd::all_to_all_single": ("all_to_all", 0),
+    # c10d ops: outputs come first in their signatures, so the index picks output or input.
+    "c10d::allgather_": ("all_gather", 0),
+    "c10d::_allgather_base_": ("all_gather", 0),
+    "c10d::allgather_coalesced_": ("all_gather", 0),
+    "c10d::allgather_into_tensor_coalesced_": ("all_gather", 0),
+    "c10d::reduce_scatter_": ("reduce_scatter", 1),
+    "c10d::_reduce_scatter_base_": ("reduce_scatter", 1),
+    "c10d::reduce_scatter_tensor_coalesced_": ("reduce_scatter", 1),
+    "c10d::allreduce_": ("all_reduce", 0),
+    "c10d::allreduce_coalesced_": ("all_reduce", 0),
+    "c10d::alltoall_": ("all_to_all", 1),
+    "c10d::alltoall_base_": ("all_to_all", 1),
+    "c10d::broadcast_": ("broadcast", 0),
+    "c10d::send": ("send", 0),
+    "c10d::recv_": ("recv", 0),
+    "c10d::recv_any_source_": ("recv", 0),
+    "c10d::reduce_": ("reduce", 0),
+    "c10d::gather_": ("gather", 1),
+    "c10d::scatter_": ("scatter", 0),
+}
+
+
+def _nbytes(x: Any) -> int:
+    """Bytes of a tensor or of every tensor in (nested) lists and tuples."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(t) for t in x)
+    return 0
+
+
+class CommCounter(TorchDispatchMode):
+    """Counts calls and payload bytes of the collectives issued inside `with CommCounter() as c:`.
+
+    `events` lists (kind, op name, bytes) in issue order. Counters may nest: each sees the ops.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str, int]] = []
+
+    def reset(self) -> None:
+        self.events.clear()
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for kind, _, nbytes in self.events:
+            out[kind] += nbytes
+        return dict(out)
+
+    def calls_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for kind, _, _ in self.events:
+            out[kind] += 1
+        return dict(out)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return func(*args, **kwargs)
+        # Let DTensor run first: it lowers to functional collectives on plain tensors, seen next.
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented
+        out = func(*args, **kwargs)
+        name = func._schema.name
+        if name == "_c10d_functional::batch_p2p_ops":  # (op_list, peers, tags, tensors, group)
+            for op, tensor in zip(args[0], args[3]):
+                self.events.append(("send" if op == "isend" else "recv", name, _nbytes(tensor)))
+        elif name in _OPS:
+            kind, where = _OPS[name]
+            payload = out if where == "out" else args[where]
+            self.events.append((kind, name, _nbytes(payload)))
+        return out
+
+
+# -- analytic expectations ------------------------------------------------------------------------
+def _padded_numel(p: torch.Tensor, shards: int) -> int:
+    """Elements of `p` as FSDP2 communicates it: dim 0 padded up to a multiple of the shard count."""
+    shape = p.shape or torch.Size([1])
+    return math.ceil(shape[0] / shards) * shards * math.prod(shape[1:])
+
+
+def fsdp_expected_bytes(model: nn.Module, containers: tuple[str, ...], dp_size: int, micro_steps: int,
+                        param_bytes: int = 4, reduce_bytes: int = 4,
+                        reshard_after_forward: bool = True) -> dict[str, int]:
+    """Bytes per rank and optimizer step of FSDP2 as `apply_fsdp` shards `model` (unsharded or meta).
+
+    Units: every block of `containers` (reshard_after_forward as given, True by default) and the
+    root (the remaining parameters, reshard_after_forward=False). With gradient accumulation the
+    non-final micro-steps run under `set_requires_gradient_sync(False)`. Measured on gloo, torch 2.13:
+      all_gather      per micro-step: each block twice (forward, and again in backward since it was
+                      resharded after forward), the root once (kept gathered from forward through
+                      backward, resharded after backward, so each micro-step gathers it again).
+                      A block with reshard_after_forward=False is gathered once per micro-step.
+      reduce_scatter  every parameter once, after the final micro-step's backward.
+    Sizes are padded as FSDP2 pads: dim 0 of each parameter up to a multiple of dp_size. param_bytes
+    is the all-gather dtype's size (MixedPrecisionPolicy.param_dtype), reduce_bytes reduce_dtype's.
+    1-D data parallel only (HSDP's all-reduce over dp_replicate is not counted). dp_size=1: nothing.
+    """
+    if dp_size == 1:
+        return {}
+    blocks = sharding_units(model, containers)
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    block_numel = sum(_padded_numel(p, dp_size) for b in blocks for p in b.parameters())
+    root_numel = sum(_padded_numel(p, dp_size) for p in model.parameters() if id(p) not in in_blocks)
+    block_gathers = 2 if reshard_after_forward else 1
+    return {
+        "all_gather": micro_steps * (block_gathers * block_numel + root_numel) * param_bytes,
+        "reduce_scatter": (block_numel + root_numel) * reduce_bytes,
+    }
+
+
+# Analytic communication per optimizer step, by parallel layout. Tensor / sequence parallel ("tp",
+# "fsdp+tp") go here, with the same convention: a dict kind -> bytes per rank, as CommCounter reports.
+EXPECTATIONS: dict[str, Callable[..., dict[str, int]]] = {
+    "fsdp": fsdp_expected_bytes,
+}

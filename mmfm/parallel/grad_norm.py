@@ -1,0 +1,46 @@
+"""Gradient-norm clipping over parameters sharded any way: plain tensors, DTensors on different meshes
+(FSDP-only, FSDP x TP, TP-only), and pipeline stages on other ranks."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Squared 2-norm of the full (unsharded) gradients: one collective per DTensor mesh."""
+    by_mesh: dict = defaultdict(list)
+    for g in grads:
+        by_mesh[g.device_mesh if isinstance(g, DTensor) else None].append(g)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for mesh in sorted(by_mesh, key=lambda m: () if m is None else m.mesh_dim_names):
+        norm = torch.nn.utils.get_total_norm(by_mesh[mesh], 2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        total += norm.double() ** 2
+    return total
+
+
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, pp_group: Optional[dist.ProcessGroup] = None,
+                   exclude: Iterable[torch.Tensor] = ()) -> float:
+    """Clip in place to `max_norm` (inf: measure only); return the total norm before clipping.
+
+    `exclude`: parameters counted elsewhere (the last stage's copy of a tied embedding). Each pipeline
+    stage adds its squared norm over `pp_group`.
+    """
+    params = [p for p in params if p.grad is not None]
+    skip = {id(p) for p in exclude}
+    device = params[0].grad.device if params else torch.device("cpu")
+    squared = _squared_norm([p.grad for p in params if id(p) not in skip], device)
+    if pp_group is not None:
+        dist.all_reduce(squared, group=pp_group)
+    total = squared.sqrt()
+    if max_norm != float("inf"):
+        coef = min(1.0, max_norm / (total.item() + 1e-6))  # the formula of torch.nn.utils.clip_grad_norm_
+        for p in params:
+            (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(coef)
+    return total.item()

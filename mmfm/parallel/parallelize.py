@@ -1,0 +1,117 @@
+"""Turn the plain model into this rank's parallel model parts, in one place and one order:
+
+    meta model -> pipeline stages -> tensor/sequence parallel -> activation checkpointing -> compile
+    -> FSDP2/HSDP -> context parallel -> materialize this rank's shards only -> seeded initialization
+
+No rank ever materializes the full model: parameters are created on the meta device, sharded there,
+and each rank allocates and initializes only its own shards (mmfm.models.init).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mmfm.config import JobConfig
+from mmfm.models import MODEL_REGISTRY, build_model
+from mmfm.models.init import init_parameters
+from mmfm.parallel.activation_checkpoint import apply_activation_checkpointing
+from mmfm.parallel.data_parallel import apply_fsdp, sharding_units
+from mmfm.parallel.dims import ParallelDims
+from mmfm.parallel.pipeline_parallel import layer_assignment, split_stage, stage_indices, tied_embedding_groups
+from mmfm.parallel.tensor_parallel import apply_tensor_parallel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelParts:
+    """The model parts this rank holds (one, or one per pipeline stage) and their place in the layout."""
+
+    parts: list[nn.Module]
+    stages: list[int]
+    num_stages: int
+    dims: ParallelDims
+    mesh: Optional[object] = None
+    tied_group: Optional[dist.ProcessGroup] = None
+    layers: list[list[int]] = field(default_factory=list)
+
+    @property
+    def pipelined(self) -> bool:
+        return self.dims.pp > 1
+
+    @property
+    def has_first_stage(self) -> bool:
+        return 0 in self.stages
+
+    @property
+    def has_last_stage(self) -> bool:
+        return self.num_stages - 1 in self.stages
+
+    def parameters(self):
+        for part in self.parts:
+            yield from part.parameters()
+
+    def tied_copies(self) -> list[torch.Tensor]:
+        """The last stage's copy of a tied embedding (its gradient norm is counted on the first stage)."""
+        copies = []
+        for stage, part in zip(self.stages, self.parts):
+            lm = part.language
+            if stage == self.num_stages - 1 and stage != 0 and lm.output is None and lm.tok_embeddings is not None:
+                copies.append(lm.tok_embeddings.weight)
+        return copies
+
+    def train(self, mode: bool = True) -> None:
+        for part in self.parts:
+            part.train(mode)
+
+    def group(self, name: str) -> Optional[dist.ProcessGroup]:
+        return self.mesh.get_group(name) if self.mesh is not None and self.dims.sizes[name] > 1 else None
+
+
+def compile_blocks(model: nn.Module, containers: tuple[str, ...]) -> int:
+    """torch.compile each block in place (names and checkpoints unchanged); return how many."""
+    units = sharding_units(model, containers)
+    for block in units:
+        block.compile()
+    return len(units)
+
+
+def parallelize(cfg: JobConfig, dims: ParallelDims, device: torch.device, mesh=None,
+                materialize: bool = True) -> ModelParts:
+    """This rank's parts; materialize=False leaves them on the meta device (to check 100B+ layouts)."""
+    spec = MODEL_REGISTRY[cfg.model.name]
+    whole = build_model(cfg.model, "meta")
+    stages, layers = [0], []
+    parts = [whole]
+    if dims.pp > 1:
+        layers = layer_assignment(cfg.model, cfg.data.seq_len, dims.num_stages, list(dims.pp_layers))
+        stages = stage_indices(dims.coordinate(mesh, "pp"), dims.pp, dims.pp_virtual_stages)
+        parts = [split_stage(whole, s, dims.num_stages, layers[s]) for s in stages]
+        log.info("pipeline stages %s hold decoder layers %s", stages, [layers[s] for s in stages])
+    t = cfg.train
+    fsdp_mesh = dims.fsdp_mesh(mesh) if mesh is not None and dims.fsdp_size > 1 else None
+    for part in parts:
+        if dims.tp > 1:
+            apply_tensor_parallel(part, mesh["tp"])
+        apply_activation_checkpointing(part, spec.block_containers, t.activation_checkpoint, t.activation_checkpoint_every)
+        if t.compile:
+            compile_blocks(part, spec.block_containers)
+        if fsdp_mesh is not None:
+            apply_fsdp(part, fsdp_mesh, spec.block_containers, reshard_after_forward=dims.reshard_after_forward)
+        if dims.cp > 1:
+            from mmfm.parallel.context_parallel import apply_context_parallel
+
+            apply_context_parallel(part, mesh["cp"])
+    for part in parts if materialize else ():
+        part.to_empty(device=device)
+        init_parameters(part, cfg.seed)
+    tied = None
+    if dims.pp > 1 and cfg.model.language.tie_embeddings:
+        tied = tied_embedding_groups(mesh, dims.pp)
+    return ModelParts(parts, stages, dims.num_stages if dims.pp > 1 else 1, dims, mesh, tied, layers)
