@@ -62,8 +62,9 @@ def worker(rank: int, world: int, port: int, overrides: list, run_dir: str, out_
     params = local_full_params(trainer)
     torch.save({"losses": summary["losses"], "grad_norms": summary["grad_norms"], "params": params},
                f"{out_dir}/rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_layout(world: int, overrides: list, tmp_path) -> dict:
@@ -104,3 +105,26 @@ def test_layout_matches_one_process(layout, reference, synth_dir, tmp_path):
     assert got["params"].keys() == reference["params"].keys()
     for name, value in reference["params"].items():
         torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-4, msg=name)
+
+
+def test_checkpoint_moves_across_layouts_and_training_continues(synth_dir, tmp_path):
+    """tp2 x pp2 (4 ranks) for 2 steps -> fsdp4 for 2 more -> one process for the last 2: the same losses and
+    parameters as 6 uninterrupted steps in one process. (Constant learning rate after warm-up, so that
+    each leg's max_steps does not change the schedule.)"""
+    base = [f"data.path={synth_dir}", *MODEL, *STEPS, "train.schedule.min_lr_ratio=1.0"]
+    legs = [("tp2_pp2", 4, 1, 2), ("fsdp4", 4, 4, 4), ("single", 1, 1, 6)]
+    got, resume = {}, "never"
+    for preset, world, dp, steps in legs:
+        overrides = base + [f"parallel={preset}", f"data.batch_size={GLOBAL_BATCH // 2 // dp}",
+                            f"train.max_steps={steps}", f"checkpoint.resume={resume}"]
+        leg = run_layout(world, overrides, tmp_path / preset)
+        got.update(leg["losses"])
+        resume = str(tmp_path / preset / "run" / "checkpoints")
+    straight = Trainer(load_config(base + ["train.max_steps=6", f"data.batch_size={GLOBAL_BATCH // 2}"]),
+                       tmp_path / "straight")
+    want = straight.fit()["losses"]
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    for name, value in local_full_params(straight).items():
+        torch.testing.assert_close(leg["params"][name], value, rtol=0, atol=1e-4, msg=name)

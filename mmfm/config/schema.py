@@ -101,8 +101,9 @@ class TrainConfig:
     val_batches: int = 2
     activation_checkpoint: str = "none"
     activation_checkpoint_every: int = 2
-    # torch.compile each transformer block (in place, so parameter names are unchanged).
+    # torch.compile each transformer block (in place, so parameter names are unchanged), with this backend.
     compile: bool = False
+    compile_backend: str = "inductor"
 
 
 @dataclass

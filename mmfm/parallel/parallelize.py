@@ -74,11 +74,12 @@ class ModelParts:
         return self.mesh.get_group(name) if self.mesh is not None and self.dims.sizes[name] > 1 else None
 
 
-def compile_blocks(model: nn.Module, containers: tuple[str, ...]) -> int:
-    """torch.compile each block in place (names and checkpoints unchanged); return how many."""
+def compile_blocks(model: nn.Module, containers: tuple[str, ...], backend: str = "inductor") -> int:
+    """torch.compile each block in place (names and checkpoints unchanged); return how many. Blocks share
+    their code, so one compiled graph serves them all."""
     units = sharding_units(model, containers)
     for block in units:
-        block.compile()
+        block.compile(backend=backend)
     return len(units)
 
 
@@ -101,7 +102,7 @@ def parallelize(cfg: JobConfig, dims: ParallelDims, device: torch.device, mesh=N
             apply_tensor_parallel(part, mesh["tp"])
         apply_activation_checkpointing(part, spec.block_containers, t.activation_checkpoint, t.activation_checkpoint_every)
         if t.compile:
-            compile_blocks(part, spec.block_containers)
+            compile_blocks(part, spec.block_containers, t.compile_backend)
         if fsdp_mesh is not None:
             apply_fsdp(part, fsdp_mesh, spec.block_containers, reshard_after_forward=dims.reshard_after_forward)
         if dims.cp > 1:

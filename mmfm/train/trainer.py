@@ -27,6 +27,7 @@ from mmfm.data.loader import Batch, BatchLoader, pad_sequence, reshard_stream_st
 from mmfm.data.manifest import TOKENIZER
 from mmfm.models import MODEL_REGISTRY, build_model
 from mmfm.parallel import ParallelDims
+from mmfm.parallel.comm import CommCounter
 from mmfm.parallel.distributed import all_reduce_sums, barrier, gather_objects, init_distributed
 from mmfm.parallel.grad_norm import clip_grad_norm
 from mmfm.parallel.parallelize import parallelize
@@ -263,12 +264,18 @@ class Trainer:
         losses, grad_norms = {}, {}
         try:
             while self.step < t.max_steps:
+                logged = (self.step + 1) % self.cfg.logger.log_every == 0 or self.step + 1 == t.max_steps
+                # collectives are counted on logged steps only (the counter intercepts every op)
+                counter = CommCounter() if logged and self.world > 1 else contextlib.nullcontext()
                 start = time.perf_counter()
-                raw = self.train_step()
+                with counter:
+                    raw = self.train_step()
                 self.step += 1
                 step_metrics = self.step_metrics(raw, time.perf_counter() - start)
+                if isinstance(counter, CommCounter):
+                    step_metrics.update({f"comm_{kind}_bytes": n for kind, n in counter.bytes_by_kind().items()})
                 losses[self.step], grad_norms[self.step] = raw["loss"], raw["grad_norm"]
-                if self.step % self.cfg.logger.log_every == 0 or self.step == t.max_steps:
+                if logged:
                     metrics.log(self.step, step_metrics)
                 metrics.advance()
                 if t.val_every and self.step % t.val_every == 0:
