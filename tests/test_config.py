@@ -24,6 +24,8 @@ BAD = [
     (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"], "set parallel.pp_virtual_stages>=2"),
     (["parallel.pp=2", "parallel.pp_layers=[1,1]"], "parallel.pp_layers=[1, 1] must list 2 stages"),
     (["parallel.pp=3", "parallel.pp_virtual_stages=2", "parallel.pp_schedule=zero_bubble"], "6 stages exceed"),
+    (["parallel.pp=2", "data.batch_size=3"], "data.batch_size=3 must split into parallel.pp_microbatches=2"),
+    (["parallel.pp=2", "parallel.pp_microbatches=1"], "the pipeline gets 1 micro-batches per step"),
     (["parallel.cp=2", "parallel.tp=2"], "parallel.cp=2 together with tp or pp is not supported"),
     (["parallel.dp_shard=2"], "ask for 2 processes but this job has 1 (WORLD_SIZE); launch with `torchrun"),
     (["stage.objective=dpo"], "stage.objective='dpo' is unknown"),

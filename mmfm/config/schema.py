@@ -66,8 +66,10 @@ class ParallelConfig:
     cp: int = 1
     # Pipeline: the schedule (gpipe | 1f1b | interleaved_1f1b | zero_bubble), stages per rank (>= 2 for
     # the interleaved and zero-bubble schedules), and decoder layers per stage (empty: balanced by cost).
-    # The micro-batches of a pipeline step are the train.grad_accum_steps loader batches.
+    # Each loader batch is split into pp_microbatches (0: pp of them); a step's pipeline micro-batches are
+    # those of its train.grad_accum_steps loader batches.
     pp_schedule: str = "1f1b"
+    pp_microbatches: int = 0
     pp_virtual_stages: int = 1
     pp_layers: list[int] = field(default_factory=list)
     # FSDP: keep parameters gathered between forward and backward (more memory, fewer all-gathers).

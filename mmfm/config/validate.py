@@ -136,7 +136,7 @@ def _validate_parallel(cfg: JobConfig) -> None:
 
     dims = ParallelDims.from_config(cfg.parallel)
     dims.validate(cfg.model)
-    dims.validate_run(cfg.data.seq_len, cfg.train.grad_accum_steps)
+    dims.validate_run(cfg.data.seq_len, cfg.train.grad_accum_steps, cfg.data.batch_size)
     world = env_world_size()
     _require(dims.world_size == world,
              f"parallel dims {dims.sizes} ask for {dims.world_size} processes but this job has {world} "

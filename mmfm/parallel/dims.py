@@ -94,17 +94,31 @@ class ParallelDims(ParallelConfig):
             raise ConfigError(f"parallel.pp_layers={list(self.pp_layers)} must list {self.num_stages} stages of >= 1 "
                               f"decoder layer summing to model.language.num_layers={num_layers}, or be empty")
 
-    def validate_run(self, seq_len: int, micro_batches: int) -> "ParallelDims":
+    @property
+    def microbatches_per_batch(self) -> int:
+        return self.pp_microbatches or self.pp
+
+    def pipeline_microbatches(self, grad_accum_steps: int) -> int:
+        """Micro-batches per optimizer step flowing through the pipeline."""
+        return grad_accum_steps * self.microbatches_per_batch
+
+    def validate_run(self, seq_len: int, grad_accum_steps: int, batch_size: int) -> "ParallelDims":
         """Checks against the data and the step: sequence splits and pipeline micro-batches."""
         if seq_len % (self.tp * self.cp):
             raise ConfigError(f"data.seq_len={seq_len} must be divisible by parallel.tp x parallel.cp = "
                               f"{self.tp * self.cp} (the sequence is split over them)")
-        if self.pp > 1 and micro_batches < self.pp:
-            raise ConfigError(f"train.grad_accum_steps={micro_batches} gives the pipeline fewer micro-batches than "
-                              f"its {self.pp} ranks; set train.grad_accum_steps>={self.pp} (bubble: (pp-1)/(m+pp-1))")
-        if self.pp > 1 and self.pp_virtual_stages > 1 and micro_batches % self.pp:
-            raise ConfigError(f"train.grad_accum_steps={micro_batches} must be a multiple of parallel.pp={self.pp} "
-                              f"for the {self.pp_schedule} schedule")
+        if self.pp == 1:
+            return self
+        per_batch, m = self.microbatches_per_batch, self.pipeline_microbatches(grad_accum_steps)
+        if self.pp_microbatches < 0 or batch_size % per_batch:
+            raise ConfigError(f"data.batch_size={batch_size} must split into parallel.pp_microbatches={per_batch} "
+                              "equal pipeline micro-batches; change either")
+        if m < self.pp:
+            raise ConfigError(f"the pipeline gets {m} micro-batches per step (train.grad_accum_steps x parallel."
+                              f"pp_microbatches), fewer than its {self.pp} ranks; raise parallel.pp_microbatches")
+        if self.pp_virtual_stages > 1 and m % self.pp:
+            raise ConfigError(f"the {self.pp_schedule} schedule needs a multiple of parallel.pp={self.pp} micro-"
+                              f"batches per step, got {m} (train.grad_accum_steps x parallel.pp_microbatches)")
         return self
 
     def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:

@@ -8,8 +8,8 @@ copy of the embedding matrix for the output projection; the two copies receive t
 gradients (one all-reduce between first and last stage per step), so they stay identical.
 
 A rank holds `pp_virtual_stages` stages, placed round-robin ("loop" placement): rank r holds stages
-r, r + pp, r + 2 pp, ... The micro-batches of a step (train.grad_accum_steps loader batches) flow
-through the schedule chosen by parallel.pp_schedule.
+r, r + pp, r + 2 pp, ... Each loader batch is split into parallel.pp_microbatches micro-batches; those of
+a step's train.grad_accum_steps loader batches flow through the schedule chosen by parallel.pp_schedule.
 """
 
 from __future__ import annotations

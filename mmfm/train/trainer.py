@@ -98,7 +98,8 @@ class Trainer:
     def build_schedule(self):
         stages = [PipelineStage(part, stage, self.parts.num_stages, self.device, group=self.parts.group("pp"))
                   for stage, part in zip(self.parts.stages, self.parts.parts)]
-        return build_schedule(self.dims.pp_schedule, stages, self.cfg.train.grad_accum_steps, self.pipeline_loss)
+        m = self.dims.pipeline_microbatches(self.cfg.train.grad_accum_steps)
+        return build_schedule(self.dims.pp_schedule, stages, m, self.pipeline_loss)
 
     def pipeline_loss(self, logits, targets):
         return self.objective(logits, targets)[0] * self._loss_scale
