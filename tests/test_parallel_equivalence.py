@@ -11,18 +11,13 @@ by up to lr = 1e-3 times a fraction. A wrong layout (a dropped gradient scale, a
 sync, a shifted context-parallel mask) misses these bounds by orders of magnitude.
 """
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.distributed.tensor import DTensor
 
-from conftest import SMALL_MODEL, STEPS, free_port
+from conftest import SMALL_MODEL, STEPS
 from mmfm.config import load_config
-from mmfm.models.init import canonical_name
 from mmfm.train.trainer import Trainer
+from parallel_runs import local_full_params, run_layout
 
 GLOBAL_BATCH = 8
 MODEL = [*SMALL_MODEL, "model.language.num_layers=4"]
@@ -44,52 +39,13 @@ LAYOUTS = {  # id: (world, data-parallel size, overrides)
 }
 
 
-def local_full_params(trainer) -> dict:
-    """Every parameter this rank's parts hold, unsharded (a collective over each parameter's mesh)."""
-    out = {}
-    for part in trainer.parts.parts:
-        for name, p in part.named_parameters():
-            out[canonical_name(name)] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-    return out
-
-
-def worker(rank: int, world: int, port: int, overrides: list, run_dir: str, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    trainer = Trainer(load_config(overrides), run_dir)
-    summary = trainer.fit()
-    params = local_full_params(trainer)
-    torch.save({"losses": summary["losses"], "grad_norms": summary["grad_norms"], "params": params},
-               f"{out_dir}/rank{rank}.pt")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def run_layout(world: int, overrides: list, tmp_path) -> dict:
-    """Losses and grad norms of rank 0, parameters merged over all ranks (copies must agree)."""
-    out_dir = tmp_path / "out"
-    out_dir.mkdir(parents=True)
-    mp.spawn(worker, args=(world, free_port(), overrides, str(tmp_path / "run"), str(out_dir)), nprocs=world, join=True)
-    results = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
-    params = {}
-    for result in results:
-        for name, value in result["params"].items():
-            if name in params:  # replicas and the tied embedding's copy on the last stage
-                torch.testing.assert_close(value, params[name], rtol=0, atol=1e-6, msg=name)
-            params[name] = value
-    # the loss and norm are global: every rank reports the same
-    assert all(r["losses"] == results[0]["losses"] for r in results)
-    return {**results[0], "params": params}
-
-
 @pytest.fixture(scope="module")
 def reference(synth_dir, tmp_path_factory):
     trainer = Trainer(load_config([f"data.path={synth_dir}", *MODEL, *STEPS, f"data.batch_size={GLOBAL_BATCH // 2}"]),
                       tmp_path_factory.mktemp("single"))
     summary = trainer.fit()
-    return {"losses": summary["losses"], "grad_norms": summary["grad_norms"], "params": local_full_params(trainer)}
+    return {"losses": summary["losses"], "grad_norms": summary["grad_norms"], "val_loss": summary["val_loss"],
+            "params": local_full_params(trainer)}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -102,6 +58,7 @@ def test_layout_matches_one_process(layout, reference, synth_dir, tmp_path):
         assert got["losses"][step] == pytest.approx(loss, rel=1e-5), step
         assert got["grad_norms"][step] == pytest.approx(reference["grad_norms"][step], rel=1e-4), step
     assert got["losses"][3] < got["losses"][1]
+    assert got["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5)  # evaluated through the layout too
     assert got["params"].keys() == reference["params"].keys()
     for name, value in reference["params"].items():
         torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-4, msg=name)

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from mmfm.config import JobConfig
 from mmfm.models import MODEL_REGISTRY, build_model
@@ -70,6 +71,12 @@ class ModelParts:
         for part in self.parts:
             part.train(mode)
 
+    def reshard(self) -> None:
+        """Free FSDP's gathered parameters after forward-only passes (evaluation has no backward to)."""
+        for part in self.parts:
+            if isinstance(part, FSDPModule):
+                part.reshard()
+
     def group(self, name: str) -> Optional[dist.ProcessGroup]:
         return self.mesh.get_group(name) if self.mesh is not None and self.dims.sizes[name] > 1 else None
 
@@ -104,7 +111,10 @@ def parallelize(cfg: JobConfig, dims: ParallelDims, device: torch.device, mesh=N
         if t.compile:
             compile_blocks(part, spec.block_containers, t.compile_backend)
         if fsdp_mesh is not None:
-            apply_fsdp(part, fsdp_mesh, spec.block_containers, reshard_after_forward=dims.reshard_after_forward)
+            # bf16: parameters gathered and computed in bf16, gradients reduced in fp32
+            param_dtype = torch.bfloat16 if t.precision == "bf16" else None
+            apply_fsdp(part, fsdp_mesh, spec.block_containers, param_dtype=param_dtype,
+                       reshard_after_forward=dims.reshard_after_forward)
         if dims.cp > 1:
             from mmfm.parallel.context_parallel import apply_context_parallel
 

@@ -219,9 +219,14 @@ class Trainer:
                 "mfu": mfu, "peak_mem_gib": peak_memory_gib(self.device), "epoch": data_state["epoch"],
                 "skipped_samples": sum(skipped.values()), **{f"skipped_{k}": v for k, v in skipped.items()}}
 
-    @torch.no_grad()
     def validate_now(self) -> float:
         """Token-mean loss on the first val_batches x val_batch_size held-out samples (same at any layout)."""
+        loss = self._validation_loss()
+        self.parts.reshard()
+        return loss
+
+    @torch.no_grad()
+    def _validation_loss(self) -> float:
         if not self.model_parallel:
             batches = itertools.islice(val_loader(self.cfg, self.tokenizer), self.cfg.train.val_batches)
             return evaluate.validation_loss(self.model, batches, self.device, self.autocast)
@@ -303,8 +308,10 @@ class Trainer:
         samples = itertools.islice(val_stream(self.cfg, self.tokenizer), e.num_samples)
         encoder = sample_encoder(self.cfg, self.tokenizer)
         if not self.model_parallel:
-            return evaluate.caption_samples(self.model, self.tokenizer, encoder, samples,
-                                            self.cfg.data.val_batch_size, e.max_new_tokens, self.device)
+            results = evaluate.caption_samples(self.model, self.tokenizer, encoder, samples,
+                                               self.cfg.data.val_batch_size, e.max_new_tokens, self.device)
+            self.parts.reshard()
+            return results
         results = None
         if self.main:
             whole = build_model(self.cfg.model, self.device)

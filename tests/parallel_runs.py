@@ -1,0 +1,53 @@
+"""Training runs on N gloo processes (torch.multiprocessing spawn), for the parallel tests."""
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
+
+from conftest import free_port
+from mmfm.config import load_config
+from mmfm.models.init import canonical_name
+from mmfm.train.trainer import Trainer
+
+
+def local_full_params(trainer) -> dict:
+    """Every parameter this rank's parts hold, unsharded (a collective over each parameter's mesh)."""
+    out = {}
+    for part in trainer.parts.parts:
+        for name, p in part.named_parameters():
+            out[canonical_name(name)] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+    return out
+
+
+def worker(rank: int, world: int, port: int, overrides: list, run_dir: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    trainer = Trainer(load_config(overrides), run_dir)
+    summary = trainer.fit()
+    params = local_full_params(trainer)
+    torch.save({"losses": summary["losses"], "grad_norms": summary["grad_norms"], "val_loss": summary["val_loss"],
+                "params": params}, f"{out_dir}/rank{rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_layout(world: int, overrides: list, tmp_path) -> dict:
+    """Losses and grad norms of rank 0, parameters merged over all ranks (copies must agree)."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir(parents=True)
+    mp.spawn(worker, args=(world, free_port(), overrides, str(tmp_path / "run"), str(out_dir)), nprocs=world, join=True)
+    results = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    params = {}
+    for result in results:
+        for name, value in result["params"].items():
+            if name in params:  # replicas and the tied embedding's copy on the last stage
+                torch.testing.assert_close(value, params[name], rtol=0, atol=1e-6, msg=name)
+            params[name] = value
+    # the losses are global: every rank reports the same
+    assert all(r["losses"] == results[0]["losses"] and r["val_loss"] == results[0]["val_loss"] for r in results)
+    return {**results[0], "params": params}
