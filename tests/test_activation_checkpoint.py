@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import SMALL_MODEL
 from mmfm.config import ConfigError, load_config, validate
@@ -35,6 +36,34 @@ def test_checkpointing_recomputes_exactly_and_keeps_fewer_activations(mode, ever
     assert ac_loss == loss
     assert all(torch.equal(a, b) for a, b in zip(grads, ac_grads))
     assert ac_saved < 0.7 * saved
+
+
+class MatmulCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return func(*args, **(kwargs or {}))
+
+
+def test_op_mode_recomputes_only_cheap_ops_exactly():
+    """`op` keeps the outputs of matrix multiplications: backward runs no more matmuls than without
+    checkpointing, where `full` recomputes every forward matmul; results are bitwise the same."""
+    counts, results = {}, {}
+    for mode in ("none", "full", "op"):
+        cfg = load_config(SMALL_MODEL).model
+        model = build_model(cfg)
+        apply_activation_checkpointing(model, CONTAINERS, mode)
+        ids = torch.randint(4, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+        ids[0, 1:17] = 3  # one image of 16 patches in the first row
+        loss = model(ids, torch.ones(1, 3, 64, 64)).float().logsumexp(-1).mean()
+        with MatmulCounter() as counter:
+            loss.backward()
+        counts[mode], results[mode] = counter.calls, [p.grad for p in model.parameters()]
+    assert counts["op"] == counts["none"] < counts["full"]
+    assert all(torch.equal(a, b) for a, b in zip(results["none"], results["op"]))
 
 
 def test_training_with_checkpointing_matches_and_checkpoints_keep_plain_names(synth_dir, tmp_path):
