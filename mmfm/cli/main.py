@@ -11,6 +11,7 @@ commands:
              `mmfm train --cfg job` prints the resolved config, `mmfm train --help` lists config groups
   generate   caption or answer for image files from a checkpoint (greedy or sampled, KV-cached)
   data       data set tools: `mmfm data synth` makes the synthetic image-caption data set
+  bench      benchmarks: `mmfm bench parallel` (collective bytes per layout, pipeline bubbles)
 
 `mmfm <command> --help` describes each command.
 """
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         from mmfm.cli.generate import main as run
     elif command == "data":
         from mmfm.cli.data import main as run
+    elif command == "bench":
+        from mmfm.cli.bench import main as run
     else:
         print(f"mmfm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -17,14 +17,16 @@ Payload of one call, in bytes, as seen by the calling rank (numel x element size
 These are buffer sizes, not bytes on the wire: a ring all-gather moves (world-1)/world of them.
 
 `fsdp_expected_bytes` is the analytic count of what FSDP2 as applied by `apply_fsdp` should issue
-per optimizer step; `EXPECTATIONS` indexes such functions by parallel layout.
+per optimizer step, `tp_expected_bytes` that of the tensor + sequence parallel plan, and
+`step_expected_bytes` all that `Trainer.train_step` issues (layout, gradient norm, the loop's sums);
+`EXPECTATIONS` indexes them by parallel layout. `mmfm bench parallel` compares them with CommCounter.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -137,9 +139,22 @@ class CommCounter(TorchDispatchMode):
 
 
 # -- analytic expectations ------------------------------------------------------------------------
+def _tp_local_shape(p: torch.Tensor) -> torch.Size:
+    """`p`'s shape on one tensor-parallel rank: its global shape unless a "tp" mesh dim shards it."""
+    shape = list(p.shape)
+    names = (p.device_mesh.mesh_dim_names or ()) if isinstance(p, DTensor) else ()
+    if "tp" in names:
+        i = names.index("tp")
+        placement = p.placements[i]
+        if placement.is_shard():
+            shape[placement.dim] = math.ceil(shape[placement.dim] / p.device_mesh.size(i))
+    return torch.Size(shape)
+
+
 def _padded_numel(p: torch.Tensor, shards: int) -> int:
-    """Elements of `p` as FSDP2 communicates it: dim 0 padded up to a multiple of the shard count."""
-    shape = p.shape or torch.Size([1])
+    """Elements of `p` as FSDP2 communicates it: dim 0 (of its tensor-parallel shard, under FSDP x TP)
+    padded up to a multiple of the shard count."""
+    shape = _tp_local_shape(p) or torch.Size([1])
     return math.ceil(shape[0] / shards) * shards * math.prod(shape[1:])
 
 
@@ -159,6 +174,7 @@ def fsdp_expected_bytes(model: nn.Module, containers: tuple[str, ...], dp_size: 
     Sizes are padded as FSDP2 pads: dim 0 of each parameter up to a multiple of dp_size. param_bytes
     is the all-gather dtype's size (MixedPrecisionPolicy.param_dtype), reduce_bytes reduce_dtype's.
     1-D data parallel only (HSDP's all-reduce over dp_replicate is not counted). dp_size=1: nothing.
+    Under FSDP x TP pass the tensor-parallelized model: FSDP then shards each parameter's TP shard.
     """
     if dp_size == 1:
         return {}
@@ -173,8 +189,113 @@ def fsdp_expected_bytes(model: nn.Module, containers: tuple[str, ...], dp_size: 
     }
 
 
-# Analytic communication per optimizer step, by parallel layout. Tensor / sequence parallel ("tp",
-# "fsdp+tp") go here, with the same convention: a dict kind -> bytes per rank, as CommCounter reports.
+# -- tensor + sequence parallel -------------------------------------------------------------------
+def _sequence_parallel_norm_numel(model: nn.Module) -> int:
+    """Elements of the norms' parameters, which SequenceParallel replicates (their gradients are Partial):
+    every norm of the model is under the plan (ViT blocks and final norm, decoder layers and final norm)."""
+    from mmfm.models.language.llama import RMSNorm
+
+    return sum(p.numel() for m in model.modules() if isinstance(m, (nn.LayerNorm, RMSNorm)) for p in m.parameters())
+
+
+def tp_expected_bytes(model_cfg, micro_batches: Sequence[tuple[int, int, int]], act_bytes: int = 4) -> dict[str, int]:
+    """Bytes per rank and optimizer step of the TP + sequence-parallel plan of `apply_tensor_parallel`.
+
+    model_cfg: a ModelConfig; micro_batches: (B, T, images) of each micro-batch this rank runs, T padded
+    to a multiple of tp (images=0 runs one blank image). Activations of act_bytes (fp32: 4). With
+    a = [B, T, D] (decoder) or [N, P, Dv] (ViT, N images of P patches), per micro-batch, as measured on
+    gloo, torch 2.13 (the payloads are full-size whatever tp is):
+      each decoder layer / ViT block, forward: all-gather a into attention and into the MLP, reduce-scatter
+        a out of each (row-parallel output Shard(1));
+      backward: all-gather a for each row-parallel output, reduce-scatter a out of attention and out of
+        the MLP (the column-parallel projections' input gradients add up as one partial sum);
+      first decoder layer / ViT block (Replicate -> Shard(1) is a slice): all-gather a in backward;
+      vocabulary-parallel embedding: all-reduce [B, T, D] forward (backward: none);
+      vision norm gather (Shard(1) -> Replicate): all-gather [N, P, Dv] forward, backward a slice;
+      projector: all-reduce [N, P, D] forward (fc2 output), all-reduce [N, P, Dv] backward (fc1 input);
+      final norm gather: all-gather [B, T, D] forward, reduce-scatter [B, T, D] backward (the grad of the
+        vocabulary-split logits' input is Partial);
+      loss_parallel: 3 all-reduces of B*T fp32 (max logit, sum of exps, target logit), backward none.
+    Per step, the norms' weights and biases (replicated by SequenceParallel, gradients Partial(sum)):
+      all-reduced once (under tp alone clip_grad_norm lays them out like their weights; under FSDP x TP
+      FSDP does, in backward, before its reduce-scatter).
+    Not here: the gradient-norm all-reduce and the loop's sums (see `step_expected_bytes`).
+    """
+    from mmfm.models import build_model
+
+    model = build_model(model_cfg, "meta")
+    lm, v = model_cfg.language, model_cfg.vision
+    layers, blocks = lm.num_layers, v.num_layers
+    patches = (v.image_size // v.patch_size) ** 2
+    out = defaultdict(int)
+    for b, t, images in micro_batches:
+        n = max(images, 1)
+        tok = b * t * lm.hidden_size * act_bytes
+        img = n * patches * v.hidden_size * act_bytes
+        out["all_gather"] += (4 * layers + 2) * tok + (4 * blocks + 2) * img
+        out["reduce_scatter"] += (4 * layers + 1) * tok + 4 * blocks * img
+        out["all_reduce"] += tok + img + n * patches * lm.hidden_size * act_bytes + 3 * b * t * 4
+    out["all_reduce"] += _sequence_parallel_norm_numel(model) * 4
+    return dict(out)
+
+
+def fsdp_tp_expected_bytes(model: nn.Module, model_cfg, containers: tuple[str, ...], dp_size: int,
+                           micro_batches: Sequence[tuple[int, int, int]], **fsdp_kwargs) -> dict[str, int]:
+    """FSDP2 on the dp mesh over the TP shards of the tensor-parallelized `model`, plus TP."""
+    out = defaultdict(int, fsdp_expected_bytes(model, containers, dp_size, len(micro_batches), **fsdp_kwargs))
+    for kind, n in tp_expected_bytes(model_cfg, micro_batches).items():
+        out[kind] += n
+    return dict(out)
+
+
+def grad_norm_bytes(model: nn.Module) -> dict[str, int]:
+    """`clip_grad_norm` over `model`'s parameters: per device mesh its DTensor parameters live on, one
+    all-reduce per mesh dimension of the stacked per-parameter norms (fp32); plain tensors: none."""
+    meshes: dict = defaultdict(int)
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            meshes[p.device_mesh] += 1
+    return {"all_reduce": sum(mesh.ndim * n * 4 for mesh, n in meshes.items())} if meshes else {}
+
+
+# The loop's own all-reduces each step (float64): the step's token count, then loss/positions/samples/images.
+LOOP_BYTES = {"all_reduce": (1 + 4) * 8}
+
+
+def step_expected_bytes(cfg, model: nn.Module, micro_batches: Sequence[tuple[int, int, int]]) -> Optional[dict]:
+    """All that `Trainer.train_step` issues on one rank: layout + gradient norm + the loop's sums.
+
+    cfg: the JobConfig; model: this rank's parallelized model; micro_batches as for tp_expected_bytes.
+    None for layouts not modelled (pipeline, context parallel, HSDP, bf16 under TP).
+    """
+    from mmfm.models import MODEL_REGISTRY
+
+    p, world = cfg.parallel, cfg.parallel.dp_replicate * cfg.parallel.dp_shard * cfg.parallel.tp
+    if p.pp > 1 or p.cp > 1 or p.dp_replicate > 1 or (p.tp > 1 and cfg.train.precision != "fp32"):
+        return None
+    if world == 1:
+        return {}
+    containers = MODEL_REGISTRY[cfg.model.name].block_containers
+    fsdp_kwargs = {"param_bytes": 2 if cfg.train.precision == "bf16" else 4,
+                   "reshard_after_forward": p.reshard_after_forward}
+    if p.dp_shard > 1 and p.tp > 1:
+        parts = [fsdp_tp_expected_bytes(model, cfg.model, containers, p.dp_shard, micro_batches, **fsdp_kwargs)]
+    elif p.tp > 1:
+        parts = [tp_expected_bytes(cfg.model, micro_batches)]
+    else:
+        parts = [fsdp_expected_bytes(model, containers, p.dp_shard, len(micro_batches), **fsdp_kwargs)]
+    out = defaultdict(int)
+    for part in (*parts, grad_norm_bytes(model), LOOP_BYTES):
+        for kind, n in part.items():
+            out[kind] += n
+    return dict(out)
+
+
+# Analytic communication per optimizer step, by parallel layout: a dict kind -> bytes per rank, with
+# CommCounter's convention. "step" is everything Trainer.train_step issues (layout + loop).
 EXPECTATIONS: dict[str, Callable[..., dict[str, int]]] = {
     "fsdp": fsdp_expected_bytes,
+    "tp": tp_expected_bytes,
+    "fsdp+tp": fsdp_tp_expected_bytes,
+    "step": step_expected_bytes,
 }

@@ -33,6 +33,9 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, pp_group: Op
     stage adds its squared norm over `pp_group`.
     """
     params = [p for p in params if p.grad is not None]
+    for p in params:  # e.g. sequence-parallel norm weights: partial sums, reduced once here
+        if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+            p.grad = p.grad.redistribute(placements=p.placements)
     skip = {id(p) for p in exclude}
     device = params[0].grad.device if params else torch.device("cpu")
     squared = _squared_norm([p.grad for p in params if id(p) not in skip], device)

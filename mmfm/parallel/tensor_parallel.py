@@ -32,9 +32,11 @@ _DECODER_ARGS = 6
 
 
 def _sharded_sequence_in(num_args: int = 1) -> PrepareModuleInput:
+    """Gather the sequence into attention / the MLP. The gathered input stays a DTensor, so that the
+    column-parallel projections' input gradients add up as one partial sum and leave backward in one
+    reduce-scatter (a local tensor would cost an all-reduce per projection)."""
     rest = (None,) * (num_args - 1)
-    return PrepareModuleInput(input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest),
-                              use_local_output=True)
+    return PrepareModuleInput(input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest))
 
 
 def _decoder_block_plan() -> dict:

@@ -1,0 +1,51 @@
+"""`mmfm bench <name>`: benchmarks. `parallel`: communication per layout and pipeline bubbles."""
+
+from __future__ import annotations
+
+import argparse
+
+from mmfm.cli.errors import one_line_errors
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mmfm bench", description="Benchmarks on CPU processes (gloo).")
+    sub = p.add_subparsers(dest="bench", required=True)
+    s = sub.add_parser(
+        "parallel", help="collective bytes per layout vs analytic; pipeline idle fraction per schedule",
+        description="--layout: spawn the preset's world, run a warm-up and --steps measured Trainer steps under "
+                    "CommCounter and print, per collective kind, bytes/step per rank (mean over ranks) measured "
+                    "and analytic. --pipeline: each schedule on sleeping synthetic stages (forward t_f, backward "
+                    "2 t_f), printing the measured idle fraction (median over steps, mean over ranks) against "
+                    "the analytic bubble. Without either: --layout tp2.")
+    s.add_argument("--layout", help="parallel preset (configs/parallel): fsdp2, tp2, fsdp2_tp2, pp2, ...")
+    s.add_argument("--steps", type=int, default=2, help="measured optimizer steps (default: 2)")
+    s.add_argument("--data", help="data set folder (default: a small synthetic one in a temp folder)")
+    s.add_argument("--batch-size", type=int, default=4, help="samples per data-parallel rank (default: 4)")
+    s.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (default: 2)")
+    s.add_argument("overrides", nargs="*", help="Hydra overrides (default: the small test model)")
+    s.add_argument("--pipeline", action="store_true", help="measure pipeline bubbles")
+    s.add_argument("--pp", type=int, default=2, help="pipeline ranks (default: 2)")
+    s.add_argument("--microbatches", type=int, nargs="+", default=[4, 8], help="multiples of --pp (default: 4 8)")
+    s.add_argument("--schedules", nargs="+", default=["all"], help="names in SCHEDULES, or all (default)")
+    s.add_argument("--virtual", type=int, default=2, help="stages per rank of multi-stage schedules (default: 2)")
+    s.add_argument("--t-f", type=float, default=0.02, help="forward seconds per stage (default: 0.02)")
+    s.add_argument("--pipeline-steps", type=int, default=3, help="measured steps per schedule (default: 3)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    from mmfm.parallel import bench
+
+    with one_line_errors(f"mmfm bench {args.bench}"):
+        if args.layout or not args.pipeline:
+            layout = args.layout or "tp2"
+            results = bench.comm_bench(layout, args.steps, args.overrides, args.data, args.batch_size, args.grad_accum)
+            print(f"layout {layout}: {len(results)} ranks, {args.steps} measured steps, bytes per step per rank")
+            print(bench.comm_table(results))
+        if args.pipeline:
+            rows = bench.pipeline_bench(args.pp, args.microbatches, args.schedules, args.t_f, args.pipeline_steps,
+                                        args.virtual)
+            print(f"\npipeline idle fraction, t_f={args.t_f * 1000:g} ms per stage forward, 2 t_f backward")
+            print(bench.pipeline_table(rows))
+    return 0
