@@ -1,0 +1,1 @@
+"""Fused kernels with pure-PyTorch references and a dispatch per op (`mmfm.kernels.dispatch`)."""
