@@ -67,6 +67,13 @@ def _sdpa(q, k, v, document_ids):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(document_ids, q.shape[2], q.device))
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)  # the fused kernel; eager flex materializes the scores
+
+
 def _flex(q, k, v, document_ids):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -77,7 +84,7 @@ def _flex(q, k, v, document_ids):
         return (q_idx >= kv_idx) & (docs[batch, q_idx] == docs[batch, kv_idx])
 
     block_mask = create_block_mask(mask_mod, b, None, t, t, device=q.device)
-    return flex_attention(q, k, v, block_mask=block_mask)
+    return (_compiled_flex() if q.is_cuda else flex_attention)(q, k, v, block_mask=block_mask)
 
 
 def _flash(q, k, v, document_ids):
