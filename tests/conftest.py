@@ -1,6 +1,11 @@
 import os
 import socket
 
+# Triton kernels run in Triton's interpreter on CPU machines. Set before torch is imported: torch imports
+# triton with torch._dynamo, and triton reads the flag then. MMFM_TEST_DEVICE=cuda runs them compiled.
+if os.environ.get("MMFM_TEST_DEVICE", "cpu") != "cuda":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

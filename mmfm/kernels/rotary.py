@@ -26,15 +26,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _store(ptrs, x, mask):
-        # fp32 -> output dtype, rounding to nearest even. For bf16 the rounding is done by bit arithmetic,
-        # since Triton's interpreter truncates fp32 -> bf16 casts (a GPU rounds; the result is the same there).
-        if ptrs.dtype.element_ty == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits += 0x7FFF + ((bits >> 16) & 1)
-            x = tl.where(x != x, x, ((bits >> 16) << 16).to(tl.float32, bitcast=True))  # NaN stays NaN
-        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+    from mmfm.kernels.rms_norm import to_out
 
     @triton.jit
     def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, T, H, HALF,
@@ -58,8 +50,8 @@ if triton_available():
         x1 = tl.load(x + d * sxd, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x + (d + HALF) * sxd, mask=mask, other=0.0).to(tl.float32)
         o = out_ptr + b * sob + h * soh + t * sot
-        _store(o + d * sod, x1 * c - x2 * s, mask)
-        _store(o + (d + HALF) * sod, x2 * c + x1 * s, mask)
+        tl.store(o + d * sod, to_out(x1 * c - x2 * s, o + d * sod), mask=mask)
+        tl.store(o + (d + HALF) * sod, to_out(x2 * c + x1 * s, o + (d + HALF) * sod), mask=mask)
 
 
 def _rotate_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
