@@ -19,18 +19,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from mmfm.kernels.dispatch import importable
+
 log = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("auto", "flash", "flex", "sdpa")
 
 
-@functools.lru_cache(maxsize=None)
 def flash_attn_available() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importable("flash_attn")
 
 
 def available_backends(device: torch.device, dtype: torch.dtype, training: bool = True) -> list[str]:

@@ -8,6 +8,7 @@ Triton imports, and the reference otherwise (on CPU a Triton kernel runs only in
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 
@@ -19,12 +20,17 @@ BACKENDS = ("auto", "triton", "torch")
 
 
 @functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+def importable(module: str) -> bool:
+    """Whether an optional package (triton, flash_attn) imports here."""
     try:
-        import triton  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
         return False
     return True
+
+
+def triton_available() -> bool:
+    return importable("triton")
 
 
 def interpreting() -> bool:
