@@ -38,7 +38,3 @@ def val_stream(cfg: JobConfig, tokenizer: TextTokenizer) -> SampleStream:
     """The validation split in file order, once through."""
     return SampleStream(shard_paths(cfg.data.path, "val"), sample_encoder(cfg, tokenizer), cfg.seed,
                         cfg.data.shuffle_buffer, shuffle=False, loop=False)
-
-
-def val_loader(cfg: JobConfig, tokenizer: TextTokenizer) -> BatchLoader:
-    return BatchLoader(val_stream(cfg, tokenizer), cfg.data.val_batch_size, tokenizer.pad_id)

@@ -29,7 +29,6 @@ from torch.distributed.pipelining import (
 )
 
 from mmfm.config.schema import ModelConfig
-from mmfm.config.validate import ConfigError
 from mmfm.models import counts
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
@@ -72,15 +71,9 @@ def balanced_layers(costs: list[float], first: float, last: float, num_stages: i
 
 def layer_assignment(cfg: ModelConfig, seq_len: int, num_stages: int,
                      override: Optional[list[int]] = None) -> list[list[int]]:
-    """Decoder layer indices of each stage: `override` (layers per stage) or balanced by cost."""
-    n = cfg.language.num_layers
-    if override:
-        if len(override) != num_stages or sum(override) != n or min(override) < 1:
-            raise ConfigError(f"parallel.pp_layers={list(override)} must give {num_stages} stages (pp x "
-                              f"pp_virtual_stages) of >= 1 layer summing to model.language.num_layers={n}")
-        sizes = list(override)
-    else:
-        sizes = balanced_layers(*stage_costs(cfg, seq_len), num_stages)
+    """Decoder layer indices of each stage: `override` (layers per stage, checked by ParallelDims) or
+    balanced by cost."""
+    sizes = list(override) if override else balanced_layers(*stage_costs(cfg, seq_len), num_stages)
     starts = [sum(sizes[:i]) for i in range(num_stages)]
     return [list(range(s, s + k)) for s, k in zip(starts, sizes)]
 
@@ -143,10 +136,6 @@ def sync_tied_embedding(parts: list[nn.Module], group: Optional[dist.ProcessGrou
             # e.g. a partial sum from the vocabulary-parallel lookup: lay it out like the weight first
             weight.grad = weight.grad.redistribute(placements=weight.placements)
         grads.append(weight.grad)
-    if len(grads) == 2:  # both copies on this rank (one pipeline rank): sum locally
-        total = grads[0] + grads[1]
-        grads[0].copy_(total), grads[1].copy_(total)
-        return
     for grad in grads:
         dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=group)
 

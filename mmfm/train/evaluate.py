@@ -1,4 +1,5 @@
-"""Held-out evaluation: validation loss and exact-match caption accuracy with greedy decoding."""
+"""Held-out evaluation: exact-match caption accuracy with greedy decoding (the validation loss is the
+training loop's, `Trainer.validate_now`, so that it runs through any parallel layout)."""
 
 from __future__ import annotations
 
@@ -8,26 +9,9 @@ from typing import Iterable
 
 import torch
 
-from mmfm.data.loader import Batch, EncodedSample, SampleEncoder
+from mmfm.data.loader import EncodedSample, SampleEncoder
 from mmfm.data.tokenizer import TextTokenizer
 from mmfm.models.generate import generate
-from mmfm.train.objectives import next_token_loss
-
-
-@torch.no_grad()
-def validation_loss(model, batches: Iterable[Batch], device, autocast) -> float:
-    """Token-mean next-token loss over the given batches."""
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    for batch in batches:
-        batch = batch.to(device)
-        with autocast():
-            logits = model(batch.input_ids, batch.pixel_values)
-        loss, n = next_token_loss(logits, batch.targets)
-        total, tokens = total + loss.item(), tokens + n
-    model.train(was_training)
-    return total / max(tokens, 1)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch.distributed.pipelining import PipelineStage
 
 from mmfm.checkpoint import CheckpointManager
 from mmfm.config import JobConfig, image_tokens, validate
-from mmfm.data.build import load_tokenizer, sample_encoder, train_loader, val_loader, val_stream
+from mmfm.data.build import load_tokenizer, sample_encoder, train_loader, val_stream
 from mmfm.data.loader import Batch, BatchLoader, pad_sequence, reshard_stream_states
 from mmfm.data.manifest import TOKENIZER
 from mmfm.models import MODEL_REGISTRY, build_model
@@ -91,7 +91,7 @@ class Trainer:
         self.grad_divisor = dims.fsdp_size
         tp0 = dims.coordinate(self.mesh, "tp") == 0 if self.mesh is not None else True
         self.loss_owner = tp0 and self.parts.has_last_stage  # counts the loss in global sums
-        self.first_replica = tp0 and self.parts.has_last_stage and self.dp_rank == 0
+        self.first_replica = self.loss_owner and self.dp_rank == 0  # ... of data every replica reads
         self.schedule = self.build_schedule() if self.parts.pipelined else None
         self._loss_scale = 1.0
 
@@ -201,12 +201,15 @@ class Trainer:
         args = (torch.cat([b.input_ids for b in micro]), torch.cat(rows))
         return (args if self.parts.has_first_stage else ()), torch.cat([b.targets for b in micro])
 
-    def pipeline_step(self, micro: list[Batch], scale: float) -> float:
+    def pipeline_step(self, micro: list[Batch], scale: float, train: bool = True) -> float:
+        """The micro-batches through the schedule (forward only unless train); the summed loss on the last
+        stage, 0 elsewhere."""
         args, targets = self.pipeline_inputs(micro)
         self._loss_scale = scale
         losses: list = []
+        run = self.schedule.step if train else self.schedule.eval
         with self.autocast(), loss_context(self.dims.tp):
-            self.schedule.step(*args, target=targets if self.parts.has_last_stage else None, losses=losses)
+            run(*args, target=targets if self.parts.has_last_stage else None, losses=losses)
         return sum(scalar(loss) for loss in losses) / scale
 
     def step_metrics(self, raw: dict, seconds: float) -> dict:
@@ -227,25 +230,21 @@ class Trainer:
 
     @torch.no_grad()
     def _validation_loss(self) -> float:
-        if not self.model_parallel:
-            batches = itertools.islice(val_loader(self.cfg, self.tokenizer), self.cfg.train.val_batches)
-            return evaluate.validation_loss(self.model, batches, self.device, self.autocast)
         self.parts.train(False)
         d, t = self.cfg.data, self.cfg.train
-        size = d.batch_size * (t.grad_accum_steps if self.parts.pipelined else 1)
         samples = itertools.islice(val_stream(self.cfg, self.tokenizer), t.val_batches * d.val_batch_size)
+        if self.parts.pipelined:  # fixed shapes: a training step's rows, the last batch filled with blanks
+            batches = BatchLoader(iter(samples), d.batch_size * t.grad_accum_steps, self.tokenizer.pad_id, pad_rows=True)
+        else:
+            batches = BatchLoader(iter(samples), d.val_batch_size, self.tokenizer.pad_id)
         loss_sum, tokens = 0.0, 0
-        for batch in BatchLoader(iter(samples), size, self.tokenizer.pad_id, pad_rows=True):
+        for batch in batches:
             batch = self.fit_batch(batch.to(self.device))
             tokens += batch.num_loss_tokens
-            with self.autocast(), loss_context(self.dims.tp):
-                if self.parts.pipelined:
-                    args, targets = self.pipeline_inputs([batch])
-                    losses: list = []
-                    self._loss_scale = 1.0
-                    self.schedule.eval(*args, target=targets if self.parts.has_last_stage else None, losses=losses)
-                    loss = sum(scalar(x) for x in losses)
-                else:
+            if self.parts.pipelined:
+                loss = self.pipeline_step([batch], 1.0, train=False)
+            else:
+                with self.autocast(), loss_context(self.dims.tp):
                     logits = self.model(batch.input_ids, batch.pixel_values)
                     loss = scalar(self.objective(logits, self.targets_of(batch))[0])
             loss_sum += loss if self.first_replica else 0.0
