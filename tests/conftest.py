@@ -1,5 +1,4 @@
 import os
-import socket
 
 # Triton kernels run in Triton's interpreter on CPU machines. Set before torch is imported: torch imports
 # triton with torch._dynamo, and triton reads the flag then. MMFM_TEST_DEVICE=cuda runs them compiled.
@@ -15,26 +14,15 @@ import torch  # noqa: E402
 
 from mmfm.config import load_config  # noqa: E402
 from mmfm.data.synth import build_synth_dataset  # noqa: E402
+from mmfm.parallel.bench import SMALL_MODEL  # noqa: E402,F401  (the small model the tests share)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-# A small, fast variant of the demo model used across the tests.
-SMALL_MODEL = [
-    "model.vision.hidden_size=64", "model.vision.num_layers=1", "model.vision.patch_size=16",
-    "model.language.hidden_size=64", "model.language.num_layers=2", "model.language.intermediate_size=176",
-    "model.language.max_seq_len=64", "data.seq_len=48",
-]
 
 
 # Three optimizer steps of two micro-batches, nothing else: the runs that parallel layouts are compared on.
 STEPS = ["train.max_steps=3", "train.schedule.warmup_steps=1", "train.grad_accum_steps=2", "eval.num_samples=0",
          "logger.wandb.enabled=false", "logger.progress_bar=false", "train.val_every=0", "checkpoint.every=0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,13 @@
 """Training runs on N gloo processes (torch.multiprocessing spawn), for the parallel tests."""
 
-import os
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
-from conftest import free_port
 from mmfm.config import load_config
 from mmfm.models.init import canonical_name
+from mmfm.parallel.distributed import free_port, set_local_env
 from mmfm.train.trainer import Trainer
 
 
@@ -23,8 +21,7 @@ def local_full_params(trainer) -> dict:
 
 
 def worker(rank: int, world: int, port: int, overrides: list, run_dir: str, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    set_local_env(rank, world, port)
     torch.set_num_threads(1)
     trainer = Trainer(load_config(overrides), run_dir)
     summary = trainer.fit()

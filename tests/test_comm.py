@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-from conftest import SMALL_MODEL, free_port
+from conftest import SMALL_MODEL
+from mmfm.parallel.distributed import free_port
 from mmfm.config import load_config
 from mmfm.models import MODEL_REGISTRY, build_model
 from mmfm.parallel.comm import EXPECTATIONS, CommCounter, fsdp_expected_bytes

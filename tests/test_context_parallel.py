@@ -23,7 +23,7 @@ from mmfm.config import load_config
 from mmfm.models import build_model
 from mmfm.parallel.activation_checkpoint import apply_activation_checkpointing
 from mmfm.parallel.context_parallel import ContextParallelAttention, apply_context_parallel, shard_sequence
-from conftest import free_port
+from mmfm.parallel.distributed import free_port
 
 CP = 2
 B, H, T, D = 2, 4, 16, 8

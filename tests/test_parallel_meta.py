@@ -43,7 +43,7 @@ def test_113b_model_shards_without_materializing(layout):
         try:
             mesh = dims.build_mesh("cpu")
             model = build_model(cfg, "meta")
-            apply_fsdp(model, mesh[dims.dp_mesh_names()], MODEL_REGISTRY[cfg.name].block_containers)
+            apply_fsdp(model, dims.fsdp_mesh(mesh), MODEL_REGISTRY[cfg.name].block_containers)
             assert all(isinstance(p, DTensor) and p.is_meta for p in model.parameters())
             local.append(sum(p.to_local().numel() for p in model.parameters()))
         finally:
@@ -68,7 +68,12 @@ def test_layouts_that_cannot_work_are_named(layout, message):
 def test_mesh_keeps_only_dims_larger_than_one_in_order():
     assert ParallelDims(dp_shard=2, tp=2, pp=2).mesh_shape() == ((2, 2, 2), ("pp", "dp_shard", "tp"))
     assert ParallelDims().mesh_shape() == ((1,), ("dp_shard",))
-    assert ParallelDims(dp_replicate=2, dp_shard=2).dp_mesh_names() == ("dp_replicate", "dp_shard")
+    dims = ParallelDims(dp_replicate=2, dp_shard=2, cp=2)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
+    try:
+        assert dims.fsdp_mesh(dims.build_mesh("cpu")).mesh_dim_names == ("dp_replicate", "dp_shard_cp")
+    finally:
+        dist.destroy_process_group()
 
 
 def stage_params(cfg, layers: list[int], first: bool, last: bool) -> int:

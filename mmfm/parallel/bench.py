@@ -32,7 +32,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-SMALL_MODEL = [  # the tests' small model: one training step in well under a second per rank
+from mmfm.parallel.distributed import free_port, set_local_env
+
+SMALL_MODEL = [  # the small model of the tests and benchmarks: one training step in well under a second per rank
     "model.vision.hidden_size=64", "model.vision.num_layers=1", "model.vision.patch_size=16",
     "model.language.hidden_size=64", "model.language.num_layers=2", "model.language.intermediate_size=176",
     "model.language.max_seq_len=64", "data.seq_len=48",
@@ -41,17 +43,8 @@ QUIET = ["logger.wandb.enabled=false", "logger.progress_bar=false", "eval.num_sa
          "checkpoint.every=0"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    set_local_env(rank, world, port)
     torch.set_num_threads(1)
 
 
@@ -60,7 +53,7 @@ def _spawn(fn, world: int, args: tuple) -> list[dict]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(fn, args=(world, _free_port(), out, *args), nprocs=world, join=True, start_method="spawn")
+        mp.start_processes(fn, args=(world, free_port(), out, *args), nprocs=world, join=True, start_method="spawn")
         return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world)]
 
 

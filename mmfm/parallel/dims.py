@@ -133,11 +133,6 @@ class ParallelDims(ParallelConfig):
         sizes, names = self.mesh_shape()
         return init_device_mesh(device_type, sizes, mesh_dim_names=names)
 
-    def dp_mesh_names(self) -> tuple[str, ...]:
-        """The mesh dims FSDP shards and replicates over: ('dp_replicate', 'dp_shard') for HSDP."""
-        names = tuple(n for n in ("dp_replicate", "dp_shard") if self.sizes[n] > 1)
-        return names or ("dp_shard",)
-
     def fsdp_mesh(self, mesh):
         """The (1-D, or 2-D for HSDP) mesh FSDP runs on: dp_shard and cp flattened into one shard dim."""
         shard = [n for n in ("dp_shard", "cp") if self.sizes[n] > 1]
