@@ -2,9 +2,10 @@
 # The kernels' GPU checks, for a machine with an NVIDIA GPU (the lent H200 included). From the repo root:
 #   bash scripts/gpu_kernel_check.sh
 # Steps: the RMSNorm CUDA extension against the reference (scripts/gpu_rms_norm_check.py), the kernel tests
-# (tests/test_kernels_*.py) on the GPU without TRITON_INTERPRET, then `python -m mmfm.kernels.bench` if there
-# is one. Logs and summary.txt go to $OUT (default ./gpu_check_out); each step has a time limit (about 5 min
-# in all). Exits 1 when any step fails.
+# (tests/test_kernels_*.py) on the GPU (MMFM_TEST_DEVICE=cuda, no TRITON_INTERPRET), then the benchmark
+# (`python -m mmfm.kernels.bench`: time table, torch.compile'd references, fused-loss memory). Logs and
+# summary.txt go to $OUT (default ./gpu_check_out); each step has a time limit (under 5 min expected in
+# all). Exits 1 when any step fails.
 #
 # Python: $PYTHON or python3 where it has a CUDA torch that sees the GPU (the lent machine's python3 does);
 # else a venv .venv-gpu with PyPI's torch==$TORCH_VERSION (PyPI's Linux wheel is the CUDA build; needs the
@@ -67,12 +68,13 @@ echo "setup: rc=$rc ($((SECONDS - start))s)" | tee -a "$SUMMARY"
 [ "$rc" -eq 0 ] || exit 1
 
 step "rms_norm cuda extension vs reference" 100 rms_norm_check.log "$PY" scripts/gpu_rms_norm_check.py --out "$OUT"
-step "kernel tests (GPU, no TRITON_INTERPRET)" 140 kernel_tests.log \
-  "$PY" -m pytest -q -p no:cacheprovider --durations=10 tests/test_kernels_*.py
-if [ -f mmfm/kernels/bench.py ] || [ -f mmfm/kernels/bench/__main__.py ]; then
-  step "python -m mmfm.kernels.bench" 50 bench.log "$PY" -m mmfm.kernels.bench
-else
-  echo "python -m mmfm.kernels.bench: not there, skipped" | tee -a "$SUMMARY"
-fi
+step "kernel tests (MMFM_TEST_DEVICE=cuda: CUDA tensors, compiled kernels)" 120 kernel_tests.log \
+  env MMFM_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider --durations=10 tests/test_kernels_*.py
+step "bench: kernels, eager, Liger, attention backends (7B, 70B)" 60 bench_time.log \
+  "$PY" -m mmfm.kernels.bench --time --impls kernel eager liger flex
+step "bench: torch.compile'd references (7B, 70B)" 100 bench_compiled.log \
+  "$PY" -m mmfm.kernels.bench --time --impls compiled eager --ops rms_norm swiglu rotary linear_cross_entropy
+step "bench: fused linear CE memory, 8192 x 128256 x 4096 fp32" 40 bench_memory.log \
+  "$PY" -m mmfm.kernels.bench --memory --full --device cuda
 echo "total: $((SECONDS - start))s, $([ "$failed" -eq 0 ] && echo passed || echo FAILED)" | tee -a "$SUMMARY"
 exit "$failed"

@@ -5,16 +5,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmfm.kernels.attention import available_backends, cumulative_lengths, document_mask, packed_attention
+from devices import DEVICE
+
+from mmfm.kernels.attention import available_backends, cumulative_lengths, packed_attention
+from mmfm.models.attention import document_mask
 
 LENGTHS = [[5, 7, 4], [16], [1, 9, 6]]  # documents per row, 16 positions each
 
 
 def packed_inputs(dtype=torch.float32, heads=2, dim=8):
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(len(LENGTHS), heads, 16, dim, generator=g, dtype=dtype, requires_grad=True)
+    q, k, v = (torch.randn(len(LENGTHS), heads, 16, dim, generator=g, dtype=dtype).to(DEVICE).requires_grad_()
                for _ in range(3))
-    ids = torch.tensor([[d for d, n in enumerate(row) for _ in range(n)] for row in LENGTHS])
+    ids = torch.tensor([[d for d, n in enumerate(row) for _ in range(n)] for row in LENGTHS], device=DEVICE)
     return q, k, v, ids
 
 
@@ -32,7 +35,7 @@ def separately(q, k, v):
     return torch.cat(rows)
 
 
-@pytest.mark.parametrize("backend", available_backends(torch.device("cpu"), torch.float32, training=False))
+@pytest.mark.parametrize("backend", available_backends(DEVICE, torch.float32, training=False))
 def test_packed_forward_equals_documents_run_separately(backend):
     q, k, v, ids = (t.detach() for t in packed_inputs())
     with torch.no_grad():
@@ -41,10 +44,10 @@ def test_packed_forward_equals_documents_run_separately(backend):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", available_backends(torch.device("cpu"), torch.float32, training=True))
+@pytest.mark.parametrize("backend", available_backends(DEVICE, torch.float32, training=True))
 def test_packed_backward_equals_documents_run_separately(backend):
     q, k, v, ids = packed_inputs()
-    upstream = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    upstream = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     grads = torch.autograd.grad((packed_attention(q, k, v, ids, backend=backend) * upstream).sum(), (q, k, v))
     want = torch.autograd.grad((separately(q, k, v) * upstream).sum(), (q, k, v))
     for g, w in zip(grads, want):
@@ -67,7 +70,7 @@ def test_cumulative_lengths_and_mask():
     _, _, _, ids = packed_inputs()
     cu, longest = cumulative_lengths(ids)
     assert cu.tolist() == [0, 5, 12, 16, 32, 33, 42, 48] and longest == 16
-    mask = document_mask(ids, 16, "cpu")
+    mask = document_mask(ids)
     assert mask.shape == (3, 1, 16, 16)
     assert mask[0, 0, 6].tolist() == [False] * 5 + [True, True] + [False] * 9
 

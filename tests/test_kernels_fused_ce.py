@@ -1,15 +1,14 @@
-import os
+import importlib
 
-os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernel runs on CPU tensors
+import pytest
+import torch
+from devices import DEVICE
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from mmfm.kernels import fused_linear_cross_entropy as fce  # noqa: E402
-from mmfm.kernels.fused_linear_cross_entropy import (  # noqa: E402
+from mmfm.kernels.fused_linear_cross_entropy import (
     default_chunk_size, fused_linear_cross_entropy, fused_linear_cross_entropy_reference)
 
 pytest.importorskip("triton")
+fce = importlib.import_module("mmfm.kernels.fused_linear_cross_entropy")  # the module, not the function
 
 IGN = -100
 # Errors are relative: ||x - ref|| / ||ref||. fp32: against the naive fp32 reference, at most FP32_TOL.
@@ -36,7 +35,7 @@ def _inputs(name, dtype, seed=0):
     weight = (torch.randn(v, h, generator=g) / h**0.25).to(dtype)
     targets = torch.randint(0, v, (n,), generator=g)
     targets[ignored] = IGN
-    return hidden, weight, targets, chunk
+    return hidden.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE), chunk
 
 
 def _run(fn, hidden, weight, targets, grad_scale=1.37, **kw):

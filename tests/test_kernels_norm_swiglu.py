@@ -1,30 +1,20 @@
-"""RMSNorm and SwiGLU Triton kernels against their PyTorch references, in Triton's CPU interpreter.
+"""RMSNorm and SwiGLU Triton kernels against their PyTorch references (on CPU in Triton's interpreter, see
+tests/devices.py).
 
 Tolerances: fp32 kernel vs fp32 reference atol = rtol = 1e-5. bf16: the kernel's max error against the
 fp32 reference (on the same, upcast inputs) must be at most 2x the bf16 PyTorch reference's error + 1e-5.
 """
 
-import os
+import importlib
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton or the kernels are imported
-
-import importlib  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
+from devices import DEVICE
 
 pytest.importorskip("triton")
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-import mmfm.kernels.rms_norm as rn  # noqa: E402
-import mmfm.kernels.swiglu as sw  # noqa: E402
-
-# @triton.jit picks GPU or interpreter when a module is imported: rebuild the kernels if another test
-# imported them before the flag was set. (Triton itself is often imported earlier, by torch._dynamo; the
-# kernels avoid triton.language's own jit helpers such as tl.sum, which then stay GPU-only.)
-for _mod, _kernel in ((rn, "_rms_fwd"), (sw, "_swiglu_fwd")):
-    if not isinstance(getattr(_mod, _kernel), InterpretedFunction):
-        importlib.reload(_mod)
+rn = importlib.import_module("mmfm.kernels.rms_norm")  # the module: mmfm.kernels.rms_norm is the function
+sw = importlib.import_module("mmfm.kernels.swiglu")
 
 EPS = 1e-5
 DTYPES = [torch.float32, torch.bfloat16]
@@ -55,9 +45,9 @@ def run(fn, inputs, dy):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_rms_norm_matches_reference(shape, dtype):
     torch.manual_seed(0)
-    x = torch.randn(shape).to(dtype)
-    w = (1 + 0.5 * torch.randn(shape[-1])).to(dtype)
-    dy = torch.randn(shape)
+    x = torch.randn(shape).to(DEVICE, dtype)
+    w = (1 + 0.5 * torch.randn(shape[-1])).to(DEVICE, dtype)
+    dy = torch.randn(shape).to(DEVICE)
     got = run(lambda a, b: rn.rms_norm(a, b, EPS, backend="triton"), (x, w), dy)
     ref32 = run(lambda a, b: rn.rms_norm_reference(a, b, EPS), (x.float(), w.float()), dy.to(dtype).float())
     ref_pt = run(lambda a, b: rn.rms_norm_reference(a, b, EPS), (x, w), dy)
@@ -70,8 +60,8 @@ def test_rms_norm_matches_reference(shape, dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_swiglu_matches_reference(shape, dtype):
     torch.manual_seed(0)
-    gate, up = (3 * torch.randn(shape)).to(dtype), torch.randn(shape).to(dtype)
-    dy = torch.randn(shape)
+    gate, up = (3 * torch.randn(shape)).to(DEVICE, dtype), torch.randn(shape).to(DEVICE, dtype)
+    dy = torch.randn(shape).to(DEVICE)
     got = run(lambda a, b: sw.swiglu(a, b, backend="triton"), (gate, up), dy)
     ref32 = run(sw.swiglu_reference, (gate.float(), up.float()), dy.to(dtype).float())
     ref_pt = run(sw.swiglu_reference, (gate, up), dy)
@@ -82,7 +72,7 @@ def test_swiglu_matches_reference(shape, dtype):
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_torch_backend_is_the_reference(backend):
-    # On CPU `auto` takes the reference too (Triton only for CUDA tensors).
+    # On CPU tensors `auto` takes the reference too (Triton only for CUDA tensors).
     torch.manual_seed(0)
     x, w = torch.randn(3, 7, dtype=torch.bfloat16), torch.randn(7, dtype=torch.bfloat16)
     assert torch.equal(rn.rms_norm(x, w, EPS, backend=backend), rn.rms_norm_reference(x, w, EPS))
@@ -90,7 +80,7 @@ def test_torch_backend_is_the_reference(backend):
 
 
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x, w = torch.randn(2, 8), torch.ones(8)
     with pytest.raises(ValueError):
         rn.rms_norm(x, w, backend="triton")

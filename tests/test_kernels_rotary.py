@@ -1,14 +1,11 @@
-import os
+import pytest
+import torch
+from devices import DEVICE
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton or mmfm.kernels import: run kernels on CPU
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from mmfm.kernels.rotary import apply_rotary, apply_rotary_reference
+from mmfm.models.language import llama
 
 pytest.importorskip("triton")
-
-from mmfm.kernels.rotary import apply_rotary, apply_rotary_reference  # noqa: E402
-from mmfm.models.language import llama  # noqa: E402
 
 MAX_LEN = 32
 # (B, Hq, Hkv, T, D): GQA, one head, D/2 not a power of two, T=1.
@@ -24,7 +21,7 @@ def inputs(B, Hq, Hkv, T, D, dtype, seed=0):
     gq = torch.randn(B, Hq, T, D, generator=g).to(dtype)
     gk = torch.randn(B, Hkv, T, D, generator=g).to(dtype)
     cos, sin = llama.rotary_tables(D, MAX_LEN, 10000.0)
-    return q, k, cos, sin, pos, gq, gk
+    return tuple(t.to(DEVICE) for t in (q, k, cos, sin, pos, gq, gk))
 
 
 def run(fn, q, k, cos, sin, pos, gq, gk, dtype=None, **kw):
@@ -57,7 +54,7 @@ def test_triton_matches_reference(shape, dtype):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_packed_positions_restart_per_document(backend):
     q, k, cos, sin, _, _, _ = inputs(1, 4, 2, 12, 10, torch.float32)
-    pos = torch.cat([torch.arange(5), torch.arange(7)])[None]  # two documents in one row
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None].to(DEVICE)  # two documents in one row
     oq, ok = apply_rotary(q, k, cos, sin, pos, backend=backend)
     for sl in (slice(0, 5), slice(5, 12)):  # each document alone, positions from 0
         dq, dk = apply_rotary(q[:, :, sl], k[:, :, sl], cos, sin, backend=backend)

@@ -1,4 +1,5 @@
-"""`mmfm bench <name>`: benchmarks. `parallel`: communication per layout and pipeline bubbles."""
+"""`mmfm bench <name>`: benchmarks. `parallel`: communication per layout and pipeline bubbles; `kernels`:
+time and memory of each fused kernel against its references."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from mmfm.cli.errors import one_line_errors
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mmfm bench", description="Benchmarks on CPU processes (gloo).")
+    p = argparse.ArgumentParser(prog="mmfm bench", description="Benchmarks: parallelism (CPU processes, gloo) "
+                                                               "and kernels (GPU timing, CPU memory).")
     sub = p.add_subparsers(dest="bench", required=True)
     s = sub.add_parser(
         "parallel", help="collective bytes per layout vs analytic; pipeline idle fraction per schedule",
@@ -30,11 +32,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--virtual", type=int, default=2, help="stages per rank of multi-stage schedules (default: 2)")
     s.add_argument("--t-f", type=float, default=0.02, help="forward seconds per stage (default: 0.02)")
     s.add_argument("--pipeline-steps", type=int, default=3, help="measured steps per schedule (default: 3)")
+    from mmfm.kernels.bench import __doc__ as kernels_doc, add_arguments
+
+    k = sub.add_parser("kernels", help="each kernel vs eager / torch.compile / Liger: time and peak memory (GPU); "
+                                       "fused linear cross-entropy memory (CPU)",
+                       description=kernels_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(k)
     return p.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.bench == "kernels":
+        from mmfm.kernels.bench import run
+
+        with one_line_errors("mmfm bench kernels"):
+            return run(args)
     from mmfm.parallel import bench
 
     with one_line_errors(f"mmfm bench {args.bench}"):

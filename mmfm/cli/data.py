@@ -23,11 +23,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--digit-fraction", type=float, default=0.2, help="share of handwritten-digit samples")
     s.add_argument("--pair-fraction", type=float, default=0.45, help="share of two-object scenes among scenes")
     s.add_argument("--force", action="store_true", help="rebuild a folder built with other parameters")
+    b = sub.add_parser("build", help="build a data set from a recipe (data_pipeline/*.yaml)",
+                       description="Read the recipe's sources, run its stages (decode, filters, PII "
+                                   "de-identification, dedup) and write webdataset shards or a Megatron indexed "
+                                   "dataset with manifest.json. Deterministic; an interrupted build resumes; a "
+                                   "finished one is not redone. See mmfm/data/pipeline.py for the recipe format.")
+    b.add_argument("recipe", help="recipe YAML")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--workers", type=int, default=1, help="processes for the per-record stages (default 1)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.tool == "build":
+        return build_main(args)
     from mmfm.data.synth import build_synth_dataset
 
     with one_line_errors("mmfm data synth"):
@@ -37,4 +48,19 @@ def main(argv: list[str]) -> int:
                                 force=args.force)
     counts = ", ".join(f"{k}: {v['samples']} samples in {len(v['shards'])} shards" for k, v in m["splits"].items())
     print(f"data set in {args.out} ({counts}; tokenizer of {m['tokenizer']['vocab_size']} tokens)")
+    return 0
+
+
+def build_main(args: argparse.Namespace) -> int:
+    from mmfm.data.pipeline import build
+
+    with one_line_errors("mmfm data build"):
+        m = build(args.recipe, args.out, workers=args.workers, progress=not args.no_progress)
+    dropped = {f"{stage}/{reason}": n for stage, report in m["stages"].items() if isinstance(report, dict)
+               for reason, n in report["dropped"].items()}
+    written = m["stages"]["written"]
+    where = (f"{len(m['splits'][next(iter(m['splits']))]['shards'])} shards" if "splits" in m
+             else f"{m['indexed']['prefix']}.bin/.idx, {m['indexed']['tokens']} tokens")
+    print(f"{args.out}: {written} samples in {where} from {m['records_read']} records read; dropped: "
+          f"{dropped or 'none'}; PII: {m['pii'] or 'none'}")
     return 0

@@ -77,6 +77,19 @@ class ParallelConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """Which implementation each fused op runs (mmfm.kernels): `auto` (the Triton kernel on CUDA when
+    Triton imports, else the PyTorch reference), `triton`, or `torch` (the model's own PyTorch code).
+    linear_cross_entropy also takes `chunked`: the fused, chunked loss with torch ops (any device).
+    attention: the decoder's attention core, auto | flash | flex | sdpa (mmfm.kernels.attention)."""
+    rms_norm: str = "auto"
+    rotary: str = "auto"
+    swiglu: str = "auto"
+    linear_cross_entropy: str = "auto"
+    attention: str = "auto"
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -145,6 +158,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

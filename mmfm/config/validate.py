@@ -155,6 +155,18 @@ def _validate_device(cfg: JobConfig) -> None:
         _require(torch.cuda.is_available(), f"device={cfg.device!r} but no CUDA device is visible; use device=cpu")
 
 
+def _validate_kernels(cfg: JobConfig) -> None:
+    from mmfm.kernels.apply import resolve_kernels
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    p = cfg.parallel
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    try:
+        resolve_kernels(cfg.kernels, torch.device(device), p.tp, p.pp, p.cp, cfg.stage.objective, dtype)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def validate(cfg: JobConfig) -> JobConfig:
     """Raise ConfigError on the first inconsistent value; return cfg unchanged otherwise."""
     _validate_model(cfg)
@@ -163,4 +175,5 @@ def validate(cfg: JobConfig) -> JobConfig:
     _validate_run(cfg)
     _validate_parallel(cfg)
     _validate_device(cfg)
+    _validate_kernels(cfg)
     return cfg

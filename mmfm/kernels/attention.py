@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfm.kernels.dispatch import importable
+from mmfm.models.attention import document_mask
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,6 @@ def available_backends(device: torch.device, dtype: torch.dtype, training: bool 
     return out + ["sdpa"]
 
 
-def document_mask(document_ids: Optional[torch.Tensor], length: int, device) -> torch.Tensor:
-    """Boolean [B or 1, 1, T, T]: True where a query may attend to a key (same document, not later)."""
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    if document_ids is None:
-        return causal[None, None]
-    same = document_ids[:, :, None] == document_ids[:, None, :]
-    return (same & causal)[:, None]
-
-
 def cumulative_lengths(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """cu_seqlens (int32, starting at 0) and the longest document of the flattened batch: a new document
     starts wherever the id changes and at the start of every row."""
@@ -61,7 +53,9 @@ def cumulative_lengths(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def _sdpa(q, k, v, document_ids):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(document_ids, q.shape[2], q.device))
+    if document_ids is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(document_ids))
 
 
 @functools.lru_cache(maxsize=None)

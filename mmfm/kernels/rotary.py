@@ -29,29 +29,32 @@ if triton_available():
     from mmfm.kernels.rms_norm import to_out
 
     @triton.jit
-    def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, T, H, HALF,
+    def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, T, H, HALF, T_BLOCKS,
                        sxb, sxh, sxt, sxd, sob, soh, sot, sod,
-                       INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-        # One program per (batch, position) and block of heads; a [BLOCK_H, BLOCK_HALF] tile per half.
-        row = tl.program_id(0).to(tl.int64)
-        b, t = row // T, row % T
-        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+                       INVERSE: tl.constexpr, HEADS: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_HALF: tl.constexpr):
+        # One program per (batch row, block of BLOCK_T positions) and group of HEADS heads: the cos/sin
+        # tiles [BLOCK_T, BLOCK_HALF] are loaded once and reused for every head of the group.
+        pid = tl.program_id(0)
+        b = (pid // T_BLOCKS).to(tl.int64)
+        t = (pid % T_BLOCKS) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
         d = tl.arange(0, BLOCK_HALF)[None, :]
-        dmask = d < HALF  # D/2 need not be a power of two
-        mask = (h < H) & dmask
+        mask = (t < T) & (d < HALF)  # D/2 need not be a power of two
 
-        pos = tl.load(pos_ptr + row)  # position_ids is contiguous [B, T]
-        c = tl.load(cos_ptr + pos * HALF + d, mask=dmask, other=0.0).to(tl.float32)
-        s = tl.load(sin_ptr + pos * HALF + d, mask=dmask, other=0.0).to(tl.float32)
+        pos = tl.load(pos_ptr + b * T + t, mask=t < T, other=0)  # position_ids is contiguous [B, T]
+        c = tl.load(cos_ptr + pos * HALF + d, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + pos * HALF + d, mask=mask, other=0.0).to(tl.float32)
         if INVERSE:  # the gradient of a rotation is the inverse rotation
             s = -s
 
-        x = x_ptr + b * sxb + h * sxh + t * sxt
-        x1 = tl.load(x + d * sxd, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x + (d + HALF) * sxd, mask=mask, other=0.0).to(tl.float32)
-        o = out_ptr + b * sob + h * soh + t * sot
-        tl.store(o + d * sod, to_out(x1 * c - x2 * s, o + d * sod), mask=mask)
-        tl.store(o + (d + HALF) * sod, to_out(x2 * c + x1 * s, o + (d + HALF) * sod), mask=mask)
+        first = tl.program_id(1) * HEADS
+        for h in range(first, tl.minimum(first + HEADS, H)):
+            x = x_ptr + b * sxb + h * sxh + t * sxt
+            x1 = tl.load(x + d * sxd, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(x + (d + HALF) * sxd, mask=mask, other=0.0).to(tl.float32)
+            o = out_ptr + b * sob + h * soh + t * sot
+            tl.store(o + d * sod, to_out(x1 * c - x2 * s, o + d * sod), mask=mask)
+            tl.store(o + (d + HALF) * sod, to_out(x2 * c + x1 * s, o + (d + HALF) * sod), mask=mask)
 
 
 def _rotate_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
@@ -60,10 +63,13 @@ def _rotate_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: t
     B, H, T, D = x.shape
     out = torch.empty((B, H, T, D), dtype=x.dtype, device=x.device)
     half = D // 2
-    block_h = min(triton.next_power_of_2(H), 16)
-    grid = (B * T, triton.cdiv(H, block_h))
-    _rotary_kernel[grid](x, out, cos, sin, pos, T, H, half, *x.stride(), *out.stride(),
-                         INVERSE=inverse, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half))
+    block_half = triton.next_power_of_2(half)
+    block_t = min(triton.next_power_of_2(T), max(1, 4096 // block_half), 64)  # tiles of <= 4096 elements
+    heads = min(H, 8)
+    t_blocks = triton.cdiv(T, block_t)
+    grid = (B * t_blocks, triton.cdiv(H, heads))
+    _rotary_kernel[grid](x, out, cos, sin, pos, T, H, half, t_blocks, *x.stride(), *out.stride(),
+                         INVERSE=inverse, HEADS=heads, BLOCK_T=block_t, BLOCK_HALF=block_half)
     return out
 
 

@@ -67,13 +67,15 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
-        """Logits [B, T, V]. positions default to 0..T-1 for every row.
+                cache: Optional[KVCache] = None, document_ids: Optional[torch.Tensor] = None,
+                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [B, T, V], or with targets the summed next-token loss (see LanguageModel.forward).
+        positions default to 0..T-1 for every row; document_ids [B, T] separates packed documents.
 
         A later pipeline stage holds no vision tower: its input is the previous stage's hidden states.
         """
         h = self.embed(input_ids, pixel_values) if self.vision is not None else input_ids
-        return self.language(h, positions, attn_mask, cache)
+        return self.language(h, positions, attn_mask, cache, document_ids, targets)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         lm = self.cfg.language

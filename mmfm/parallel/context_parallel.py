@@ -33,8 +33,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from mmfm.models.attention import CoreAttention
 
 CPGroup = Union[DeviceMesh, dist.ProcessGroup]
-# DecoderBlock.forward(x, cos, sin, attn_mask=None, cache=None, layer=0)
-_BLOCK_ARGS = ("x", "cos", "sin", "attn_mask", "cache", "layer")
+# DecoderBlock.forward(x, cos, sin, attn_mask=None, cache=None, layer=0, document_ids=None)
+_BLOCK_ARGS = ("x", "cos", "sin", "attn_mask", "cache", "layer", "document_ids")
 
 
 def _group(cp_mesh: CPGroup) -> dist.ProcessGroup:
@@ -66,9 +66,10 @@ class ContextParallelAttention(nn.Module):
         self.group, self.causal = group, causal
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
 
-    def forward(self, q, k, v, attn_mask=None):
-        if attn_mask is not None:
-            raise ValueError("attention masks (padding, generation) are not supported under context parallelism")
+    def forward(self, q, k, v, attn_mask=None, document_ids=None):
+        if attn_mask is not None or document_ids is not None:
+            raise ValueError("attention masks (padding, generation) and packed documents are not supported under "
+                             "context parallelism")
         tc = q.shape[2]
         # One collective for keys and values; its backward reduce-scatters their gradients.
         kv = all_gather_single_autograd(torch.cat([k, v]), 2, self.group)

@@ -1,6 +1,6 @@
 """Turn the plain model into this rank's parallel model parts, in one place and one order:
 
-    meta model -> pipeline stages -> tensor/sequence parallel -> activation checkpointing -> compile
+    meta model -> kernels -> pipeline stages -> tensor/sequence parallel -> activation checkpointing -> compile
     -> FSDP2/HSDP -> context parallel -> materialize this rank's shards only -> seeded initialization
 
 No rank ever materializes the full model: parameters are created on the meta device, sharded there,
@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from mmfm.config import JobConfig
+from mmfm.kernels.apply import apply_kernels, resolve_kernels
 from mmfm.models import MODEL_REGISTRY, build_model
 from mmfm.models.init import init_parameters
 from mmfm.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -41,6 +42,7 @@ class ModelParts:
     mesh: Optional[object] = None
     tied_group: Optional[dist.ProcessGroup] = None
     layers: list[list[int]] = field(default_factory=list)
+    kernels: dict[str, str] = field(default_factory=dict)  # op -> implementation (mmfm.kernels.apply)
 
     @property
     def pipelined(self) -> bool:
@@ -81,6 +83,10 @@ class ModelParts:
         return self.mesh.get_group(name) if self.mesh is not None and self.dims.sizes[name] > 1 else None
 
 
+def compute_dtype(cfg: JobConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+
 def compile_blocks(model: nn.Module, containers: tuple[str, ...], backend: str = "inductor") -> int:
     """torch.compile each block in place (names and checkpoints unchanged); return how many. Blocks share
     their code, so one compiled graph serves them all."""
@@ -95,6 +101,8 @@ def parallelize(cfg: JobConfig, dims: ParallelDims, device: torch.device, mesh=N
     """This rank's parts; materialize=False leaves them on the meta device (to check 100B+ layouts)."""
     spec = MODEL_REGISTRY[cfg.model.name]
     whole = build_model(cfg.model, "meta")
+    kernels = resolve_kernels(cfg.kernels, device, dims.tp, dims.pp, dims.cp, cfg.stage.objective, compute_dtype(cfg))
+    apply_kernels(whole, kernels)
     stages, layers = [0], []
     parts = [whole]
     if dims.pp > 1:
@@ -125,4 +133,4 @@ def parallelize(cfg: JobConfig, dims: ParallelDims, device: torch.device, mesh=N
     tied = None
     if dims.pp > 1 and cfg.model.language.tie_embeddings:
         tied = tied_embedding_groups(mesh, dims.pp)
-    return ModelParts(parts, stages, dims.num_stages if dims.pp > 1 else 1, dims, mesh, tied, layers)
+    return ModelParts(parts, stages, dims.num_stages if dims.pp > 1 else 1, dims, mesh, tied, layers, kernels)

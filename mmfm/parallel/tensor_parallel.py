@@ -27,8 +27,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-# DecoderBlock and Attention take (x, cos, sin, attn_mask, cache, layer): only x is distributed.
-_DECODER_ARGS = 6
+# DecoderBlock and Attention take (x, cos, sin, attn_mask, cache, layer, document_ids): only x is distributed.
+_DECODER_ARGS = 7
 
 
 def _sharded_sequence_in(num_args: int = 1) -> PrepareModuleInput:

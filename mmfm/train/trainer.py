@@ -94,6 +94,8 @@ class Trainer:
         self.first_replica = self.loss_owner and self.dp_rank == 0  # ... of data every replica reads
         self.schedule = self.build_schedule() if self.parts.pipelined else None
         self._loss_scale = 1.0
+        # The fused loss kernel takes the targets inside the model: the logits never exist.
+        self.loss_in_model = self.parts.kernels.get("linear_cross_entropy", "torch") != "torch"
 
     def build_schedule(self):
         stages = [PipelineStage(part, stage, self.parts.num_stages, self.device, group=self.parts.group("pp"))
@@ -179,6 +181,13 @@ class Trainer:
             return shard_sequence(batch.targets, self.mesh["cp"])
         return batch.targets
 
+    def forward_loss(self, batch: Batch) -> torch.Tensor:
+        """The objective's summed loss of one micro-batch through the whole (unpipelined) model."""
+        targets = self.targets_of(batch)
+        if self.loss_in_model:
+            return self.model(batch.input_ids, batch.pixel_values, targets=targets)
+        return self.objective(self.model(batch.input_ids, batch.pixel_values), targets)[0]
+
     def local_steps(self, micro: list[Batch], scale: float) -> float:
         """Every micro-batch through the whole model; gradients synchronized after the last."""
         loss_sum = 0.0
@@ -186,8 +195,7 @@ class Trainer:
             if self.grad_divisor > 1:  # reduce gradients only after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
             with self.autocast(), loss_context(self.dims.tp):
-                logits = self.model(batch.input_ids, batch.pixel_values)
-                loss, _ = self.objective(logits, self.targets_of(batch))
+                loss = self.forward_loss(batch)
                 (loss * scale).backward()
             loss_sum += scalar(loss)
         return loss_sum
@@ -245,8 +253,7 @@ class Trainer:
                 loss = self.pipeline_step([batch], 1.0, train=False)
             else:
                 with self.autocast(), loss_context(self.dims.tp):
-                    logits = self.model(batch.input_ids, batch.pixel_values)
-                    loss = scalar(self.objective(logits, self.targets_of(batch))[0])
+                    loss = scalar(self.forward_loss(batch))
             loss_sum += loss if self.first_replica else 0.0
         self.parts.train(True)
         (loss_sum,) = all_reduce_sums([loss_sum], self.device)

@@ -42,6 +42,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
+class Rotary(nn.Module):
+    """Rotary embeddings of q and k as a module, so that a kernel can replace it from outside."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+class LinearCrossEntropy(nn.Module):
+    """Summed next-token cross-entropy of the output projection (fp32, ignore_index positions skipped),
+    as a module so that a fused kernel can replace it from outside."""
+
+    def __init__(self, ignore_index: int = -100):
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, weight)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=self.ignore_index,
+                               reduction="sum")
+
+
 class KVCache:
     """Preallocated keys and values for incremental decoding, one pair per layer."""
 
@@ -71,9 +92,11 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.rotary = Rotary()
         self.core = CoreAttention(causal=True)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache: Optional[KVCache] = None, layer: int = 0):
+    def forward(self, x, cos, sin, attn_mask=None, cache: Optional[KVCache] = None, layer: int = 0,
+                document_ids=None):
         """cos/sin: [B, T, D/2] per position, or whole [max_len, D/2] tables for positions 0..T-1."""
         b, t, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
@@ -82,13 +105,13 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         if cos.dim() == 2:
             cos, sin = cos[:t], sin[:t]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotary(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         repeat = q.shape[1] // k.shape[1]
         if repeat > 1:
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = self.core(q, k, v, attn_mask)
+        out = self.core(q, k, v, attn_mask, document_ids)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -113,8 +136,8 @@ class DecoderBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, layer)
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0, document_ids=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, layer, document_ids)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -128,6 +151,7 @@ class LanguageModel(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg) for i in range(cfg.num_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.cross_entropy = LinearCrossEntropy()
         head_dim = cfg.hidden_size // cfg.num_heads
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, head_dim // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, head_dim // 2), persistent=False)
@@ -155,11 +179,15 @@ class LanguageModel(nn.Module):
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     def forward(self, h: torch.Tensor, positions: Optional[torch.Tensor] = None, attn_mask=None,
-                cache=None) -> torch.Tensor:
-        """h [B, T, D] embeddings, positions [B, T] (default 0..T-1 on every row) -> logits [B, T, V].
+                cache=None, document_ids: Optional[torch.Tensor] = None,
+                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h [B, T, D] embeddings, positions [B, T] (default 0..T-1 on every row) -> logits [B, T, V], or
+        with targets [B, T] the summed cross-entropy over positions whose target is not -100.
 
         attn_mask None means causal attention over the whole sequence; otherwise a boolean
-        [B, 1, T, S] mask (True = may attend), as built by generation for padded prompts.
+        [B, 1, T, S] mask (True = may attend), as built by generation for padded prompts. document_ids
+        [B, T] marks packed documents (contiguous runs), which never attend to each other; their
+        positions should restart at each document.
         A pipeline stage may hold only some layers, and no final norm: it then returns hidden states.
         """
         if positions is None:
@@ -167,7 +195,9 @@ class LanguageModel(nn.Module):
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         for name, block in self.layers.items():
-            h = block(h, cos, sin, attn_mask, cache, int(name))
+            h = block(h, cos, sin, attn_mask, cache, int(name), document_ids)
         if self.norm is None:
             return h
+        if targets is not None:
+            return self.cross_entropy(self.norm(h), self.output_weight(), targets)
         return F.linear(self.norm(h), self.output_weight())
