@@ -38,11 +38,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                        "fused linear cross-entropy memory (CPU)",
                        description=kernels_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(k)
+    from mmfm.data.bench import __doc__ as data_doc
+
+    d = sub.add_parser("data", help="loader samples/s (in-process, 1 and 2 workers) vs raw tar read and vs what "
+                                    "training consumes", description=data_doc,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--data", help="data set folder (default: the config's data.path)")
+    d.add_argument("--samples", type=int, default=2000, help="samples timed per reader (default 2000)")
+    d.add_argument("--steps", type=int, default=5, help="timed training steps (default 5)")
+    d.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader processes (default 0 1 2)")
+    d.add_argument("overrides", nargs="*", help="Hydra overrides on top of experiment=demo, e.g. data.pack=true")
     return p.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.bench == "data":
+        from mmfm.data.bench import run as data_bench
+
+        with one_line_errors("mmfm bench data"):
+            print(data_bench(args.data, args.overrides, args.samples, args.steps, args.workers))
+        return 0
     if args.bench == "kernels":
         from mmfm.kernels.bench import run
 

@@ -43,13 +43,27 @@ class ModelConfig:
 
 
 @dataclass
+class MixSource:
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     path: str = "data/synth"
     prompt: str = "describe the image."
     seq_len: int = 128
-    batch_size: int = 32
+    batch_size: int = 32  # rows per data-parallel rank and micro-step (packed rows when pack=true)
     shuffle_buffer: int = 1000
     val_batch_size: int = 64
+    # Loader processes that decode and tokenize (0: in the training process); same samples and order.
+    num_workers: int = 0
+    # Pack several samples into each seq_len row (documents never attend to each other).
+    pack: bool = False
+    # Other data sets mixed into the training stream: data.path has weight data.weight, each entry its own
+    # (same tokenizer); validation stays on data.path.
+    weight: float = 1.0
+    mix: list[MixSource] = field(default_factory=list)
 
 
 @dataclass

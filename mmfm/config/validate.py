@@ -5,6 +5,8 @@ Every failure is one line that names the field and the fix.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mmfm.errors import MmfmError
@@ -84,6 +86,14 @@ def _validate_data(cfg: JobConfig) -> None:
     _require(d.seq_len <= lm.max_seq_len,
              f"data.seq_len={d.seq_len} exceeds model.language.max_seq_len={lm.max_seq_len}; raise "
              "model.language.max_seq_len or lower data.seq_len")
+    _require(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0 (0: decode in the training process)")
+    for i, w in enumerate([d.weight] + [m.weight for m in d.mix]):
+        name = "data.weight" if i == 0 else f"data.mix[{i - 1}].weight"
+        _require(math.isfinite(w) and w > 0, f"{name}={w} must be a finite number > 0")
+    p = cfg.parallel
+    _require(not d.pack or (p.pp == 1 and p.cp == 1),
+             f"data.pack=true is not supported with parallel.pp={p.pp} / parallel.cp={p.cp} (pipeline stages and "
+             "context-parallel attention take no document boundaries); use data.pack=false or pp=cp=1")
 
 
 def _validate_train(cfg: JobConfig) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from pathlib import Path
+
 from mmfm.config import JobConfig, image_tokens
 from mmfm.config.validate import ConfigError
-from mmfm.data.loader import BatchLoader, SampleEncoder, SampleStream
-from mmfm.data.manifest import TOKENIZER, read_manifest, shard_paths
+from mmfm.data.loader import BatchLoader, SampleEncoder, SampleStream, reshard_stream_states
+from mmfm.data.mixing import MixedStream, reshard_mixed_states
+from mmfm.data.packing import PackedBatchLoader
+from mmfm.data.manifest import TOKENIZER, read_manifest, shard_counts, shard_paths
 from mmfm.data.tokenizer import TextTokenizer
-from pathlib import Path
 
 
 def load_tokenizer(cfg: JobConfig) -> TextTokenizer:
@@ -27,14 +31,49 @@ def sample_encoder(cfg: JobConfig, tokenizer: TextTokenizer) -> SampleEncoder:
                          cfg.data.seq_len)
 
 
-def train_loader(cfg: JobConfig, tokenizer: TextTokenizer, dp_rank: int = 0, dp_size: int = 1) -> BatchLoader:
-    """data.batch_size samples per data-parallel rank and micro-step, each rank its own share of the stream."""
-    stream = SampleStream(shard_paths(cfg.data.path, "train"), sample_encoder(cfg, tokenizer), cfg.seed,
-                          cfg.data.shuffle_buffer, rank=dp_rank, world=dp_size)
-    return BatchLoader(stream, cfg.data.batch_size, tokenizer.pad_id)
+def _train_stream(cfg: JobConfig, path: str, encoder: SampleEncoder, dp_rank: int, dp_size: int) -> SampleStream:
+    return SampleStream(shard_paths(path, "train"), encoder, cfg.seed, cfg.data.shuffle_buffer, rank=dp_rank,
+                        world=dp_size, workers=cfg.data.num_workers, expected_counts=shard_counts(path, "train"))
+
+
+def _same_tokenizer(main: str, other: str) -> None:
+    a, b = (read_manifest(p).get("tokenizer", {}).get("sha256") for p in (main, other))
+    if a != b:
+        raise ConfigError(f"data.mix data set {other} has another tokenizer than data.path={main}; build it with "
+                          f"`tokenizer: {{file: {Path(main) / TOKENIZER}}}` in its recipe")
+
+
+def train_loader(cfg: JobConfig, tokenizer: TextTokenizer, dp_rank: int = 0, dp_size: int = 1):
+    """data.batch_size rows per data-parallel rank and micro-step, each rank its own share of every data set:
+    one stream, or data.path mixed with data.mix by weight; rows of one sample each, or packed."""
+    d, encoder = cfg.data, sample_encoder(cfg, tokenizer)
+    stream = _train_stream(cfg, d.path, encoder, dp_rank, dp_size)
+    if d.mix:
+        for m in d.mix:
+            _same_tokenizer(d.path, m.path)
+        streams = [stream] + [_train_stream(cfg, m.path, encoder, dp_rank, dp_size) for m in d.mix]
+        stream = MixedStream(streams, [d.weight] + [m.weight for m in d.mix], cfg.seed,
+                             names=[d.path] + [m.path for m in d.mix])
+    if d.pack:
+        return PackedBatchLoader(stream, d.batch_size, d.seq_len, tokenizer.pad_id)
+    return BatchLoader(stream, d.batch_size, tokenizer.pad_id)
+
+
+def reshard_loader_states(states: list[dict], new_world: int) -> list[dict]:
+    """Loader states of `new_world` data-parallel ranks that continue those saved by len(states) ranks."""
+    if "streams" in states[0]:
+        return reshard_mixed_states(states, new_world, reshard_stream_states)
+    return reshard_stream_states(states, new_world)
+
+
+def loader_summary(state: dict) -> tuple[int, Counter]:
+    """(epoch of the first data set, skipped samples by reason over every data set) of a loader state."""
+    streams = state["streams"] if "streams" in state else [state]
+    return int(streams[0]["epoch"]), sum((Counter(s.get("skipped", {})) for s in streams), Counter())
 
 
 def val_stream(cfg: JobConfig, tokenizer: TextTokenizer) -> SampleStream:
     """The validation split in file order, once through."""
     return SampleStream(shard_paths(cfg.data.path, "val"), sample_encoder(cfg, tokenizer), cfg.seed,
-                        cfg.data.shuffle_buffer, shuffle=False, loop=False)
+                        cfg.data.shuffle_buffer, shuffle=False, loop=False,
+                        expected_counts=shard_counts(cfg.data.path, "val"))

@@ -16,6 +16,7 @@ import io
 import itertools
 import json
 import logging
+import pickle
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,15 +57,22 @@ class Batch:
     images_per_sample: list[int]
     captions: list[str]
     keys: list[str]
+    # Packed rows (several samples per row): the document of each position (contiguous runs; padding is a
+    # document of its own) and each position's index within its document. None: one sample per row.
+    document_ids: Optional[torch.Tensor] = None  # [B, T]
+    positions: Optional[torch.Tensor] = None  # [B, T]
 
     @property
     def num_loss_tokens(self) -> int:
         return int((self.targets != IGNORE_INDEX).sum())
 
     def to(self, device) -> "Batch":
-        pv = None if self.pixel_values is None else self.pixel_values.to(device)
-        return Batch(self.input_ids.to(device), self.targets.to(device), pv, self.images_per_sample,
-                     self.captions, self.keys)
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return dataclasses.replace(self, input_ids=self.input_ids.to(device), targets=self.targets.to(device),
+                                   pixel_values=move(self.pixel_values), document_ids=move(self.document_ids),
+                                   positions=move(self.positions))
 
 
 def load_image(data: bytes, size: int) -> torch.Tensor:
@@ -157,13 +165,19 @@ class SampleStream:
 
     State: {"epoch", "position" (raw samples passed: index of the next one), "skipped" (counts by
     reason), "base", "consumed" (sorted indices >= base)}; the last two default to 0 and [].
+
+    workers > 0: decoding and tokenization run in that many loader processes, the rank's samples dealt to
+    them in chunks (`_WorkerShare`); the samples, their order and the state are those of workers=0.
+    Read errors of damaged shards are counted with workers=0 only (the workers log them).
     """
 
     def __init__(self, shards: list[str], encoder: SampleEncoder, seed: int, shuffle_buffer: int,
-                 shuffle: bool = True, loop: bool = True, rank: int = 0, world: int = 1):
+                 shuffle: bool = True, loop: bool = True, rank: int = 0, world: int = 1, workers: int = 0,
+                 expected_counts: Optional[dict[str, int]] = None):
         if not shards:
             raise ValueError("no shards to read")
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.workers = rank, world, workers
+        self.expected_counts = expected_counts or {}  # shard -> samples, from the manifest
         self.shards, self.encoder, self.seed = list(shards), encoder, seed
         self.shuffle_buffer, self.shuffle, self.loop = shuffle_buffer, shuffle, loop
         self.epoch, self.position, self.base = 0, 0, 0
@@ -197,38 +211,87 @@ class SampleStream:
         shards = list(self.shards)
         if self.shuffle:
             rng.shuffle(shards)
-        stages = [wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=self._on_read_error)]
-        if self.shuffle:
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
-        return iter(wds.DataPipeline(*stages))
+        samples = self._counted(shards)
+        if not self.shuffle:
+            return samples
+        return iter(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples))
 
-    def _samples(self) -> Iterator[EncodedSample]:
-        while True:
-            raw_iter = self._raw_epoch(self.epoch)
-            self._replaying = True
-            replayed = sum(1 for _ in itertools.islice(raw_iter, self.position))
-            self._replaying = False
-            if replayed < self.position:
-                raise DataError(f"loader state says epoch {self.epoch} consumed {self.position} samples, but the "
-                                 f"shards hold only {replayed}: the data set changed since the checkpoint")
-            usable, consumed = 0, set(self.consumed)
-            for raw in raw_iter:
-                self.position += 1
-                if not owns(self.position - 1, self.rank, self.world, self.base, consumed):
-                    continue
-                try:
-                    sample = self.encoder(raw)
-                except SkipSample as skip:
-                    self._skip(skip.args[0], raw.get("__key__", "?"), skip.args[1])
-                    continue
-                usable += 1
+    def _counted(self, shards: list[str]) -> Iterator[dict]:
+        """The shards' samples in order; a shard that ends short of its manifest count (Python's tarfile stops
+        silently at a bad header mid-stream) has its missing samples counted as skipped "truncated_shard"."""
+        for shard in shards:
+            read = 0
+            reader = wds.DataPipeline(wds.SimpleShardList([shard]), wds.tarfile_to_samples(handler=self._on_read_error))
+            for sample in reader:
+                read += 1
                 yield sample
+            missing = self.expected_counts.get(shard, read) - read
+            if missing > 0 and not self._replaying:
+                self.skipped["truncated_shard"] += missing
+                log.warning("shard %s ended after %d of its %d samples (truncated or damaged)", shard, read,
+                            read + missing)
+
+    def _owned(self) -> Iterator[tuple[int, int, dict]]:
+        """(epoch, raw index, raw sample) of every raw sample this rank serves, from the current state on."""
+        epoch, position, base, consumed = self.epoch, self.position, self.base, set(self.consumed)
+        while True:
+            raw_iter = self._raw_epoch(epoch)
+            self._replaying = True
+            replayed = sum(1 for _ in itertools.islice(raw_iter, position))
+            self._replaying = False
+            if replayed < position:
+                raise DataError(f"loader state says epoch {epoch} consumed {position} samples, but the "
+                                f"shards hold only {replayed}: the data set changed since the checkpoint")
+            served = 0
+            for index, raw in enumerate(raw_iter, start=position):
+                if owns(index, self.rank, self.world, base, consumed):
+                    served += 1
+                    yield epoch, index, raw
             if not self.loop:
                 return
-            if usable == 0 and replayed == 0:
+            if served == 0 and position == 0:
+                raise DataError(f"a whole epoch of {len(self.shards)} shard(s) held no readable sample for this "
+                                f"rank; check the data set, e.g. {self.shards[0]}")
+            epoch, position, base, consumed = epoch + 1, 0, 0, set()
+
+    def _encode(self, raw: dict):
+        """The encoded sample, or (reason, key, detail) for one to skip."""
+        try:
+            return self.encoder(raw)
+        except SkipSample as skip:
+            return skip.args[0], raw.get("__key__", "?"), skip.args[1]
+
+    def _consume(self, epoch: int, index: int, payload) -> Optional[EncodedSample]:
+        """Advance the state past raw sample `index` of `epoch`; the sample, or None when it is skipped."""
+        if epoch != self.epoch:
+            self.epoch, self.base, self.consumed = epoch, 0, []
+        self.position = index + 1
+        if isinstance(payload, tuple):
+            self._skip(*payload)
+            if self.epoch - self._usable_epoch >= 2:
                 raise DataError(f"a whole epoch of {len(self.shards)} shard(s) gave no usable sample (skipped so "
                                 f"far: {dict(self.skipped)}); check the data set, e.g. {self.shards[0]}")
-            self.epoch, self.position, self.base, self.consumed = self.epoch + 1, 0, 0, []
+            return None
+        self._usable_epoch = self.epoch
+        return payload
+
+    def _items(self) -> Iterator[tuple[int, int, object]]:
+        """(epoch, index, sample or skip) in stream order: encoded here, or by `workers` loader processes."""
+        if self.workers == 0:
+            return ((epoch, index, self._encode(raw)) for epoch, index, raw in self._owned())
+        loader = torch.utils.data.DataLoader(_WorkerShare(self), batch_size=None, num_workers=self.workers,
+                                             collate_fn=_as_is, multiprocessing_context="spawn", prefetch_factor=4)
+        return (item for blob in loader for item in pickle.loads(blob))
+
+    def _samples(self) -> Iterator[EncodedSample]:
+        self._usable_epoch = self.epoch
+        for epoch, index, payload in self._items():
+            sample = self._consume(epoch, index, payload)
+            if sample is not None:
+                yield sample
+
+    def __getstate__(self):
+        return {**self.__dict__, "_it": None}  # sent to loader workers without the running iterator
 
     def __iter__(self) -> Iterator[EncodedSample]:
         return self
@@ -237,6 +300,35 @@ class SampleStream:
         if self._it is None:
             self._it = self._samples()
         return next(self._it)
+
+
+def _as_is(item):
+    return item
+
+
+class _WorkerShare(torch.utils.data.IterableDataset):
+    """Loader worker w of W: walks the rank's stream from its state and encodes the rank's samples
+    k with (k // CHUNK) % W == w, handing them over CHUNK at a time (one pickled message: cheaper than a
+    shared-memory tensor per sample). The DataLoader takes one chunk from each worker in turn, so the rank
+    gets its samples in stream order, each encoded by exactly one worker, and its state advances as in one
+    process."""
+
+    CHUNK = 32
+
+    def __init__(self, stream: "SampleStream"):
+        self.stream = stream
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        s, chunk = self.stream, []
+        for k, (epoch, index, raw) in enumerate(s._owned()):
+            if (k // self.CHUNK) % info.num_workers == info.id:
+                chunk.append((epoch, index, s._encode(raw)))
+                if len(chunk) == self.CHUNK:
+                    yield pickle.dumps(chunk)
+                    chunk = []
+        if chunk:
+            yield pickle.dumps(chunk)
 
 
 def reshard_stream_states(states: list[dict], new_world: int) -> list[dict]:
@@ -279,8 +371,12 @@ def pad_sequence(batch: Batch, length: int, pad_id: int) -> Batch:
     if extra == 0:
         return batch
     pad = torch.nn.functional.pad
+    packed = {}
+    if batch.document_ids is not None:  # padding: a document of its own (id -1)
+        packed = dict(document_ids=pad(batch.document_ids, (0, extra), value=-1),
+                      positions=pad(batch.positions, (0, extra), value=0))
     return dataclasses.replace(batch, input_ids=pad(batch.input_ids, (0, extra), value=pad_id),
-                               targets=pad(batch.targets, (0, extra), value=IGNORE_INDEX))
+                               targets=pad(batch.targets, (0, extra), value=IGNORE_INDEX), **packed)
 
 
 def blank_sample(pad_id: int) -> EncodedSample:

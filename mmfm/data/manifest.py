@@ -88,3 +88,9 @@ def shard_paths(data_dir: str | Path, split: str) -> list[str]:
         raise DataError(f"{len(missing)} shard(s) listed in {data_dir}/{MANIFEST} are missing, e.g. {missing[0]}; "
                         "rebuild the data set")
     return paths
+
+
+def shard_counts(data_dir: str | Path, split: str) -> dict[str, int]:
+    """Samples per shard path of `split`, as the manifest lists them."""
+    shards = read_manifest(data_dir)["splits"][split]["shards"]
+    return {str(Path(data_dir) / s["file"]): int(s["samples"]) for s in shards if "samples" in s}

@@ -22,8 +22,8 @@ from torch.distributed.pipelining import PipelineStage
 
 from mmfm.checkpoint import CheckpointManager
 from mmfm.config import JobConfig, image_tokens, validate
-from mmfm.data.build import load_tokenizer, sample_encoder, train_loader, val_stream
-from mmfm.data.loader import Batch, BatchLoader, pad_sequence, reshard_stream_states
+from mmfm.data.build import load_tokenizer, loader_summary, reshard_loader_states, sample_encoder, train_loader, val_stream
+from mmfm.data.loader import Batch, BatchLoader, pad_sequence
 from mmfm.data.manifest import TOKENIZER
 from mmfm.models import MODEL_REGISTRY, build_model
 from mmfm.parallel import ParallelDims
@@ -123,7 +123,7 @@ class Trainer:
         if len(data_states) != self.dims.dp_size:
             log.info("resharding data-loader positions from %d to %d data-parallel ranks", len(data_states),
                      self.dims.dp_size)
-            data_states = reshard_stream_states(data_states, self.dims.dp_size)
+            data_states = reshard_loader_states(data_states, self.dims.dp_size)
         self.loader.load_state_dict(data_states[self.dp_rank])
         self.step = state["step"]
         log.info("resumed from %s at step %d", path, self.step)
@@ -167,7 +167,7 @@ class Trainer:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         seq_len = max(b.input_ids.shape[1] for b in micro)
-        counts = [sum(b.input_ids.numel() for b in micro), sum(b.input_ids.shape[0] for b in micro),
+        counts = [sum(b.input_ids.numel() for b in micro), sum(len(b.keys) for b in micro),
                   sum(sum(b.images_per_sample) for b in micro)]
         loss_sum, positions, samples, images = all_reduce_sums(
             [loss_sum if self.loss_owner else 0.0] + [c / self.replicas for c in counts], self.device)
@@ -184,9 +184,10 @@ class Trainer:
     def forward_loss(self, batch: Batch) -> torch.Tensor:
         """The objective's summed loss of one micro-batch through the whole (unpipelined) model."""
         targets = self.targets_of(batch)
+        packed = dict(positions=batch.positions, document_ids=batch.document_ids)  # None unless data.pack
         if self.loss_in_model:
-            return self.model(batch.input_ids, batch.pixel_values, targets=targets)
-        return self.objective(self.model(batch.input_ids, batch.pixel_values), targets)[0]
+            return self.model(batch.input_ids, batch.pixel_values, targets=targets, **packed)
+        return self.objective(self.model(batch.input_ids, batch.pixel_values, **packed), targets)[0]
 
     def local_steps(self, micro: list[Batch], scale: float) -> float:
         """Every micro-batch through the whole model; gradients synchronized after the last."""
@@ -223,11 +224,10 @@ class Trainer:
     def step_metrics(self, raw: dict, seconds: float) -> dict:
         flops = self.spec.training_flops(self.cfg.model, raw["positions"], raw["seq_len"], raw["images"])
         mfu = flops / seconds / (self.peak * self.world) if self.peak else None
-        data_state = self.loader.state_dict()
-        skipped = data_state["skipped"]
+        epoch, skipped = loader_summary(self.loader.state_dict())
         return {"loss": raw["loss"], "lr": raw["lr"], "grad_norm": raw["grad_norm"],
                 "tokens_per_s": raw["positions"] / seconds, "samples_per_s": raw["samples"] / seconds,
-                "mfu": mfu, "peak_mem_gib": peak_memory_gib(self.device), "epoch": data_state["epoch"],
+                "mfu": mfu, "peak_mem_gib": peak_memory_gib(self.device), "epoch": epoch,
                 "skipped_samples": sum(skipped.values()), **{f"skipped_{k}": v for k, v in skipped.items()}}
 
     def validate_now(self) -> float:
