@@ -76,10 +76,12 @@ def test_build_counts_every_record_and_masks_pii(recipe, tmp_path):
     out = tmp_path / "out"
     m = build(recipe, out, progress=False)
     assert m["records_read"] == 9 + 5  # 9 image files (one without a caption), 5 JSONL lines
-    assert m["stages"]["read"]["dropped"] == {"no_caption": 1, "invalid_json": 1, "missing_image": 1,
-                                              "empty_caption": 1}
-    assert m["stages"]["decode"]["dropped"] == {"corrupt_image": 1}
-    assert m["stages"]["dedup"]["dropped"] == {"exact_duplicate": 1}
+    assert m["stages"]["read"] == {"kept": 10, "dropped": {"no_caption": 1, "invalid_json": 1,
+                                                           "missing_image": 1, "empty_caption": 1}}
+    assert m["stages"]["decode"] == {"kept": 9, "dropped": {"corrupt_image": 1}}
+    assert m["stages"]["text_length"] == {"kept": 9, "dropped": {}}
+    assert m["stages"]["pii"] == {"kept": 9, "dropped": {}}
+    assert m["stages"]["dedup_exact"] == {"kept": 8, "dropped": {"exact_duplicate": 1}}
     assert m["stages"]["written"] == 8 and m["splits"]["train"]["samples"] == 8
     assert m["sources"]["folder"] == {"samples": 6, "license": "CC0-1.0", "type": "image_folder"}
     assert m["sources"]["web"]["samples"] == 2
@@ -130,12 +132,19 @@ stages: [{dedup: exact}]
 output: {format: indexed, prefix: corpus, tokenizer: {vocab_size: 280}}
 """)
     m = build(tmp_path / "r.yaml", tmp_path / "out", progress=False)
-    assert m["indexed"]["documents"] == 3 and m["stages"]["dedup"]["dropped"] == {"exact_duplicate": 1}
+    assert m["indexed"]["documents"] == 3 and m["stages"]["dedup_exact"]["dropped"] == {"exact_duplicate": 1}
     ds = IndexedDataset(str(tmp_path / "out" / "corpus"))
     tok = TextTokenizer.load(tmp_path / "out" / mf.TOKENIZER)
     assert [tok.decode(ds[i][:-1].tolist()) for i in range(len(ds))] == [docs[0], docs[1], docs[3]]
     assert all(int(ds[i][-1]) == tok.eos_id for i in range(len(ds)))
     assert sum(len(ds[i]) for i in range(len(ds))) == m["indexed"]["tokens"]
+    # and back: an indexed dataset (ours, or one prepared for Megatron) as a source of another build
+    (tmp_path / "back.yaml").write_text("""
+sources: [{type: indexed, path: out/corpus, tokenizer: out/tokenizer.json, name: megatron, license: CC0-1.0}]
+output: {format: indexed, prefix: again, tokenizer: {file: out/tokenizer.json}}
+""")
+    again = build(tmp_path / "back.yaml", tmp_path / "again", progress=False)
+    assert again["indexed"]["sha256"] == m["indexed"]["sha256"] and again["sources"]["megatron"]["samples"] == 3
 
 
 def test_bad_recipes_are_clear_errors(tmp_path, recipe):

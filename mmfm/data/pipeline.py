@@ -28,6 +28,7 @@ recipe and inputs is not redone.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import itertools
 import json
@@ -98,24 +99,38 @@ def build_stage(spec: dict) -> Callable[[Record], Outcome]:
         raise RecipeError(f"stage {kind}: {value}: {exc}") from None
 
 
+def stage_labels(specs: list[dict]) -> list[str]:
+    """The manifest's name of each stage: the filter's name, `pii`, `dedup_<kind>`; repeats get `_<index>`."""
+    labels = []
+    for i, spec in enumerate(specs):
+        label = f"dedup_{spec['dedup']}" if "dedup" in spec else ("pii" if "pii" in spec else str(spec.get("filter")))
+        labels.append(label if label not in labels else f"{label}_{i}")
+    return labels
+
+
+def build_stages(specs: list[dict], labels: list[str]) -> list[tuple[str, Callable[[Record], Outcome]]]:
+    return [(label, build_stage(spec)) for label, spec in zip(labels, specs)]
+
+
 def is_stateful(stage) -> bool:
     return hasattr(stage, "state_dict")
 
 
-def run_stages(stages: list, record: Record) -> Outcome:
-    for stage in stages:
+def run_stages(stages: list[tuple[str, Callable]], record: Record) -> Outcome:
+    """The record through (label, stage) pairs; a Dropped carries the label of the stage that dropped it."""
+    for label, stage in stages:
         record = stage(record)
         if isinstance(record, Dropped):
-            return record
+            return replace(record, stage=label)
     return record
 
 
 _WORKER_STAGES: list = []
 
 
-def _init_worker(stage_specs: list[dict]) -> None:
+def _init_worker(stage_specs: list[dict], labels: list[str]) -> None:
     global _WORKER_STAGES
-    _WORKER_STAGES = [build_stage(s) for s in stage_specs]
+    _WORKER_STAGES = build_stages(stage_specs, labels)
 
 
 def _run_chunk(chunk: list[Outcome]) -> list[Outcome]:
@@ -151,8 +166,9 @@ class Recipe:
         specs = []
         for spec in self.sources:
             spec = dict(spec)
-            if "path" in spec and not os.path.isabs(spec["path"]):
-                spec["path"] = str(self.base / spec["path"])
+            for key in ("path", "tokenizer", "image_root"):  # the file parameters of sources
+                if spec.get(key) and not os.path.isabs(spec[key]):
+                    spec[key] = str(self.base / spec[key])
             specs.append(spec)
         return specs
 
@@ -168,7 +184,10 @@ def input_fingerprint(specs: list[dict]) -> str:
     h = hashlib.sha256()
     for spec in specs:
         root = Path(spec["path"])
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        if root.is_dir():
+            files = sorted(p for p in root.rglob("*") if p.is_file())
+        else:  # a file, or a prefix / glob (tar shards, indexed datasets)
+            files = [root] if root.is_file() else sorted(Path(p) for p in glob.glob(str(root) + "*"))
         for p in files:
             st = p.stat()
             h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
@@ -294,9 +313,10 @@ def build(recipe_path: str | Path, out: str | Path, workers: int = 1, progress: 
     if fmt not in ("webdataset", "indexed"):
         raise RecipeError(f"output.format={fmt!r} is unknown; use webdataset or indexed")
     stage_specs = list(recipe.stages)
+    labels = stage_labels(stage_specs)
     parallel_specs, serial_specs = _split_stages(stage_specs)
-    for s in stage_specs:
-        build_stage(s)  # validates every stage
+    n_parallel = len(parallel_specs)
+    build_stages(stage_specs, labels)  # validates every stage
     out = Path(out)
     fingerprint = input_fingerprint(specs)
     if (out / mf.MANIFEST).is_file():
@@ -308,19 +328,22 @@ def build(recipe_path: str | Path, out: str | Path, workers: int = 1, progress: 
                           "output folder or delete it")
     out.mkdir(parents=True, exist_ok=True)
     state = _load_state(out, recipe.digest(), fingerprint)
-    serial = [build_stage(s) for s in serial_specs]
-    for stage, saved in zip([s for s in serial if is_stateful(s)], state.dedup):
+    serial = build_stages(serial_specs, labels[n_parallel:])
+    for stage, saved in zip([s for _, s in serial if is_stateful(s)], state.dedup):
         stage.load_state_dict(saved)
     for stale in out.glob("*.partial"):
         stale.unlink()
     split, prefix = o.get("split", "train"), o.get("prefix", o.get("split", "train"))
-    writer = ShardWriter(out, prefix, int(o.get("shard_bytes", 100_000_000)), state.shards) if fmt == "webdataset" else None
+    writer = None
+    if fmt == "webdataset":
+        writer = ShardWriter(out, prefix, int(o.get("shard_bytes", 100_000_000)), state.shards)
     kept_texts: list[str] = []
     records = itertools.islice(_stream(specs), state.consumed, None)
     bar = tqdm(desc=f"building {recipe.name}", unit=" records", initial=state.consumed, disable=not progress)
-    pool = mp.get_context("spawn").Pool(workers, _init_worker, (parallel_specs,)) if workers > 1 else None
+    worker_args = (parallel_specs, labels[:n_parallel])
+    pool = mp.get_context("spawn").Pool(workers, _init_worker, worker_args) if workers > 1 else None
     if pool is None:
-        _init_worker(parallel_specs)
+        _init_worker(*worker_args)
     try:
         chunks = iter(lambda: list(itertools.islice(records, CHUNK)), [])
         results = pool.imap(_run_chunk, chunks) if pool else map(_run_chunk, chunks)
@@ -371,7 +394,7 @@ def _load_state(out: Path, digest: str, fingerprint: str) -> BuildState:
 
 
 def _save_state(out: Path, recipe: Recipe, fingerprint: str, state: BuildState, serial: list) -> None:
-    state.dedup = [s.state_dict() for s in serial if is_stateful(s)]
+    state.dedup = [s.state_dict() for _, s in serial if is_stateful(s)]
     mf.write_json_atomic(out / STATE, {"recipe_sha256": recipe.digest(), "inputs_sha256": fingerprint,
                                        "state": state.to_json()})
 
@@ -403,11 +426,14 @@ def _finish(out: Path, recipe: Recipe, fingerprint: str, state: BuildState, writ
 
 
 def _stage_report(recipe: Recipe, state: BuildState) -> dict:
-    """Per stage: records dropped by reason; `read` holds what the sources could not use."""
-    report = {"read": {"dropped": dict(state.dropped.get("read", {}))}}
-    for spec in recipe.stages:
-        stage = build_stage(spec)
-        report[stage.name] = {"dropped": dict(state.dropped.get(stage.name, {}))}
+    """Per stage, in recipe order: records kept and dropped by reason; `read`: what the sources could not use."""
+    read_drops = dict(state.dropped.get("read", {}))
+    report = {"read": {"kept": state.consumed - sum(read_drops.values()), "dropped": read_drops}}
+    entering = report["read"]["kept"]
+    for label in stage_labels(recipe.stages):
+        dropped = dict(state.dropped.get(label, {}))
+        report[label] = {"kept": entering - sum(dropped.values()), "dropped": dropped}
+        entering = report[label]["kept"]
     report["written"] = state.written
     return report
 

@@ -18,6 +18,7 @@ Formats:
 - tar: webdataset / img2dataset shards; members `<key>.<ext>` grouped by key; caption from "txt",
   "caption", or "json" ({"caption"} / {"text"}); images from `[N.]jpg|jpeg|png|webp`; "json" is meta.
 - text: UTF-8 `*.txt` files; one document per non-empty line, per file, or per paragraph.
+- indexed: a Megatron indexed dataset (`<path>.bin/.idx`), documents decoded with its tokenizer.json.
 """
 
 from __future__ import annotations
@@ -521,8 +522,34 @@ class TextSource(Source):
 
 # ---- recipes -------------------------------------------------------------------------------------------------
 
+class IndexedSource(Source):
+    """A Megatron indexed dataset (`<path>.bin` / `<path>.idx`, e.g. one prepared for Megatron-LM): each
+    document's token ids decoded to text with `tokenizer` (a Hugging Face tokenizer.json: the one the corpus
+    was tokenized with). key = f"{stem}:{document index}"; a document that decodes to nothing -> "empty_caption"."""
+
+    def __init__(self, path, name: str, license: str = "", tokenizer: str = ""):
+        super().__init__(name, license)
+        self.prefix = str(path)
+        for ext in (".bin", ".idx"):
+            _existing(self.prefix + ext, name)
+        if not tokenizer:
+            raise SourceError(f"source {name!r} (indexed) needs tokenizer: the tokenizer.json the corpus was made with")
+        self.tokenizer = _existing(tokenizer, name)
+
+    def __iter__(self) -> Iterator[Outcome]:
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+        from tokenizers import Tokenizer
+
+        tok, docs = Tokenizer.from_file(str(self.tokenizer)), IndexedDataset(self.prefix)
+        stem = Path(self.prefix).name
+        for i in range(len(docs)):
+            text = tok.decode(docs[i].tolist(), skip_special_tokens=True).strip()
+            key = f"{stem}:{i}"
+            yield self._record(key, text=text) if text else self._drop(key, _Bad("empty_caption", "empty document"))
+
+
 SOURCE_TYPES = {"image_folder": ImageFolderSource, "jsonl": JsonlSource, "llava": LlavaSource,
-                "tar": TarShardSource, "text": TextSource}
+                "tar": TarShardSource, "text": TextSource, "indexed": IndexedSource}
 
 
 def build_source(spec: dict) -> Source:

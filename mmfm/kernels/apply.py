@@ -108,7 +108,9 @@ def resolve_kernels(kernels, device: torch.device, tp: int = 1, pp: int = 1, cp:
     for op in ELEMENTWISE_OPS:
         value = getattr(kernels, op)
         _check(op, value, BACKENDS)
-        reason = "under tensor parallelism (sequence-parallel norms run on DTensors)" if op == "rms_norm" and tp > 1 else None
+        reason = None
+        if op == "rms_norm" and tp > 1:
+            reason = "under tensor parallelism (sequence-parallel norms run on DTensors)"
         choices[op] = choose(op, value, device) if _layout_allows(op, value, reason) else "torch"
 
     value = kernels.linear_cross_entropy

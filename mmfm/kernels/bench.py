@@ -12,8 +12,9 @@ forward + backward time (median over --iters, CUDA events) and peak memory above
 
 Attention runs on --documents packed documents per row (block-diagonal causal). On CPU (`--memory`, the
 default there): peak memory of fused linear + cross-entropy loss + backward against the naive path that
-materializes the logits, each in a fresh process (peak RSS above the inputs, the kernel's peak count restarted once
-they exist, so import-time peaks do not count; grads of hidden and weight are counted in both). `--full` takes the 8192 tokens x 128256 vocab x 4096 hidden shape.
+materializes the logits, each in a fresh process (peak RSS above the inputs, the kernel's peak count
+restarted once they exist, so import-time peaks do not count; grads of hidden and weight are counted in
+both). `--full` takes the 8192 tokens x 128256 vocab x 4096 hidden shape.
 """
 
 from __future__ import annotations
