@@ -1,13 +1,11 @@
 """Resuming the sample stream at another data-parallel size: every sample of the epoch served exactly once."""
 
-import io
 import itertools
 import json
 from collections import Counter
 
 import pytest
-import webdataset as wds
-from PIL import Image
+from bad_shards import shard_with_corrupt_images
 
 from mmfm.data.build import load_tokenizer, sample_encoder
 from mmfm.data.loader import SampleStream, reshard_stream_states
@@ -22,14 +20,7 @@ def small_data(tmp_path_factory):
     """A 200-sample synthetic train split (4 shards) plus a shard of 21 samples, every third one corrupt."""
     root = tmp_path_factory.mktemp("reshard")
     build_synth_dataset(root / "synth", seed=0, train_size=200, val_size=10, shard_size=50, progress=False)
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, format="PNG")
-    png, caption = buf.getvalue(), json.dumps({"caption": "a red square on the left."}).encode()
-    extra = root / "extra.tar"
-    with wds.TarWriter(str(extra), encoder=False, mtime=0.0) as w:
-        for j in range(3 * NUM_BAD):
-            w.write({"__key__": f"x{j}", "png": png[:60] if j % 3 == 1 else png, "json": caption})
-    return root / "synth", str(extra)
+    return root / "synth", shard_with_corrupt_images(root / "extra.tar", 3 * NUM_BAD)
 
 
 @pytest.fixture

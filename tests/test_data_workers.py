@@ -1,13 +1,11 @@
 """Loader worker processes (data.num_workers): over an epoch every sample reaches exactly one of 2 ranks x 2
 workers, in the order and with the state of one process, and a resumed loader continues exactly."""
 
-import io
 import itertools
 import json
 
 import pytest
-import webdataset as wds
-from PIL import Image
+from bad_shards import shard_with_corrupt_images
 
 from mmfm.data.build import load_tokenizer, sample_encoder
 from mmfm.data.loader import SampleStream
@@ -20,14 +18,8 @@ def data(tmp_path_factory):
     """120 synthetic samples in 3 shards, plus a shard of 9 whose every third image is corrupt."""
     root = tmp_path_factory.mktemp("workers")
     build_synth_dataset(root / "synth", seed=0, train_size=120, val_size=10, shard_size=40, progress=False)
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), (20, 200, 30)).save(buf, format="PNG")
-    png, caption = buf.getvalue(), json.dumps({"caption": "a green square on the right."}).encode()
-    extra = root / "extra.tar"
-    with wds.TarWriter(str(extra), encoder=False, mtime=0.0) as w:
-        for j in range(9):
-            w.write({"__key__": f"x{j}", "png": png[:60] if j % 3 == 1 else png, "json": caption})
-    return root / "synth", shard_paths(root / "synth", "train") + [str(extra)]
+    extra = shard_with_corrupt_images(root / "extra.tar", 9, (20, 200, 30), "a green square on the right.")
+    return root / "synth", shard_paths(root / "synth", "train") + [extra]
 
 
 @pytest.fixture
