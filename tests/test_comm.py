@@ -87,6 +87,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     result["manual_calls"] = c.calls_by_kind()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    dist.barrier()  # no rank tears its gloo group down while the other is still in a collective
     dist.destroy_process_group()
 
 def test_comm_counter_matches_fsdp_analytic(tmp_path):
