@@ -62,7 +62,7 @@ def train_loader(cfg: JobConfig, tokenizer: TextTokenizer, dp_rank: int = 0, dp_
 def reshard_loader_states(states: list[dict], new_world: int) -> list[dict]:
     """Loader states of `new_world` data-parallel ranks that continue those saved by len(states) ranks."""
     if "streams" in states[0]:
-        return reshard_mixed_states(states, new_world, reshard_stream_states)
+        return reshard_mixed_states(states, new_world)
     return reshard_stream_states(states, new_world)
 
 

@@ -26,6 +26,7 @@ from PIL import Image
 
 from mmfm.data.filters import record_text
 from mmfm.data.records import Dropped, Outcome, Record
+from mmfm.registry import lookup
 
 STAGE = "dedup"
 _SPACE = re.compile(r"\s+")
@@ -274,6 +275,4 @@ DEDUPS = {"exact": ExactDedup, "image_near": ImageNearDedup, "text_near": TextNe
 
 def build_dedup(name: str, **params) -> Dedup:
     """The dedup stage registered as `name`, built from `params`; ValueError for an unknown name."""
-    if name not in DEDUPS:
-        raise ValueError(f"unknown dedup {name!r}; known dedups: {', '.join(sorted(DEDUPS))}")
-    return DEDUPS[name](**params)
+    return lookup(DEDUPS, name, "dedup")(**params)

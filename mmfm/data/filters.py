@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Union
 from PIL import Image
 
 from mmfm.data.records import Dropped, Outcome, Record
+from mmfm.registry import lookup
 
 IMAGE_TOKEN = "<image>"
 
@@ -283,6 +284,4 @@ FILTERS = {
 
 def build_filter(name: str, **params) -> Filter:
     """The filter stage registered as `name`, built from `params`; ValueError for an unknown name."""
-    if name not in FILTERS:
-        raise ValueError(f"unknown filter {name!r}; known filters: {', '.join(sorted(FILTERS))}")
-    return FILTERS[name](**params)
+    return lookup(FILTERS, name, "filter")(**params)

@@ -28,6 +28,8 @@ import random
 from itertools import accumulate
 from typing import Any, Iterator, Optional
 
+from mmfm.data.loader import reshard_stream_states
+
 BLOCK = 1024  # random numbers made per seeded generator
 
 
@@ -114,12 +116,12 @@ class MixedStream:
         raise StopIteration
 
 
-def reshard_mixed_states(states: list[dict], new_world: int, reshard_stream) -> list[dict]:
+def reshard_mixed_states(states: list[dict], new_world: int) -> list[dict]:
     """MixedStream states of `new_world` ranks continuing those of len(states) ranks: each source's stream
-    states resharded by `reshard_stream` (mmfm.data.loader.reshard_stream_states); the draw count and the
-    per-source counts, which every rank shares (same seed, same choices), taken from rank 0."""
+    states resharded (reshard_stream_states); the draw count and the per-source counts, which every rank
+    shares (same seed, same choices), taken from rank 0."""
     per_source = zip(*(s["streams"] for s in states))
-    resharded = [reshard_stream(list(source_states), new_world) for source_states in per_source]
+    resharded = [reshard_stream_states(list(source_states), new_world) for source_states in per_source]
     head = states[0]
     return [{"draws": head["draws"], "counts": list(head.get("counts", [])), "exhausted": list(head.get("exhausted", [])),
              "streams": [source[r] for source in resharded]} for r in range(new_world)]

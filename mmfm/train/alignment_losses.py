@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfm.data.loader import IGNORE_INDEX
+from mmfm.registry import lookup
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -159,9 +160,7 @@ PREFERENCE_LOSSES = {
 
 def preference_loss(name: str, **kwargs) -> PreferenceOutput:
     """Call the preference loss `name` with keyword arguments (tensors and hyperparameters)."""
-    if name not in PREFERENCE_LOSSES:
-        raise ValueError(f"unknown preference loss {name!r}; known: {', '.join(sorted(PREFERENCE_LOSSES))}")
-    return PREFERENCE_LOSSES[name](**kwargs)
+    return lookup(PREFERENCE_LOSSES, name, "preference loss")(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
