@@ -167,6 +167,23 @@ class LoggerConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Keeping long runs alive (mmfm.train.watchdog, mmfm.train.preemption, the loss guard in the trainer)."""
+    # A collective that waits longer than this fails (the process group's timeout), seconds.
+    collective_timeout_s: float = 600.0
+    # A rank that makes no progress for this long dumps every thread's stack to <run_dir>/stacks/ and exits
+    # non-zero, ending the job (0: off).
+    hang_timeout_s: float = 0.0
+    # On SIGUSR1/SIGTERM or a <run_dir>/preempt.request file: checkpoint at the next step and stop, for a requeue.
+    preemption: bool = True
+    # Skip the update of a step whose loss is NaN/inf or above spike_factor x the mean of the last spike_window
+    # good steps (0: spikes off); stop after max_bad_steps consecutive bad steps.
+    spike_factor: float = 0.0
+    spike_window: int = 20
+    max_bad_steps: int = 3
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -177,6 +194,7 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     experiment_name: str = "default"
     run_dir: str = "runs/default"
     seed: int = 0
