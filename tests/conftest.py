@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 from mmfm.config import load_config  # noqa: E402
 from mmfm.data.synth import build_synth_dataset  # noqa: E402
+from mmfm.data.synth_instruct import build_instruct_dataset  # noqa: E402
 from mmfm.parallel.bench import SMALL_MODEL  # noqa: E402,F401  (the small model the tests share)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -30,6 +31,24 @@ def synth_dir(tmp_path_factory):
     """A small synthetic data set shared by the tests (read-only: copy it before damaging it)."""
     out = tmp_path_factory.mktemp("data") / "synth"
     build_synth_dataset(out, seed=0, train_size=3000, val_size=300, shard_size=500, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_dir(synth_dir, tmp_path_factory):
+    """Conversations about the synthetic scenes (1-2 questions each), with the pretraining data's tokenizer."""
+    out = tmp_path_factory.mktemp("data") / "sft"
+    build_instruct_dataset(out, "sft", synth_dir / "tokenizer.json", train_size=3000, val_size=300, shard_size=1000,
+                           max_turns=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def preference_dir(synth_dir, tmp_path_factory):
+    """Preference pairs (right vs plausible wrong answer) about the synthetic scenes, same tokenizer."""
+    out = tmp_path_factory.mktemp("data") / "preference"
+    build_instruct_dataset(out, "preference", synth_dir / "tokenizer.json", train_size=3000, val_size=200,
+                           shard_size=1000, progress=False)
     return out
 
 

@@ -113,14 +113,14 @@ def test_other_template(tok):
 def derive_answer(question, objects):
     """The right answer, worked out here from the object list."""
     if question == COUNT_QUESTION:
-        return {1: "one.", 2: "two."}[len(objects)]
+        return {1: "there is one.", 2: "there are two."}[len(objects)]
     for shape, colour, where in objects:
         if question == f"what colour is the {shape}?":
-            return f"{colour}."
+            return f"it is {colour}."
         if question == f"where is the {colour} {shape}?":
-            return f"{where}."
+            return f"it is {where}."
         if question == f"what shape is {where}?":
-            return f"a {shape}."
+            return f"it is a {shape}."
     raise AssertionError(question)
 
 
@@ -137,14 +137,14 @@ def test_scene_questions():
     two_circles = [("circle", "red", "on the left"), ("circle", "blue", "on the right")]
     qa = dict(scene_questions(two_circles))
     assert "what colour is the circle?" not in qa
-    assert qa["where is the blue circle?"] == "on the right." and qa[COUNT_QUESTION] == "two."
-    assert qa["what shape is on the left?"] == "a circle."
+    assert qa["where is the blue circle?"] == "it is on the right." and qa[COUNT_QUESTION] == "there are two."
+    assert qa["what shape is on the left?"] == "it is a circle."
     same = [("square", "green", "at the top"), ("square", "green", "at the bottom")]
     assert sorted(dict(scene_questions(same))) == [COUNT_QUESTION, "what shape is at the bottom?",
                                                    "what shape is at the top?"]
     one = dict(scene_questions([("cross", "white", "in the center")]))
-    assert one == {COUNT_QUESTION: "one.", "what colour is the cross?": "white.",
-                   "where is the white cross?": "in the center.", "what shape is in the center?": "a cross."}
+    assert one == {COUNT_QUESTION: "there is one.", "what colour is the cross?": "it is white.",
+                   "where is the white cross?": "it is in the center.", "what shape is in the center?": "it is a cross."}
 
 
 def test_generated_samples_are_correct():
@@ -168,7 +168,7 @@ def test_generated_samples_are_correct():
             assert a["value"] == derive_answer(question, objs)
         if len(conv) == 4:
             assert conv[0]["value"] != "<image>\n" + conv[2]["value"]
-    assert kinds == {"colour", "count", "position", "shape"} and lengths == {2, 4}
+    assert kinds == {"colour", "count", "position", "shape"} and lengths == {2, 4, 6}
     assert any(len(s["objects"]) == 1 for s in samples) and any(len(s["objects"]) == 2 for s in samples)
 
 
@@ -203,4 +203,4 @@ def test_instruct_texts_cover_generated_text():
             assert t["value"].removeprefix("<image>\n") in texts
     for p in generate_preference_pairs("train", 100, 1, 16):
         assert {p["prompt"], p["chosen"], p["rejected"]} <= texts
-    assert all(f"{c}." in texts for c in COLOURS) and all(f"a {s}." in texts for s in SHAPES)
+    assert all(f"it is {c}." in texts for c in COLOURS) and all(f"it is a {s}." in texts for s in SHAPES)

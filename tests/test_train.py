@@ -163,7 +163,7 @@ def test_small_model_learns_to_caption(make_cfg, single_object_data, tmp_path):
                    "model.language.intermediate_size=352", "eval.num_samples=100", "data.val_batch_size=50",
                    data=single_object_data)
     trainer = Trainer(cfg, tmp_path)
-    initial = trainer.validate_now()
+    initial = trainer.validate_now()["loss"]
     summary = trainer.fit()
     assert initial > 5.0  # about log(vocab): an untrained model
     assert summary["val_loss"] < 0.03 * initial

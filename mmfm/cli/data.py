@@ -23,6 +23,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--digit-fraction", type=float, default=0.2, help="share of handwritten-digit samples")
     s.add_argument("--pair-fraction", type=float, default=0.45, help="share of two-object scenes among scenes")
     s.add_argument("--force", action="store_true", help="rebuild a folder built with other parameters")
+    i = sub.add_parser("instruct", help="make instruction (sft) or preference data from the synthetic scenes",
+                       description="Render shape scenes with questions on colour, count, position and shape: "
+                                   "LLaVA-format conversations with their answers (--kind sft; some with a second, "
+                                   "text-only turn), or a question with the right answer (chosen) and a plausible "
+                                   "wrong one (rejected) (--kind preference). Deterministic from --seed.")
+    i.add_argument("--kind", choices=("sft", "preference"), default="sft")
+    i.add_argument("--out", required=True, help="output folder")
+    i.add_argument("--tokenizer", help="tokenizer.json of the pretraining data set (default: train the same one)")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--train-size", type=int, default=8000)
+    i.add_argument("--val-size", type=int, default=500)
+    i.add_argument("--image-size", type=int, default=64)
+    i.add_argument("--shard-size", type=int, default=2000, help="samples per tar shard")
+    i.add_argument("--max-turns", type=int, default=3, help="questions per sft conversation: 1 to this many")
+    i.add_argument("--force", action="store_true", help="rebuild a folder built with other parameters")
     b = sub.add_parser("build", help="build a data set from a recipe (data_pipeline/*.yaml)",
                        description="Read the recipe's sources, run its stages (decode, filters, PII "
                                    "de-identification, dedup) and write webdataset shards or a Megatron indexed "
@@ -39,6 +54,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.tool == "build":
         return build_main(args)
+    if args.tool == "instruct":
+        return instruct_main(args)
     from mmfm.data.synth import build_synth_dataset
 
     with one_line_errors("mmfm data synth"):
@@ -46,8 +63,23 @@ def main(argv: list[str]) -> int:
                                 image_size=args.image_size, shard_size=args.shard_size,
                                 digit_fraction=args.digit_fraction, pair_fraction=args.pair_fraction,
                                 force=args.force)
+    report(args.out, m)
+    return 0
+
+
+def report(out: str, m: dict) -> None:
     counts = ", ".join(f"{k}: {v['samples']} samples in {len(v['shards'])} shards" for k, v in m["splits"].items())
-    print(f"data set in {args.out} ({counts}; tokenizer of {m['tokenizer']['vocab_size']} tokens)")
+    print(f"data set in {out} ({counts}; tokenizer of {m['tokenizer']['vocab_size']} tokens)")
+
+
+def instruct_main(args: argparse.Namespace) -> int:
+    from mmfm.data.synth_instruct import build_instruct_dataset
+
+    with one_line_errors("mmfm data instruct"):
+        m = build_instruct_dataset(args.out, args.kind, args.tokenizer, seed=args.seed, train_size=args.train_size,
+                                   val_size=args.val_size, image_size=args.image_size, shard_size=args.shard_size,
+                                   max_turns=args.max_turns, force=args.force)
+    report(args.out, m)
     return 0
 
 

@@ -9,6 +9,8 @@ USAGE = """usage: mmfm <command> [args]
 commands:
   train      train a model: `mmfm train [hydra overrides]` (e.g. experiment=demo train.max_steps=200);
              `mmfm train --cfg job` prints the resolved config, `mmfm train --help` lists config groups
+  launch     run a training job with torchrun here or through Slurm: `mmfm launch [--dry-run] [-m] [overrides]`
+             (e.g. cluster=slurm cluster.nodes=16 parallel=...; -m sweeps, one run directory each)
   generate   caption or answer for image files from a checkpoint (greedy or sampled, KV-cached)
   data       data set tools: `mmfm data synth` makes the synthetic image-caption data set
   bench      benchmarks: `mmfm bench parallel` (collective bytes per layout, pipeline bubbles)
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         from mmfm.cli.train import main as run
+    elif command == "launch":
+        from mmfm.cli.launch import main as run
     elif command == "generate":
         from mmfm.cli.generate import main as run
     elif command == "data":

@@ -15,14 +15,20 @@ from mmfm.config.load import register_schema
 
 def report(summary: dict, run_dir: str) -> None:
     print(f"\nrun directory: {run_dir}")
-    print(f"final validation loss: {summary['val_loss']:.4f}")
-    if "caption_accuracy" in summary:
-        for ex in summary["examples"]:
-            mark = "ok " if ex["correct"] else "BAD"
-            print(f"  [{mark}] {ex['key']}: {ex['prediction']!r}  (reference: {ex['truth']!r})")
-        n = summary["caption_samples"]
-        acc = summary["caption_accuracy"]
-        print(f"held-out exact-match caption accuracy: {acc:.1%} ({round(acc * n)}/{n})")
+    if summary.get("preempted"):
+        print(f"preempted at step {summary['step']}: checkpoint saved; running again with this run_dir resumes")
+        return
+    for key, value in summary.items():
+        if key.startswith("val_"):
+            print(f"final validation {key[4:].replace('_', ' ')}: {value:.4f}")
+    for kind in ("caption", "answer"):
+        if f"{kind}_accuracy" in summary:
+            for ex in summary["examples"]:
+                mark = "ok " if ex["correct"] else "BAD"
+                print(f"  [{mark}] {ex['key']}: {ex['prediction']!r}  (reference: {ex['truth']!r})")
+            n = summary[f"{kind}_samples"]
+            acc = summary[f"{kind}_accuracy"]
+            print(f"held-out exact-match {kind} accuracy: {acc:.1%} ({round(acc * n)}/{n})")
 
 
 def task(cfg: DictConfig) -> None:

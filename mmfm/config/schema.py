@@ -49,6 +49,16 @@ class MixSource:
 
 
 @dataclass
+class ChatConfig:
+    """The chat template of conversation stages (mmfm.data.chat.ChatTemplate)."""
+    system: str = "system: "
+    user: str = "user: "
+    assistant: str = "assistant: "
+    turn_end: str = "\n"
+    image_placeholder: str = "<image>"
+
+
+@dataclass
 class DataConfig:
     path: str = "data/synth"
     prompt: str = "describe the image."
@@ -64,11 +74,48 @@ class DataConfig:
     # (same tokenizer); validation stays on data.path.
     weight: float = 1.0
     mix: list[MixSource] = field(default_factory=list)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+
+
+@dataclass
+class PreferenceConfig:
+    """stage.objective=dpo: which preference loss (mmfm.train.alignment_losses) and its hyper-parameters."""
+    loss: str = "dpo"  # dpo | cdpo | ipo | simpo | orpo
+    beta: float = 0.1  # DPO/cDPO/IPO: KL strength; SimPO: reward scale (the paper uses ~2); ORPO: unused
+    label_smoothing: float = 0.1  # cDPO: assumed label-flip probability
+    gamma: float = 0.5  # SimPO: target reward margin
+    orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term
+    ipo_length_normalized: bool = True  # IPO on per-token log-ratios (as TRL)
+    # Reference log-probs: "model" (a frozen copy of stage.init_from, sharded like the policy) or "precomputed"
+    # (stored with the data as "reference_logps" by `mmfm data reference-logps`). SimPO and ORPO use none.
+    reference: str = "model"
+
+
+@dataclass
+class GrpoConfig:
+    """stage.objective=grpo: online sampling with a rule-based reward."""
+    group_size: int = 4  # answers sampled per prompt (data.batch_size prompts per micro-step)
+    clip_eps: float = 0.2
+    kl_coef: float = 0.04
+    temperature: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 8
+    reward: str = "exact_answer"  # mmfm.train.rewards
 
 
 @dataclass
 class StageConfig:
+    """What a stage optimizes: pretrain (captions), sft (assistant turns of conversations), dpo (a preference
+    loss over answer pairs) or grpo (sampled answers scored by a reward). Same loop, layouts and checkpoints."""
     objective: str = "pretrain"
+    # Weights to start from when the run directory has no checkpoint yet: an earlier stage's run directory or
+    # one of its checkpoints/step_* folders (model weights only: a fresh optimizer, step 0, fresh data).
+    init_from: str = ""
+    # Top-level model parts left untouched: any of vision, projector, language (e.g. [vision, language]:
+    # train only the projector, as LLaVA's first stage).
+    freeze: list[str] = field(default_factory=list)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
 
 
 @dataclass
@@ -167,6 +214,38 @@ class LoggerConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where `mmfm launch` runs the job (mmfm.launch, templates in launch/): `local` (torchrun on this machine)
+    or `slurm` (an sbatch script that starts one torchrun per node)."""
+    kind: str = "local"
+    job_name: str = "mmfm"
+    nodes: int = 1
+    # GPUs requested per node (0: a CPU job); one training process per GPU.
+    gpus_per_node: int = 0
+    # Training processes per node; 0: gpus_per_node, or on CPU nodes the parallel layout's world size / nodes.
+    procs_per_node: int = 0
+    # CPUs for each node's torchrun and all its ranks (0: Slurm's default; on cluster=local all of this machine's).
+    cpus_per_task: int = 0
+    mem: str = ""  # sbatch --mem ("0": all of a node's memory; "": the partition's default)
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time: str = ""  # sbatch --time: minutes, HH:MM:SS or D-HH:MM:SS ("": the partition's limit)
+    # Slurm signals the batch script this many seconds before the time limit; the ranks checkpoint (0: off).
+    signal_lead_s: int = 300
+    # After that checkpoint, requeue the job: the new allocation resumes in the same run directory.
+    requeue: bool = True
+    master_port: int = 29500  # the rendezvous port on the first node
+    python: str = ""  # the interpreter on the nodes ("": the one running `mmfm launch`)
+    container_image: str = ""  # srun --container-image (pyxis/enroot)
+    container_mounts: str = ""  # srun --container-mounts, e.g. /data:/data,/home:/home
+    setup: list[str] = field(default_factory=list)  # shell lines run first, e.g. `module load cuda/12.4`
+    sbatch_flags: list[str] = field(default_factory=list)  # extra #SBATCH flags, e.g. --exclusive
+    srun_flags: list[str] = field(default_factory=list)  # extra srun flags, e.g. --cpu-bind=none
+    env: dict[str, str] = field(default_factory=dict)  # exported for every rank, e.g. NCCL_DEBUG: WARN
+
+
+@dataclass
 class FaultsConfig:
     """Keeping long runs alive (mmfm.train.watchdog, mmfm.train.preemption, the loss guard in the trainer)."""
     # A collective that waits longer than this fails (the process group's timeout), seconds.
@@ -194,6 +273,7 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     experiment_name: str = "default"
     run_dir: str = "runs/default"

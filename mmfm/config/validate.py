@@ -6,6 +6,7 @@ Every failure is one line that names the field and the fix.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -118,10 +119,66 @@ def _validate_train(cfg: JobConfig) -> None:
              f"train.activation_checkpoint={t.activation_checkpoint!r} is unknown; use one of {MODES}")
     _require(t.activation_checkpoint_every >= 1,
              f"train.activation_checkpoint_every={t.activation_checkpoint_every} must be >= 1")
-    from mmfm.train.objectives import OBJECTIVES
 
-    _require(cfg.stage.objective in OBJECTIVES,
-             f"stage.objective={cfg.stage.objective!r} is unknown; use one of {sorted(OBJECTIVES)}")
+
+MODEL_PARTS = ("vision", "projector", "language")
+OBJECTIVES = ("pretrain", "sft", "dpo", "grpo")
+
+
+def _validate_stage(cfg: JobConfig) -> None:
+    st, p = cfg.stage, cfg.parallel
+    _require(st.objective in OBJECTIVES, f"stage.objective={st.objective!r} is unknown; use one of {OBJECTIVES} "
+             "(or stage=<name> to pick a preset)")
+    unknown = [n for n in st.freeze if n not in MODEL_PARTS]
+    _require(not unknown, f"stage.freeze names {unknown}; freeze any of {MODEL_PARTS}")
+    _require(set(MODEL_PARTS) - set(st.freeze), f"stage.freeze={list(st.freeze)} leaves nothing to train")
+    _require(not st.init_from or Path(st.init_from).exists(),
+             f"stage.init_from={st.init_from}: no such run directory or checkpoint; give the earlier stage's run "
+             "directory (or one of its checkpoints/step_* folders)")
+    if st.objective in ("dpo", "grpo"):
+        _require(p.pp == 1 and p.cp == 1, f"stage.objective={st.objective} takes whole sequences: use parallel.pp=1 "
+                 f"and parallel.cp=1 (now pp={p.pp}, cp={p.cp}); tp and data parallelism are supported")
+        _require(not cfg.data.pack, f"stage.objective={st.objective} scores whole answers: set data.pack=false")
+    if st.objective == "dpo":
+        _validate_preference(cfg)
+    if st.objective == "grpo":
+        _validate_grpo(cfg)
+
+
+def _validate_preference(cfg: JobConfig) -> None:
+    from mmfm.train.alignment_losses import PREFERENCE_LOSSES
+
+    pref = cfg.stage.preference
+    _require(pref.loss in PREFERENCE_LOSSES,
+             f"stage.preference.loss={pref.loss!r} is unknown; use one of {sorted(PREFERENCE_LOSSES)}")
+    _require(pref.reference in ("model", "precomputed"),
+             f"stage.preference.reference={pref.reference!r} is unknown; use 'model' or 'precomputed'")
+    _positive("stage.preference.beta", pref.beta)
+    _require(0 <= pref.label_smoothing <= 0.5,
+             f"stage.preference.label_smoothing={pref.label_smoothing} must lie in [0, 0.5]")
+    needs_model = pref.loss in ("dpo", "cdpo", "ipo") and pref.reference == "model"
+    _require(not needs_model or cfg.stage.init_from,
+             f"stage.preference.loss={pref.loss} compares with a frozen reference model, loaded from stage.init_from: "
+             "set stage.init_from=<the SFT run directory>, or use stage.preference.reference=precomputed with data "
+             "made by `mmfm data reference-logps`")
+
+
+def _validate_grpo(cfg: JobConfig) -> None:
+    from mmfm.train.rewards import REWARDS
+
+    g, p = cfg.stage.grpo, cfg.parallel
+    _require(p.tp == 1, f"stage.objective=grpo samples with the KV-cache generator, which runs unsplit models: use "
+             f"parallel.tp=1 (now {p.tp}) with data parallelism (fsdp/hsdp)")
+    _require(g.group_size >= 2, f"stage.grpo.group_size={g.group_size} must be >= 2 (advantages compare the "
+             "answers of one prompt)")
+    _require(g.temperature > 0, f"stage.grpo.temperature={g.temperature} must be > 0: a group of greedy answers is "
+             "identical and carries no signal")
+    _positive("stage.grpo.clip_eps", g.clip_eps)
+    _require(g.kl_coef >= 0, f"stage.grpo.kl_coef={g.kl_coef} must be >= 0")
+    _require(g.kl_coef == 0 or cfg.stage.init_from, f"stage.grpo.kl_coef={g.kl_coef} needs a reference model, "
+             "loaded from stage.init_from: set stage.init_from=<the SFT run directory> or stage.grpo.kl_coef=0")
+    _positive("stage.grpo.max_new_tokens", g.max_new_tokens)
+    _require(g.reward in REWARDS, f"stage.grpo.reward={g.reward!r} is unknown; use one of {sorted(REWARDS)}")
 
 
 def _validate_run(cfg: JobConfig) -> None:
@@ -177,13 +234,71 @@ def _validate_kernels(cfg: JobConfig) -> None:
         raise ConfigError(str(exc)) from None
 
 
+CLUSTER_KINDS = ("local", "slurm")
+
+
+def slurm_time_s(value: str) -> float | None:
+    """Seconds of a Slurm time limit (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, UNLIMITED);
+    None when malformed."""
+    if value.upper() in ("UNLIMITED", "INFINITE"):
+        return math.inf
+    days, sep, clock = value.rpartition("-")
+    parts = clock.split(":")
+    if len(parts) > 3 or not all(p.isdigit() for p in parts + ([days] if sep else [])):
+        return None
+    nums = [int(p) for p in parts]
+    if sep:  # D-HH[:MM[:SS]]
+        h, m, s = nums + [0] * (3 - len(nums))
+    elif len(nums) == 3:  # HH:MM:SS
+        h, m, s = nums
+    else:  # minutes or MM:SS
+        h, m, s = 0, nums[0], nums[1] if len(nums) == 2 else 0
+    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + s
+
+
+def procs_per_node(cfg: JobConfig) -> int:
+    """Training processes per node: cluster.procs_per_node, else one per GPU, else the layout spread over the nodes."""
+    from mmfm.parallel.dims import ParallelDims
+
+    c = cfg.cluster
+    return c.procs_per_node or c.gpus_per_node or ParallelDims.from_config(cfg.parallel).world_size // c.nodes
+
+
+def _validate_cluster(cfg: JobConfig) -> None:
+    from mmfm.parallel.dims import ParallelDims
+
+    c = cfg.cluster
+    _require(c.kind in CLUSTER_KINDS, f"cluster.kind={c.kind!r} is unknown; use one of {CLUSTER_KINDS}")
+    _positive("cluster.nodes", c.nodes)
+    _require(c.kind == "slurm" or c.nodes == 1,
+             f"cluster.nodes={c.nodes} but cluster.kind=local runs on this machine only; use cluster=slurm")
+    for key in ("gpus_per_node", "procs_per_node", "cpus_per_task", "signal_lead_s"):
+        _require(getattr(c, key) >= 0, f"cluster.{key}={getattr(c, key)} must be >= 0")
+    _require(1024 <= c.master_port <= 65535, f"cluster.master_port={c.master_port} must lie in [1024, 65535]")
+    limit = slurm_time_s(c.time) if c.time else math.inf
+    _require(limit is not None,
+             f"cluster.time={c.time!r} is not a Slurm time limit; use minutes, HH:MM:SS or D-HH:MM:SS")
+    _require(c.signal_lead_s < limit,
+             f"cluster.signal_lead_s={c.signal_lead_s} is not shorter than cluster.time={c.time}; lower it or "
+             "raise the time limit")
+    _require(bool(c.job_name.strip()), "cluster.job_name is empty; name the job, e.g. cluster.job_name=mmfm")
+    dims = ParallelDims.from_config(cfg.parallel)
+    per_node = procs_per_node(cfg)
+    key = "gpus_per_node" if c.gpus_per_node and not c.procs_per_node else "procs_per_node"
+    _require(c.nodes * per_node == dims.world_size,
+             f"cluster.nodes={c.nodes} x {per_node} processes per node (cluster.{key}) = {c.nodes * per_node}, but "
+             f"parallel dims {dims.sizes} ask for {dims.world_size}; change cluster.nodes, cluster.{key} or parallel.*")
+
+
 def validate(cfg: JobConfig) -> JobConfig:
     """Raise ConfigError on the first inconsistent value; return cfg unchanged otherwise."""
     _validate_model(cfg)
     _validate_data(cfg)
     _validate_train(cfg)
+    _validate_stage(cfg)
     _validate_run(cfg)
     _validate_parallel(cfg)
+    _validate_cluster(cfg)
     _validate_device(cfg)
     _validate_kernels(cfg)
     return cfg

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
 from mmfm.config import JobConfig, image_tokens
 from mmfm.config.validate import ConfigError
+from mmfm.data.chat import ChatTemplate, ConversationEncoder
 from mmfm.data.loader import BatchLoader, SampleEncoder, SampleStream, reshard_stream_states
 from mmfm.data.mixing import MixedStream, reshard_mixed_states
 from mmfm.data.packing import PackedBatchLoader
@@ -26,9 +28,13 @@ def load_tokenizer(cfg: JobConfig) -> TextTokenizer:
     return tok
 
 
-def sample_encoder(cfg: JobConfig, tokenizer: TextTokenizer) -> SampleEncoder:
-    return SampleEncoder(tokenizer, cfg.data.prompt, image_tokens(cfg), cfg.model.vision.image_size,
-                         cfg.data.seq_len)
+def sample_encoder(cfg: JobConfig, tokenizer: TextTokenizer) -> SampleEncoder | ConversationEncoder:
+    """Raw samples -> encoded samples for the stage: captions (pretrain) or conversations (sft, dpo, grpo)."""
+    if cfg.stage.objective == "pretrain":
+        return SampleEncoder(tokenizer, cfg.data.prompt, image_tokens(cfg), cfg.model.vision.image_size,
+                             cfg.data.seq_len)
+    return ConversationEncoder(tokenizer, ChatTemplate(**dataclasses.asdict(cfg.data.chat)), image_tokens(cfg),
+                               cfg.model.vision.image_size, cfg.data.seq_len, cfg.stage.objective)
 
 
 def _train_stream(cfg: JobConfig, path: str, encoder: SampleEncoder, dp_rank: int, dp_size: int) -> SampleStream:

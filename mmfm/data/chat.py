@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmfm.data.loader import IGNORE_INDEX, EncodedSample, SkipSample
+from mmfm.data.loader import IGNORE_INDEX, EncodedSample, SkipSample, read_images, read_meta
 from mmfm.data.tokenizer import TextTokenizer
 
 ROLES = {"system": "system", "human": "user", "gpt": "assistant"}  # LLaVA "from" -> template field
@@ -66,16 +66,77 @@ def encode_conversation(turns: list[dict], images: list[torch.Tensor], tokenizer
         marker = tokenizer.encode(template.marker(role))
         body = _turn_ids(text, tokenizer, template, tokens_per_image) + end_ids
         is_answer = role == "gpt"
-        ids += marker + body
+        ids += marker
+        prompt_len = len(ids)  # of the last turn: generation is prompted up to its role marker
+        ids += body
         loss += [False] * len(marker) + [is_answer and t != tokenizer.image_id for t in body]
     ids.append(tokenizer.eos_id)
     loss.append(True)
     if len(ids) > seq_len:
         raise SkipSample("too_long", f"{len(ids)} tokens > data.seq_len={seq_len}")
     targets = [nxt if carries else IGNORE_INDEX for nxt, carries in zip(ids[1:], loss[1:])] + [IGNORE_INDEX]
-    return EncodedSample(key, ids, targets, list(images), str(turns[-1].get("value", "")))
+    return EncodedSample(key, ids, targets, list(images), str(turns[-1].get("value", "")), prompt_len=prompt_len)
 
 
 def assistant_positions(sample: EncodedSample) -> list[int]:
     """Input positions whose next token carries loss."""
     return [i for i, t in enumerate(sample.targets) if t != IGNORE_INDEX]
+
+
+@dataclass
+class ConversationEncoder:
+    """Raw samples -> encoded conversations for a stage's loader (stage.objective sft, dpo, grpo).
+
+    The JSON member holds LLaVA "conversations"; images are the sample's image members in name order.
+    objective:
+      sft   the whole conversation, loss on the assistant turns;
+      dpo   a preference pair: "conversations" end with the user's turn, "chosen" / "rejected" are the two
+            answers, optional "reference_logps": [chosen, rejected] precomputed by the reference model;
+      grpo  the prompt only (up to the last assistant marker); the reference answer (the last assistant turn,
+            or "chosen") is the caption, for the reward.
+    Unusable conversations are skipped as "bad_conversation", pairs without two different answers as "bad_pair".
+    """
+    tokenizer: TextTokenizer
+    template: ChatTemplate
+    tokens_per_image: int
+    image_size: int
+    seq_len: int
+    objective: str = "sft"
+
+    def encode(self, turns, images: list[torch.Tensor], key: str) -> EncodedSample:
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise SkipSample("bad_conversation", "'conversations' must be a list of {from, value} turns")
+        try:
+            return encode_conversation(turns, images, self.tokenizer, self.template, self.tokens_per_image,
+                                       self.seq_len, key)
+        except ValueError as exc:
+            raise SkipSample("bad_conversation", str(exc)) from None
+
+    def __call__(self, raw: dict) -> EncodedSample:
+        meta, key = read_meta(raw), raw["__key__"]
+        images = read_images(raw, self.image_size)
+        turns = meta.get("conversations")
+        if self.objective == "sft":
+            return self.encode(turns, images, key)
+        if self.objective == "dpo":
+            return self.pair(meta, turns, images, key)
+        if "chosen" in meta:
+            turns = (turns or []) + [{"from": "gpt", "value": meta["chosen"]}]
+        whole = self.encode(turns, images, key)
+        prompt = whole.input_ids[: whole.prompt_len]
+        return EncodedSample(key, prompt, [IGNORE_INDEX] * len(prompt), images, whole.caption, len(prompt))
+
+    def pair(self, meta: dict, turns, images: list[torch.Tensor], key: str) -> EncodedSample:
+        chosen, rejected = meta.get("chosen"), meta.get("rejected")
+        if not (isinstance(chosen, str) and isinstance(rejected, str) and chosen.strip() and rejected.strip()):
+            raise SkipSample("bad_pair", "a preference pair needs non-empty 'chosen' and 'rejected' answers")
+        if chosen.strip() == rejected.strip():
+            raise SkipSample("bad_pair", "'chosen' and 'rejected' are the same answer")
+        sample = self.encode((turns or []) + [{"from": "gpt", "value": chosen}], images, key)
+        sample.rejected = self.encode((turns or []) + [{"from": "gpt", "value": rejected}], images, key)
+        reference = meta.get("reference_logps")
+        if reference is not None:
+            if not (isinstance(reference, list) and len(reference) == 2):
+                raise SkipSample("bad_pair", "'reference_logps' must be [chosen, rejected]")
+            sample.reference_logps = (float(reference[0]), float(reference[1]))
+        return sample

@@ -46,7 +46,12 @@ class EncodedSample:
     input_ids: list[int]
     targets: list[int]
     images: list[torch.Tensor]
-    caption: str
+    caption: str  # the reference answer: what generation from the first prompt_len tokens should produce
+    prompt_len: int = 0  # input_ids[:prompt_len] prompt the answer (0: unknown)
+    # Preference pairs: this sample is the chosen answer, `rejected` the other one (same prompt and images), and
+    # reference_logps the reference model's summed log-probs of both (chosen, rejected), when precomputed.
+    rejected: Optional["EncodedSample"] = None
+    reference_logps: Optional[tuple[float, float]] = None
 
 
 @dataclass
@@ -61,6 +66,11 @@ class Batch:
     # document of its own) and each position's index within its document. None: one sample per row.
     document_ids: Optional[torch.Tensor] = None  # [B, T]
     positions: Optional[torch.Tensor] = None  # [B, T]
+    prompt_lengths: list[int] = field(default_factory=list)  # per sample, EncodedSample.prompt_len
+    # Preference pairs: rows 0..P-1 are the chosen answers of P pairs, rows P..2P-1 the rejected ones (pairs > 0).
+    pairs: int = 0
+    # Tensors of a stage's objective, one row per sample or pair (e.g. precomputed reference log-probs [P, 2]).
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_loss_tokens(self) -> int:
@@ -72,7 +82,8 @@ class Batch:
 
         return dataclasses.replace(self, input_ids=self.input_ids.to(device), targets=self.targets.to(device),
                                    pixel_values=move(self.pixel_values), document_ids=move(self.document_ids),
-                                   positions=move(self.positions))
+                                   positions=move(self.positions),
+                                   extras={k: v.to(device) for k, v in self.extras.items()})
 
 
 def load_image(data: bytes, size: int) -> torch.Tensor:
@@ -84,6 +95,26 @@ def load_image(data: bytes, size: int) -> torch.Tensor:
         img = img.resize((size, size), Image.BICUBIC)
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def read_images(raw: dict, size: int) -> list[torch.Tensor]:
+    """A sample's images in member-name order, decoded (SkipSample "bad_image" if one is unreadable)."""
+    names = sorted(k for k in raw if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
+    try:
+        return [load_image(raw[name], size) for name in names]
+    except Exception as exc:
+        raise SkipSample("bad_image", f"{type(exc).__name__}: {exc}") from None
+
+
+def read_meta(raw: dict) -> dict:
+    """A sample's JSON member ({} when it has none; SkipSample "bad_json" when it is not a JSON object)."""
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SkipSample("bad_json", str(exc)) from None
+    if not isinstance(meta, dict):
+        raise SkipSample("bad_json", f"the JSON member is a {type(meta).__name__}, not an object")
+    return meta
 
 
 @dataclass
@@ -106,18 +137,10 @@ class SampleEncoder:
         return [t.bos_id] + [t.image_id] * (self.tokens_per_image * num_images) + self.prompt_ids
 
     def images_of(self, raw: dict) -> list[torch.Tensor]:
-        names = sorted(k for k in raw if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
-        try:
-            return [load_image(raw[name], self.image_size) for name in names]
-        except Exception as exc:
-            raise SkipSample("bad_image", f"{type(exc).__name__}: {exc}") from None
+        return read_images(raw, self.image_size)
 
     def caption_of(self, raw: dict) -> str:
-        try:
-            meta = json.loads(raw["json"]) if "json" in raw else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SkipSample("bad_json", str(exc)) from None
-        caption = meta.get("caption") if isinstance(meta, dict) else None
+        caption = read_meta(raw).get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise SkipSample("no_caption", "missing or empty caption")
         return caption.strip()
@@ -131,19 +154,29 @@ class SampleEncoder:
         if len(ids) > self.seq_len:
             raise SkipSample("too_long", f"{len(ids)} tokens > data.seq_len={self.seq_len}")
         targets = [IGNORE_INDEX] * (len(prefix) - 1) + caption_ids + [IGNORE_INDEX]
-        return EncodedSample(raw["__key__"], ids, targets, images, caption)
+        return EncodedSample(raw["__key__"], ids, targets, images, caption, prompt_len=len(prefix))
 
 
 def collate(samples: list[EncodedSample], pad_id: int) -> Batch:
-    length = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
-    targets = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-    for row, s in enumerate(samples):
+    """One row per sample, right-padded; preference pairs (samples with `rejected`) give their chosen answers
+    first, then their rejected ones."""
+    pairs = [s for s in samples if s.rejected is not None]
+    if pairs and len(pairs) != len(samples):
+        raise ValueError("a batch mixes preference pairs with single samples")
+    rows = samples + [s.rejected for s in pairs]
+    length = max(len(s.input_ids) for s in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    for row, s in enumerate(rows):
         ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
         targets[row, : len(s.targets)] = torch.tensor(s.targets)
-    images = [img for s in samples for img in s.images]
-    return Batch(ids, targets, torch.stack(images) if images else None, [len(s.images) for s in samples],
-                 [s.caption for s in samples], [s.key for s in samples])
+    images = [img for s in rows for img in s.images]
+    extras = {}
+    if pairs and all(s.reference_logps is not None for s in pairs):
+        extras["reference_logps"] = torch.tensor([s.reference_logps for s in pairs], dtype=torch.float64)
+    return Batch(ids, targets, torch.stack(images) if images else None, [len(s.images) for s in rows],
+                 [s.caption for s in samples], [s.key for s in samples],
+                 prompt_lengths=[s.prompt_len for s in samples], pairs=len(pairs), extras=extras)
 
 
 def owns(index: int, rank: int, world: int, base: int = 0, consumed: frozenset | set = frozenset()) -> bool:

@@ -189,7 +189,9 @@ def build_synth_dataset(out: str | Path, seed: int = 0, train_size: int = 20000,
         if split == "val":
             _write_examples(out / "examples", samples[:num_examples])
 
-    tokenizer = train_tokenizer(all_caption_texts(prompt), vocab_size)
+    from mmfm.data.synth_instruct import tokenizer_texts
+
+    tokenizer = train_tokenizer(tokenizer_texts(prompt), vocab_size)
     tokenizer.save(str(out / mf.TOKENIZER))
     manifest = {
         "format": mf.FORMAT, "generator": "mmfm data synth", "mmfm_version": __version__, "params": params,

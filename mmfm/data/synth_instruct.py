@@ -7,8 +7,12 @@ circle?" with two circles).
 
 from __future__ import annotations
 
+import io
+import json
 import random
-from typing import Iterator
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
 
 from PIL import Image
 
@@ -20,6 +24,24 @@ PAIR_LAYOUTS = ((("on the left", 0.25, 0.5), ("on the right", 0.75, 0.5)),
                 (("at the top", 0.5, 0.25), ("at the bottom", 0.5, 0.75)))
 COUNT_WORDS = ("one", "two", "three")
 COUNT_QUESTION = "how many shapes are there?"
+
+
+# Answers name the colour, place or shape after a space, as the captions do ("it is red." like "a red ..."),
+# so that a pretrained captioner's tokens for them carry over (a bare "red." is another token).
+def colour_answer(colour: str) -> str:
+    return f"it is {colour}."
+
+
+def position_answer(where: str) -> str:
+    return f"it is {where}."
+
+
+def shape_answer(shape: str) -> str:
+    return f"it is a {shape}."
+
+
+def count_answer(n: int) -> str:
+    return f"there {'is' if n == 1 else 'are'} {COUNT_WORDS[n - 1]}."
 
 
 def scene_objects(rng: random.Random, pair_fraction: float = 0.5) -> list[tuple[Obj, float, float]]:
@@ -46,13 +68,13 @@ def scene_questions(objects: list[Obj]) -> list[tuple[str, str]]:
     """Every unambiguous (question, answer) about the scene."""
     shapes = [s for s, _, _ in objects]
     pairs = [(s, c) for s, c, _ in objects]
-    qa = [(COUNT_QUESTION, f"{COUNT_WORDS[len(objects) - 1]}.")]
+    qa = [(COUNT_QUESTION, count_answer(len(objects)))]
     for shape, colour, where in objects:
         if shapes.count(shape) == 1:
-            qa.append((f"what colour is the {shape}?", f"{colour}."))
+            qa.append((f"what colour is the {shape}?", colour_answer(colour)))
         if pairs.count((shape, colour)) == 1:
-            qa.append((f"where is the {colour} {shape}?", f"{where}."))
-        qa.append((f"what shape is {where}?", f"a {shape}."))  # positions are distinct within a scene
+            qa.append((f"where is the {colour} {shape}?", position_answer(where)))
+        qa.append((f"what shape is {where}?", shape_answer(shape)))  # positions are distinct within a scene
     return qa
 
 
@@ -66,16 +88,16 @@ def question_kind(question: str) -> str:
 
 def answer_options(kind: str) -> list[str]:
     """Every answer of that kind, in a fixed order."""
-    return {"colour": [f"{c}." for c in COLOURS], "count": [f"{w}." for w in COUNT_WORDS],
-            "position": [f"{p}." for p in SINGLE_POSITIONS], "shape": [f"a {s}." for s in SHAPES]}[kind]
+    return {"colour": [colour_answer(c) for c in COLOURS], "count": [count_answer(n) for n in (1, 2, 3)],
+            "position": [position_answer(p) for p in SINGLE_POSITIONS], "shape": [shape_answer(s) for s in SHAPES]}[kind]
 
 
 def wrong_answer(question: str, answer: str, objects: list[Obj], rng: random.Random) -> str:
     """A wrong answer of the same kind. Prefers a distractor from the scene (the other object's colour,
     position or shape) when it is wrong for this question; otherwise any other answer of that kind."""
     kind = question_kind(question)
-    scene = {"colour": [f"{c}." for _, c, _ in objects], "position": [f"{p}." for _, _, p in objects],
-             "shape": [f"a {s}." for s, _, _ in objects], "count": []}[kind]
+    scene = {"colour": [colour_answer(c) for _, c, _ in objects], "position": [position_answer(p) for _, _, p in objects],
+             "shape": [shape_answer(s) for s, _, _ in objects], "count": []}[kind]
     in_scene = sorted({a for a in scene if a != answer})
     if in_scene and rng.random() < 0.5:
         return rng.choice(in_scene)
@@ -91,13 +113,13 @@ def _scenes(split: str, count: int, seed: int, size: int, pair_fraction: float, 
 
 
 def generate_instruct_samples(split: str, count: int, seed: int, size: int, pair_fraction: float = 0.5,
-                              second_turn_fraction: float = 0.5) -> Iterator[dict]:
+                              max_turns: int = 3) -> Iterator[dict]:
     """LLaVA-style records {"id", "image", "objects", "conversations"}: an image question and its answer,
-    sometimes followed by a text-only question about the same image."""
+    followed by up to max_turns - 1 text-only questions about the same image (a uniform number of turns)."""
     for key, image, objects, rng in _scenes(split, count, seed, size, pair_fraction, "instruct"):
         qa = scene_questions(objects)
         rng.shuffle(qa)
-        turns = qa[:2] if len(qa) > 1 and rng.random() < second_turn_fraction else qa[:1]
+        turns = qa[: rng.randint(1, min(max_turns, len(qa)))]
         conversations = []
         for n, (q, a) in enumerate(turns):
             conversations += [{"from": "human", "value": ("<image>\n" if n == 0 else "") + q},
@@ -124,3 +146,85 @@ def all_instruct_texts(template: ChatTemplate) -> list[str]:
         texts += [f"where is the {colour} {shape}?" for colour in COLOURS]
     texts += [f"what shape is {where}?" for where in SINGLE_POSITIONS]
     return texts + ["\n" + t for t in texts if t.endswith("?")]
+
+
+KINDS = ("sft", "preference")
+
+
+def tokenizer_texts(prompt: str) -> list[str]:
+    """The synthetic data sets' tokenizer training text: every caption, question, answer and template string
+    (one tokenizer serves pretraining and the later stages, so their checkpoints fit each other)."""
+    from mmfm.data.synth import all_caption_texts
+
+    return all_caption_texts(prompt) + all_instruct_texts(ChatTemplate())
+
+
+def _record(item: dict, kind: str) -> dict:
+    buf = io.BytesIO()
+    item["image"].save(buf, format="PNG", optimize=False)
+    meta = {"objects": [list(o) for o in item["objects"]], "source": "synthetic-scenes"}
+    if kind == "sft":
+        meta["conversations"] = item["conversations"]
+    else:
+        meta.update(conversations=[{"from": "human", "value": "<image>\n" + item["prompt"]}],
+                    chosen=item["chosen"], rejected=item["rejected"])
+    return {"__key__": item["id"], "png": buf.getvalue(), "json": json.dumps(meta, sort_keys=True).encode()}
+
+
+def build_instruct_dataset(out: str | Path, kind: str = "sft", tokenizer: Optional[str | Path] = None, seed: int = 0,
+                           train_size: int = 8000, val_size: int = 500, image_size: int = 64, shard_size: int = 2000,
+                           max_turns: int = 3, force: bool = False, progress: bool = True) -> dict:
+    """Write train/val shards of LLaVA-format conversations (kind sft) or preference pairs (kind preference) about
+    the synthetic scenes, the tokenizer and manifest.json (last, atomically) under `out`.
+
+    tokenizer: the pretraining data set's tokenizer.json to copy (so that the stages share one vocabulary); by
+    default one is trained on the same text `mmfm data synth` uses. Reuses an identical build.
+    """
+    from tqdm import tqdm
+
+    from mmfm import __version__
+    from mmfm.data import manifest as mf
+    from mmfm.data.tokenizer import TextTokenizer, train_tokenizer
+
+    if kind not in KINDS:
+        raise mf.DataError(f"--kind {kind!r} is unknown; use one of {KINDS}")
+    for name, value in (("train_size", train_size), ("val_size", val_size), ("image_size", image_size),
+                        ("shard_size", shard_size)):
+        if value <= 0:
+            raise mf.DataError(f"{name}={value} must be > 0")
+    out = Path(out)
+    source_tok = Path(tokenizer) if tokenizer else None
+    if source_tok is not None:
+        TextTokenizer.load(source_tok)  # a clear error if missing or unreadable
+    params = dict(kind=kind, seed=seed, train_size=train_size, val_size=val_size, image_size=image_size,
+                  shard_size=shard_size, max_turns=max_turns, tokenizer=mf.sha256_file(source_tok) if source_tok else "trained")
+    if (out / mf.MANIFEST).is_file():
+        existing = mf.read_manifest(out)
+        if existing.get("params") == params:
+            return existing
+        if not force:
+            raise mf.DataError(f"{out} already holds a data set built with other parameters "
+                               f"({existing.get('params')}); pass --force to rebuild it or choose another --out")
+        (out / mf.MANIFEST).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, count in (("train", train_size), ("val", val_size)):
+        items = (generate_instruct_samples(split, count, seed, image_size, max_turns=max_turns) if kind == "sft"
+                 else generate_preference_pairs(split, count, seed, image_size))
+        items = tqdm(items, total=count, desc=f"rendering {kind} {split}",
+                     disable=not progress)
+        shards = mf.write_shards((_record(item, kind) for item in items), out, split, shard_size)
+        splits[split] = {"samples": count, "shards": shards}
+    if source_tok is not None:
+        shutil.copyfile(source_tok, out / mf.TOKENIZER)
+    else:
+        train_tokenizer(tokenizer_texts("describe the image."), 512).save(str(out / mf.TOKENIZER))
+    manifest = {
+        "format": mf.FORMAT, "generator": f"mmfm data instruct --kind {kind}", "mmfm_version": __version__,
+        "params": params, "splits": splits, "sources": {s: {"synthetic-scenes": v["samples"]} for s, v in splits.items()},
+        "licences": {"synthetic-scenes": "generated by mmfm, CC0-1.0"},
+        "tokenizer": {"file": mf.TOKENIZER, "vocab_size": TextTokenizer.load(out / mf.TOKENIZER).vocab_size,
+                      "sha256": mf.sha256_file(out / mf.TOKENIZER)},
+    }
+    mf.write_json_atomic(out / mf.MANIFEST, manifest)
+    return manifest

@@ -33,11 +33,12 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, generator) -> to
 @torch.no_grad()
 def generate(model: VisionLanguageModel, prompts: Sequence[Sequence[int]], pixel_values: Optional[torch.Tensor],
              max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 0.0, top_k: int = 0,
-             generator: Optional[torch.Generator] = None) -> list[list[int]]:
+             generator: Optional[torch.Generator] = None, stop_early: bool = True) -> list[list[int]]:
     """New tokens for each prompt (without the prompt), each ending before its first EOS.
 
     temperature 0 is greedy decoding. Prompts may differ in length: they are left-padded, and padding
-    is excluded from attention and from the rotary positions.
+    is excluded from attention and from the rotary positions. stop_early=False runs all max_new_tokens steps
+    even when every answer has ended (sharded models whose ranks must run the same forwards).
     """
     device = next(model.parameters()).device
     ids, valid = left_pad(prompts, pad_id, device)
@@ -64,7 +65,7 @@ def generate(model: VisionLanguageModel, prompts: Sequence[Sequence[int]], pixel
                 done[row] = True
             else:
                 out[row].append(token[row].item())
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if (stop_early and bool(done.all())) or step == max_new_tokens - 1:
             break
         step_mask = key_valid[:, None, None, : cache.length + 1]
         h = model.language.embed(token.unsqueeze(1))

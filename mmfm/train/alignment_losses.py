@@ -14,18 +14,23 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from mmfm.data.loader import IGNORE_INDEX
 from mmfm.registry import lookup
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """log p(target_t) at each position [B, T], in fp32 (or fp64 for fp64 logits); 0 where ignored."""
-    keep = targets != ignore_index
-    safe = targets.masked_fill(~keep, 0)  # never gather at ignore_index
-    logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
-    logp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return logp.masked_fill(~keep, 0.0)
+    """log p(target_t) at each position [B, T], in fp32 (or fp64 for fp64 logits); 0 where ignored.
+
+    Computed as -cross_entropy(reduction="none"), which tensor parallelism's loss_parallel also computes on
+    vocabulary-split logits without gathering them (the result is then made a plain tensor).
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="none")
+    if isinstance(nll, DTensor):
+        nll = nll.full_tensor()
+    return -nll.view(targets.shape)
 
 
 def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor,

@@ -9,7 +9,7 @@ from typing import Iterable
 
 import torch
 
-from mmfm.data.loader import EncodedSample, SampleEncoder
+from mmfm.data.loader import EncodedSample
 from mmfm.data.tokenizer import TextTokenizer
 from mmfm.models.generate import generate
 
@@ -26,9 +26,10 @@ class CaptionResult:
 
 
 @torch.no_grad()
-def caption_samples(model, tokenizer: TextTokenizer, encoder: SampleEncoder, samples: Iterable[EncodedSample],
-                    batch_size: int, max_new_tokens: int, device) -> list[CaptionResult]:
-    """Greedy captions for encoded samples, next to their reference captions."""
+def caption_samples(model, tokenizer: TextTokenizer, samples: Iterable[EncodedSample], batch_size: int,
+                    max_new_tokens: int, device, stop_early: bool = True) -> list[CaptionResult]:
+    """Greedy captions (or answers) generated from each sample's prompt, next to its reference.
+    stop_early=False: decode max_new_tokens steps in every batch (data-parallel ranks then stay in step)."""
     was_training = model.training
     model.eval()
     results: list[CaptionResult] = []
@@ -36,8 +37,9 @@ def caption_samples(model, tokenizer: TextTokenizer, encoder: SampleEncoder, sam
     while chunk := list(itertools.islice(samples, batch_size)):
         images = [img for s in chunk for img in s.images]
         pixels = torch.stack(images).to(device) if images else None
-        prompts = [encoder.prefix(len(s.images)) for s in chunk]
-        outputs = generate(model, prompts, pixels, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
+        prompts = [s.input_ids[: s.prompt_len] for s in chunk]
+        outputs = generate(model, prompts, pixels, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
+                           stop_early=stop_early)
         results += [CaptionResult(s.key, tokenizer.decode(out), s.caption) for s, out in zip(chunk, outputs)]
     model.train(was_training)
     return results

@@ -10,22 +10,25 @@ import logging
 import random
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from torch.distributed.pipelining import PipelineStage
 
 from mmfm.checkpoint import CheckpointManager
 from mmfm.config import JobConfig, image_tokens, validate
-from mmfm.data.build import load_tokenizer, loader_summary, reshard_loader_states, sample_encoder, train_loader, val_stream
-from mmfm.data.loader import Batch, BatchLoader, pad_sequence
+from mmfm.data.build import load_tokenizer, loader_summary, reshard_loader_states, train_loader, val_stream
+from mmfm.data.loader import Batch, BatchLoader, EncodedSample, pad_sequence
 from mmfm.data.manifest import TOKENIZER
 from mmfm.models import MODEL_REGISTRY, build_model
+from mmfm.models.generate import generate
 from mmfm.parallel import ParallelDims
 from mmfm.parallel.comm import CommCounter
 from mmfm.parallel.distributed import all_reduce_sums, barrier, gather_objects, init_distributed
@@ -35,7 +38,10 @@ from mmfm.parallel.pipeline_parallel import build_schedule, pixel_rows, sync_tie
 from mmfm.parallel.tensor_parallel import loss_context
 from mmfm.train import evaluate
 from mmfm.train.metrics import MetricsLogger, peak_flops, peak_memory_gib, plot_loss
-from mmfm.train.objectives import OBJECTIVES
+from mmfm.train.loss_guard import LossGuard, TrainingDiverged
+from mmfm.train.objectives import build_objective, next_token_loss
+from mmfm.train.preemption import PreemptionMonitor
+from mmfm.train.watchdog import Watchdog
 from mmfm.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -61,11 +67,39 @@ def scalar(t) -> float:
     return (t.full_tensor() if isinstance(t, DTensor) else t).item()
 
 
+def logits_of(model, batch: Batch) -> torch.Tensor:
+    return model(batch.input_ids, batch.pixel_values, positions=batch.positions, document_ids=batch.document_ids)
+
+
+def freeze(parts, names: list[str]) -> None:
+    """Leave the named top-level parts of the model (stage.freeze) out of training."""
+    for part in parts:
+        for name in names:
+            module = getattr(part, name, None)
+            if module is not None:
+                module.requires_grad_(False)
+
+
+def stage_checkpoint(spec: str) -> Path:
+    """stage.init_from (a run directory, its checkpoints/ folder or a step_* folder) -> the checkpoint folder."""
+    from mmfm.checkpoint import CheckpointError
+    from mmfm.checkpoint.manager import is_complete
+
+    path = Path(spec)
+    for root in (path / "checkpoints", path):
+        if (root / "latest").is_file():
+            return CheckpointManager(root).latest()
+    if is_complete(path):
+        return path
+    raise CheckpointError(f"stage.init_from={spec} is not a run directory with checkpoints nor a complete step_* "
+                          "checkpoint folder; point it at the earlier stage's run directory")
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig, run_dir: str | Path):
         self.cfg = validate(cfg)
         self.device = pick_device(cfg.device)
-        self.rank, self.world = init_distributed(self.device)
+        self.rank, self.world = init_distributed(self.device, cfg.faults.collective_timeout_s)
         # One run directory for all ranks: rank 0's (a timestamped default may differ across ranks).
         self.run_dir = Path(gather_objects(str(run_dir))[0])
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,11 +111,14 @@ class Trainer:
         seed_everything(cfg.seed)
         self.parts = parallelize(cfg, dims, self.device, self.mesh)
         self.model = self.parts.parts[0]  # the whole model unless pipelined
+        freeze(self.parts.parts, cfg.stage.freeze)
         self.optimizers = [build_optimizer(part, cfg.train) for part in self.parts.parts]
         self.schedulers = [build_scheduler(opt, cfg.train) for opt in self.optimizers]
         self.dp_rank = dims.dp_rank(self.mesh) if self.mesh is not None else 0
         self.loader = train_loader(cfg, self.tokenizer, self.dp_rank, dims.dp_size)
-        self.objective = OBJECTIVES[cfg.stage.objective]
+        self.objective = build_objective(cfg.stage)
+        # A frozen copy of stage.init_from, sharded like the policy, for objectives that compare with it.
+        self.reference = self.build_reference() if self.objective.needs_reference else None
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.step = 0
         self.peak = peak_flops(self.device, cfg.logger)
@@ -94,8 +131,18 @@ class Trainer:
         self.first_replica = self.loss_owner and self.dp_rank == 0  # ... of data every replica reads
         self.schedule = self.build_schedule() if self.parts.pipelined else None
         self._loss_scale = 1.0
+        f = cfg.faults
+        self.guard = LossGuard(f.spike_factor, f.spike_window, f.max_bad_steps)
         # The fused loss kernel takes the targets inside the model: the logits never exist.
         self.loss_in_model = self.parts.kernels.get("linear_cross_entropy", "torch") != "torch"
+
+    def build_reference(self):
+        parts = parallelize(self.cfg, self.dims, self.device, self.mesh)
+        CheckpointManager.load(stage_checkpoint(self.cfg.stage.init_from), parts.parts)
+        parts.train(False)
+        for p in parts.parameters():
+            p.requires_grad_(False)
+        return parts.parts[0]
 
     def build_schedule(self):
         stages = [PipelineStage(part, stage, self.parts.num_stages, self.device, group=self.parts.group("pp"))
@@ -104,7 +151,7 @@ class Trainer:
         return build_schedule(self.dims.pp_schedule, stages, m, self.pipeline_loss)
 
     def pipeline_loss(self, logits, targets):
-        return self.objective(logits, targets)[0] * self._loss_scale
+        return next_token_loss(logits, targets)[0] * self._loss_scale
 
     def autocast(self):
         if self.cfg.train.precision == "bf16":
@@ -115,6 +162,8 @@ class Trainer:
     def resume(self) -> None:
         path = self.checkpoints.resolve(self.cfg.checkpoint.resume)
         if path is None:
+            if self.cfg.stage.init_from:
+                self.init_from(stage_checkpoint(self.cfg.stage.init_from))
             return
         state = CheckpointManager.load(path, self.parts.parts, self.optimizers)
         for scheduler in self.schedulers:
@@ -127,6 +176,11 @@ class Trainer:
         self.loader.load_state_dict(data_states[self.dp_rank])
         self.step = state["step"]
         log.info("resumed from %s at step %d", path, self.step)
+
+    def init_from(self, path: Path) -> None:
+        """The earlier stage's model weights (any layout); optimizer, step and data start afresh."""
+        CheckpointManager.load(path, self.parts.parts)
+        log.info("initialized the model from %s (stage.init_from)", path)
 
     def data_states(self) -> list[dict]:
         """One loader state per data-parallel rank, in rank order (tp/pp/cp peers hold the same)."""
@@ -155,24 +209,34 @@ class Trainer:
         """Forward/backward over grad_accum_steps micro-batches, loss averaged over all their tokens."""
         micro = [self.fit_batch(b.to(self.device))
                  for b in itertools.islice(self.loader, self.cfg.train.grad_accum_steps)]
-        (total_tokens,) = all_reduce_sums([sum(b.num_loss_tokens for b in micro) / self.replicas], self.device)
-        scale = self.grad_divisor / max(total_tokens, 1)
-        loss_sum = self.pipeline_step(micro, scale) if self.parts.pipelined else self.local_steps(micro, scale)
+        micro = self.objective.prepare(self, micro)
+        (total_units,) = all_reduce_sums([sum(self.objective.units(b) for b in micro) / self.replicas], self.device)
+        scale = self.grad_divisor / max(total_units, 1)
+        if self.parts.pipelined:
+            loss_sum, stats = self.pipeline_step(micro, scale), {}
+        else:
+            loss_sum, stats = self.local_steps(micro, scale)
         sync_tied_embedding(self.parts.parts, self.parts.tied_group)
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(self.parts.parameters(), clip, self.parts.group("pp"), self.parts.tied_copies())
-        lr = self.schedulers[0].get_last_lr()[0]
-        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
         seq_len = max(b.input_ids.shape[1] for b in micro)
         counts = [sum(b.input_ids.numel() for b in micro), sum(len(b.keys) for b in micro),
                   sum(sum(b.images_per_sample) for b in micro)]
-        loss_sum, positions, samples, images = all_reduce_sums(
-            [loss_sum if self.loss_owner else 0.0] + [c / self.replicas for c in counts], self.device)
-        return {"loss": loss_sum / total_tokens, "lr": lr, "grad_norm": grad_norm, "positions": positions,
-                "samples": samples, "images": images, "seq_len": seq_len}
+        owned = 1.0 if self.loss_owner else 0.0
+        loss_sum, positions, samples, images, *stat_sums = all_reduce_sums(
+            [loss_sum * owned] + [c / self.replicas for c in counts] + [v * owned for v in stats.values()],
+            self.device)
+        loss = loss_sum / max(total_units, 1)
+        skipped = self.guard.check(loss, grad_norm)  # the same global values, so the same decision, on every rank
+        lr = self.schedulers[0].get_last_lr()[0]
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            if skipped is None:
+                optimizer.step()
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        per_unit = {k: v / max(total_units, 1) for k, v in zip(stats, stat_sums)}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "positions": positions, "samples": samples,
+                "images": images, "seq_len": seq_len, "stats": per_unit, "skipped": skipped}
 
     def targets_of(self, batch: Batch) -> torch.Tensor:
         if self.dims.cp > 1:
@@ -181,25 +245,46 @@ class Trainer:
             return shard_sequence(batch.targets, self.mesh["cp"])
         return batch.targets
 
-    def forward_loss(self, batch: Batch) -> torch.Tensor:
-        """The objective's summed loss of one micro-batch through the whole (unpipelined) model."""
-        targets = self.targets_of(batch)
-        packed = dict(positions=batch.positions, document_ids=batch.document_ids)  # None unless data.pack
+    def forward_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """The objective's summed loss of one micro-batch through the whole (unpipelined) model, and its summed
+        statistics (e.g. preference rewards)."""
         if self.loss_in_model:
-            return self.model(batch.input_ids, batch.pixel_values, targets=targets, **packed)
-        return self.objective(self.model(batch.input_ids, batch.pixel_values, **packed), targets)[0]
+            packed = dict(positions=batch.positions, document_ids=batch.document_ids)  # None unless data.pack
+            return self.model(batch.input_ids, batch.pixel_values, targets=self.targets_of(batch), **packed), {}
+        batch = dataclasses.replace(batch, targets=self.targets_of(batch))
+        reference = partial(logits_of, self.reference) if self.reference is not None else None
+        return self.objective(partial(logits_of, self.model), batch, reference)
 
-    def local_steps(self, micro: list[Batch], scale: float) -> float:
+    def local_steps(self, micro: list[Batch], scale: float) -> tuple[float, dict]:
         """Every micro-batch through the whole model; gradients synchronized after the last."""
-        loss_sum = 0.0
+        loss_sum, stats = 0.0, {}
         for i, batch in enumerate(micro):
             if self.grad_divisor > 1:  # reduce gradients only after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
             with self.autocast(), loss_context(self.dims.tp):
-                loss = self.forward_loss(batch)
+                loss, batch_stats = self.forward_loss(batch)
                 (loss * scale).backward()
             loss_sum += scalar(loss)
-        return loss_sum
+            for k, v in batch_stats.items():
+                stats[k] = stats.get(k, 0.0) + scalar(v)
+        return loss_sum, stats
+
+    def sample_answers(self, samples: list[EncodedSample], grpo) -> list[list[int]]:
+        """Sampled answers to the samples' prompts by the current policy (KV-cached; every data-parallel rank
+        decodes the same number of steps, so that sharded parameters are gathered in step)."""
+        images = [img for s in samples for img in s.images]
+        pixels = torch.stack(images).to(self.device) if images else None
+        generator = torch.Generator(self.device).manual_seed(self.cfg.seed * 1_000_003 + self.step * 1009 + self.dp_rank)
+        self.parts.train(False)
+        if isinstance(self.model, FSDPModule):
+            self.model.unshard()
+        with self.autocast():
+            answers = generate(self.model, [s.input_ids for s in samples], pixels, grpo.max_new_tokens,
+                               self.tokenizer.eos_id, self.tokenizer.pad_id, grpo.temperature, grpo.top_k,
+                               generator, stop_early=self.world == 1)
+        self.parts.reshard()
+        self.parts.train(True)
+        return answers
 
     def pipeline_inputs(self, micro: list[Batch]) -> tuple[tuple, torch.Tensor]:
         """The step's micro-batches as one batch the schedule splits back along dim 0."""
@@ -225,19 +310,22 @@ class Trainer:
         flops = self.spec.training_flops(self.cfg.model, raw["positions"], raw["seq_len"], raw["images"])
         mfu = flops / seconds / (self.peak * self.world) if self.peak else None
         epoch, skipped = loader_summary(self.loader.state_dict())
-        return {"loss": raw["loss"], "lr": raw["lr"], "grad_norm": raw["grad_norm"],
+        return {"loss": raw["loss"], **raw["stats"], "lr": raw["lr"], "grad_norm": raw["grad_norm"],
                 "tokens_per_s": raw["positions"] / seconds, "samples_per_s": raw["samples"] / seconds,
                 "mfu": mfu, "peak_mem_gib": peak_memory_gib(self.device), "epoch": epoch,
                 "skipped_samples": sum(skipped.values()), **{f"skipped_{k}": v for k, v in skipped.items()}}
 
-    def validate_now(self) -> float:
-        """Token-mean loss on the first val_batches x val_batch_size held-out samples (same at any layout)."""
-        loss = self._validation_loss()
+    def validate_now(self) -> dict:
+        """The objective's mean loss (and statistics) over the first val_batches x val_batch_size held-out samples,
+        the same at any layout; {} for objectives without one (grpo: see the final answer accuracy)."""
+        if not self.objective.validates:
+            return {}
+        metrics = self._validation_loss()
         self.parts.reshard()
-        return loss
+        return metrics
 
     @torch.no_grad()
-    def _validation_loss(self) -> float:
+    def _validation_loss(self) -> dict:
         self.parts.train(False)
         d, t = self.cfg.data, self.cfg.train
         samples = itertools.islice(val_stream(self.cfg, self.tokenizer), t.val_batches * d.val_batch_size)
@@ -245,19 +333,21 @@ class Trainer:
             batches = BatchLoader(iter(samples), d.batch_size * t.grad_accum_steps, self.tokenizer.pad_id, pad_rows=True)
         else:
             batches = BatchLoader(iter(samples), d.val_batch_size, self.tokenizer.pad_id)
-        loss_sum, tokens = 0.0, 0
+        sums: dict[str, float] = {"loss": 0.0}
+        units = 0
         for batch in batches:
             batch = self.fit_batch(batch.to(self.device))
-            tokens += batch.num_loss_tokens
+            units += self.objective.units(batch)
             if self.parts.pipelined:
-                loss = self.pipeline_step([batch], 1.0, train=False)
+                loss, stats = self.pipeline_step([batch], 1.0, train=False), {}
             else:
                 with self.autocast(), loss_context(self.dims.tp):
-                    loss = scalar(self.forward_loss(batch))
-            loss_sum += loss if self.first_replica else 0.0
+                    loss, stats = self.forward_loss(batch)
+            for k, v in {"loss": loss, **stats}.items():
+                sums[k] = sums.get(k, 0.0) + (scalar(v) if self.first_replica else 0.0)
         self.parts.train(True)
-        (loss_sum,) = all_reduce_sums([loss_sum], self.device)
-        return loss_sum / max(tokens, 1)
+        totals = all_reduce_sums(list(sums.values()), self.device)
+        return {k: v / max(units, 1) for k, v in zip(sums, totals)}
 
     @property
     def model_parallel(self) -> bool:
@@ -274,6 +364,9 @@ class Trainer:
         metrics = MetricsLogger(self.cfg, self.run_dir, self.step, enabled=self.main)
         t = self.cfg.train
         losses, grad_norms = {}, {}
+        preemption = PreemptionMonitor(self.run_dir, enabled=self.cfg.faults.preemption)
+        watchdog = Watchdog(self.run_dir, self.rank, self.cfg.faults.hang_timeout_s)
+        watchdog.start()
         try:
             while self.step < t.max_steps:
                 logged = (self.step + 1) % self.cfg.logger.log_every == 0 or self.step + 1 == t.max_steps
@@ -281,8 +374,11 @@ class Trainer:
                 counter = CommCounter() if logged and self.world > 1 else contextlib.nullcontext()
                 start = time.perf_counter()
                 with counter:
-                    raw = self.train_step()
+                    raw = self.guarded_step()
                 self.step += 1
+                watchdog.beat(self.step)
+                if raw["skipped"]:
+                    log.warning("step %d: update skipped (%s)", self.step, raw["skipped"])
                 step_metrics = self.step_metrics(raw, time.perf_counter() - start)
                 if isinstance(counter, CommCounter):
                     step_metrics.update({f"comm_{kind}_bytes": n for kind, n in counter.bytes_by_kind().items()})
@@ -290,18 +386,47 @@ class Trainer:
                 if logged:
                     metrics.log(self.step, step_metrics)
                 metrics.advance()
-                if t.val_every and self.step % t.val_every == 0:
-                    metrics.log(self.step, {"loss": self.validate_now()}, kind="val")
-                if (self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0) \
-                        or self.step == t.max_steps:
-                    self.save()
-            summary = self.final_eval(metrics)
+                saved = (self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0) \
+                    or self.step == t.max_steps
+                if saved:
+                    with watchdog.paused():
+                        self.save()
+                if preemption.requested(self.device):  # a collective: every rank asks every step
+                    return self.stop_for_requeue(preemption, watchdog, saved, losses, grad_norms)
+                if t.val_every and self.step % t.val_every == 0 and self.objective.validates:
+                    with watchdog.paused():
+                        metrics.log(self.step, self.validate_now(), kind="val")
+            with watchdog.paused():
+                summary = self.final_eval(metrics)
         finally:
+            watchdog.stop()
+            preemption.close()
             metrics.close()
         if self.main:
             plot_loss(self.run_dir)
         summary["losses"], summary["grad_norms"] = losses, grad_norms
         return summary
+
+    def guarded_step(self) -> dict:
+        """train_step; when the loss guard stops the run, say which checkpoint is the last good one."""
+        try:
+            return self.train_step()
+        except TrainingDiverged as exc:
+            latest = self.checkpoints.latest()
+            where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
+            raise TrainingDiverged(f"training stopped at step {self.step + 1}: {exc}; {where} (faults.max_bad_steps="
+                                   f"{self.cfg.faults.max_bad_steps}); lower train.optim.lr or check the data read "
+                                   "around this step") from None
+
+    def stop_for_requeue(self, preemption, watchdog, saved: bool, losses: dict, grad_norms: dict) -> dict:
+        """Preemption: checkpoint this step (unless just done), mark it saved for the batch script, stop."""
+        if not saved:
+            with watchdog.paused():
+                self.save()
+        if self.main:
+            preemption.mark_saved(self.step)
+        log.warning("preempted at step %d: checkpoint saved; the same run_dir resumes from it", self.step)
+        return {"step": self.step, "preempted": True, "losses": losses, "grad_norms": grad_norms}
 
     def caption_results(self) -> Optional[list]:
         """Greedy captions of the first eval.num_samples held-out samples.
@@ -312,28 +437,30 @@ class Trainer:
         """
         e = self.cfg.eval
         samples = itertools.islice(val_stream(self.cfg, self.tokenizer), e.num_samples)
-        encoder = sample_encoder(self.cfg, self.tokenizer)
         if not self.model_parallel:
-            results = evaluate.caption_samples(self.model, self.tokenizer, encoder, samples,
-                                               self.cfg.data.val_batch_size, e.max_new_tokens, self.device)
+            if isinstance(self.model, FSDPModule):
+                self.model.unshard()
+            results = evaluate.caption_samples(self.model, self.tokenizer, samples, self.cfg.data.val_batch_size,
+                                               e.max_new_tokens, self.device, stop_early=self.world == 1)
             self.parts.reshard()
             return results
         results = None
         if self.main:
             whole = build_model(self.cfg.model, self.device)
             CheckpointManager.load(self.checkpoints.latest(), whole, no_dist=True)
-            results = evaluate.caption_samples(whole, self.tokenizer, encoder, samples, self.cfg.data.val_batch_size,
+            results = evaluate.caption_samples(whole, self.tokenizer, samples, self.cfg.data.val_batch_size,
                                                e.max_new_tokens, self.device)
         barrier()
         return results
 
     def final_eval(self, metrics: MetricsLogger) -> dict:
         e = self.cfg.eval
-        summary = {"step": self.step, "val_loss": self.validate_now()}
+        summary = {"step": self.step, **{f"val_{k}": v for k, v in self.validate_now().items()}}
         results = self.caption_results() if e.num_samples else None
         if results is not None:
-            summary["caption_accuracy"] = evaluate.accuracy(results)
-            summary["caption_samples"] = len(results)
+            kind = "caption" if self.cfg.stage.objective == "pretrain" else "answer"
+            summary[f"{kind}_accuracy"] = evaluate.accuracy(results)
+            summary[f"{kind}_samples"] = len(results)
             summary["examples"] = [{**dataclasses.asdict(r), "correct": r.correct}
                                    for r in results[: e.show_examples]]
         metrics.log(self.step, {k: v for k, v in summary.items() if k != "examples"}, kind="eval")
