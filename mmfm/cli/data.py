@@ -37,6 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     i.add_argument("--image-size", type=int, default=64)
     i.add_argument("--shard-size", type=int, default=2000, help="samples per tar shard")
     i.add_argument("--max-turns", type=int, default=3, help="questions per sft conversation: 1 to this many")
+    i.add_argument("--pair-fraction", type=float, default=0.5, help="share of two-object scenes")
     i.add_argument("--force", action="store_true", help="rebuild a folder built with other parameters")
     b = sub.add_parser("build", help="build a data set from a recipe (data_pipeline/*.yaml)",
                        description="Read the recipe's sources, run its stages (decode, filters, PII "
@@ -78,7 +79,7 @@ def instruct_main(args: argparse.Namespace) -> int:
     with one_line_errors("mmfm data instruct"):
         m = build_instruct_dataset(args.out, args.kind, args.tokenizer, seed=args.seed, train_size=args.train_size,
                                    val_size=args.val_size, image_size=args.image_size, shard_size=args.shard_size,
-                                   max_turns=args.max_turns, force=args.force)
+                                   max_turns=args.max_turns, pair_fraction=args.pair_fraction, force=args.force)
     report(args.out, m)
     return 0
 

@@ -173,7 +173,8 @@ def _record(item: dict, kind: str) -> dict:
 
 def build_instruct_dataset(out: str | Path, kind: str = "sft", tokenizer: Optional[str | Path] = None, seed: int = 0,
                            train_size: int = 8000, val_size: int = 500, image_size: int = 64, shard_size: int = 2000,
-                           max_turns: int = 3, force: bool = False, progress: bool = True) -> dict:
+                           max_turns: int = 3, pair_fraction: float = 0.5, force: bool = False,
+                           progress: bool = True) -> dict:
     """Write train/val shards of LLaVA-format conversations (kind sft) or preference pairs (kind preference) about
     the synthetic scenes, the tokenizer and manifest.json (last, atomically) under `out`.
 
@@ -197,7 +198,7 @@ def build_instruct_dataset(out: str | Path, kind: str = "sft", tokenizer: Option
     if source_tok is not None:
         TextTokenizer.load(source_tok)  # a clear error if missing or unreadable
     params = dict(kind=kind, seed=seed, train_size=train_size, val_size=val_size, image_size=image_size,
-                  shard_size=shard_size, max_turns=max_turns, tokenizer=mf.sha256_file(source_tok) if source_tok else "trained")
+                  shard_size=shard_size, max_turns=max_turns, pair_fraction=pair_fraction, tokenizer=mf.sha256_file(source_tok) if source_tok else "trained")
     if (out / mf.MANIFEST).is_file():
         existing = mf.read_manifest(out)
         if existing.get("params") == params:
@@ -209,8 +210,8 @@ def build_instruct_dataset(out: str | Path, kind: str = "sft", tokenizer: Option
     out.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, count in (("train", train_size), ("val", val_size)):
-        items = (generate_instruct_samples(split, count, seed, image_size, max_turns=max_turns) if kind == "sft"
-                 else generate_preference_pairs(split, count, seed, image_size))
+        items = (generate_instruct_samples(split, count, seed, image_size, pair_fraction, max_turns) if kind == "sft"
+                 else generate_preference_pairs(split, count, seed, image_size, pair_fraction))
         items = tqdm(items, total=count, desc=f"rendering {kind} {split}",
                      disable=not progress)
         shards = mf.write_shards((_record(item, kind) for item in items), out, split, shard_size)

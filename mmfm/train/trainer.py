@@ -310,7 +310,8 @@ class Trainer:
         flops = self.spec.training_flops(self.cfg.model, raw["positions"], raw["seq_len"], raw["images"])
         mfu = flops / seconds / (self.peak * self.world) if self.peak else None
         epoch, skipped = loader_summary(self.loader.state_dict())
-        return {"loss": raw["loss"], **raw["stats"], "lr": raw["lr"], "grad_norm": raw["grad_norm"],
+        return {"loss": raw["loss"], **raw["stats"], "update_skipped": float(raw["skipped"] is not None),
+                "lr": raw["lr"], "grad_norm": raw["grad_norm"],
                 "tokens_per_s": raw["positions"] / seconds, "samples_per_s": raw["samples"] / seconds,
                 "mfu": mfu, "peak_mem_gib": peak_memory_gib(self.device), "epoch": epoch,
                 "skipped_samples": sum(skipped.values()), **{f"skipped_{k}": v for k, v in skipped.items()}}
@@ -367,13 +368,16 @@ class Trainer:
         preemption = PreemptionMonitor(self.run_dir, enabled=self.cfg.faults.preemption)
         watchdog = Watchdog(self.run_dir, self.rank, self.cfg.faults.hang_timeout_s)
         watchdog.start()
+        first_step = self.step
         try:
             while self.step < t.max_steps:
                 logged = (self.step + 1) % self.cfg.logger.log_every == 0 or self.step + 1 == t.max_steps
                 # collectives are counted on logged steps only (the counter intercepts every op)
                 counter = CommCounter() if logged and self.world > 1 else contextlib.nullcontext()
                 start = time.perf_counter()
-                with counter:
+                # the first step (compilation, cold caches) is left to the collective timeout
+                warming_up = watchdog.paused() if self.step == first_step else contextlib.nullcontext()
+                with counter, warming_up:
                     raw = self.guarded_step()
                 self.step += 1
                 watchdog.beat(self.step)

@@ -67,6 +67,9 @@ class Watchdog:
         self._stop.clear()
         self._thread = threading.Thread(target=self._watch, name=f"watchdog-rank{self.rank}", daemon=True)
         self._thread.start()
+        log.info("watchdog: rank %d pid %d exits with code %d after %g s without a step; stacks go to %s "
+                 "(kill -USR2 %d appends them now)", self.rank, os.getpid(), EXIT_CODE, self.timeout_s, self.path,
+                 os.getpid())
 
     def stop(self) -> None:
         if self._thread is None:

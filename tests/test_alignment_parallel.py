@@ -1,0 +1,49 @@
+"""DPO under data and tensor parallelism equals one process: the policy and its frozen reference are sharded the
+same way, and losses, preference statistics, gradient norms and parameters match (same seed and pairs)."""
+
+import pytest
+import torch
+
+from conftest import SMALL_MODEL, STEPS
+from mmfm.config import load_config
+from mmfm.train.trainer import Trainer
+from parallel_runs import local_full_params, run_layout
+
+PAIRS_PER_STEP = 8
+DPO = ["stage=dpo", "stage.preference.beta=0.5", "train.optim.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def initial_run(synth_dir, tmp_path_factory):
+    """A few pretraining steps: the policy's starting point and the reference model."""
+    run = tmp_path_factory.mktemp("pretrained")
+    Trainer(load_config([f"data.path={synth_dir}", *SMALL_MODEL, *STEPS]), run).fit()
+    return run
+
+
+def dpo_overrides(preference_dir, initial_run, pairs_per_rank: int) -> list:
+    return [f"data.path={preference_dir}", *SMALL_MODEL, *STEPS, *DPO, f"stage.init_from={initial_run}",
+            f"data.batch_size={pairs_per_rank}"]
+
+
+@pytest.fixture(scope="module")
+def one_process(preference_dir, initial_run, tmp_path_factory):
+    trainer = Trainer(load_config(dpo_overrides(preference_dir, initial_run, PAIRS_PER_STEP // 2)),
+                      tmp_path_factory.mktemp("single"))
+    summary = trainer.fit()
+    return {**summary, "params": local_full_params(trainer)}
+
+
+@pytest.mark.parametrize("layout,world,dp", [("fsdp2", 2, 2), ("tp2", 2, 1)])
+def test_dpo_matches_one_process(layout, world, dp, one_process, preference_dir, initial_run, tmp_path):
+    overrides = dpo_overrides(preference_dir, initial_run, PAIRS_PER_STEP // 2 // dp) + [f"parallel={layout}"]
+    got = run_layout(world, overrides, tmp_path)
+    assert sorted(got["losses"]) == [1, 2, 3]
+    assert one_process["losses"][1] == pytest.approx(0.6931, abs=1e-3)  # policy == reference: -log sigmoid(0)
+    assert abs(one_process["losses"][3] - one_process["losses"][1]) > 1e-3  # the policy moved off the reference
+    for step, loss in one_process["losses"].items():
+        assert got["losses"][step] == pytest.approx(loss, rel=1e-5), step
+        assert got["grad_norms"][step] == pytest.approx(one_process["grad_norms"][step], rel=1e-4), step
+    assert got["val_loss"] == pytest.approx(one_process["val_loss"], rel=1e-5)
+    for name, value in one_process["params"].items():
+        torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-4, msg=name)
