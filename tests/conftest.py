@@ -30,7 +30,8 @@ STEPS = ["train.max_steps=3", "train.schedule.warmup_steps=1", "train.grad_accum
 def synth_dir(tmp_path_factory):
     """A small synthetic data set shared by the tests (read-only: copy it before damaging it)."""
     out = tmp_path_factory.mktemp("data") / "synth"
-    build_synth_dataset(out, seed=0, train_size=3000, val_size=300, shard_size=500, progress=False)
+    build_synth_dataset(out, seed=0, train_size=3000, val_size=300, shard_size=500, instruct_text=True,
+                        progress=False)
     return out
 
 

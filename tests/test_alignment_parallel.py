@@ -47,3 +47,21 @@ def test_dpo_matches_one_process(layout, world, dp, one_process, preference_dir,
     assert got["val_loss"] == pytest.approx(one_process["val_loss"], rel=1e-5)
     for name, value in one_process["params"].items():
         torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-4, msg=name)
+
+
+def test_precomputed_reference_logps_train_like_the_reference_model(preference_dir, initial_run, one_process,
+                                                                    tmp_path):
+    """`mmfm data reference-logps` stores the reference model's log-probs with the pairs; DPO reading them
+    matches DPO running the reference model."""
+    from mmfm.cli.main import main
+
+    stored = tmp_path / "preference-with-reference"
+    assert main(["data", "reference-logps", str(preference_dir), "--checkpoint", str(initial_run), "--out",
+                 str(stored), "--no-progress"]) == 0
+    overrides = dpo_overrides(stored, initial_run, PAIRS_PER_STEP // 2) + ["stage.preference.reference=precomputed"]
+    trainer = Trainer(load_config(overrides), tmp_path / "run")
+    assert trainer.reference is None  # no second model
+    summary = trainer.fit()
+    for step, loss in one_process["losses"].items():
+        assert summary["losses"][step] == pytest.approx(loss, rel=1e-5), step
+    assert summary["val_reward_margin"] == pytest.approx(one_process["val_reward_margin"], rel=1e-4)

@@ -1,5 +1,5 @@
 """Distributed checkpoints (torch.distributed.checkpoint) with atomic 'latest' and exact resume."""
 
-from mmfm.checkpoint.manager import CheckpointError, CheckpointManager
+from mmfm.checkpoint.manager import CheckpointError, CheckpointManager, find_checkpoint
 
-__all__ = ["CheckpointError", "CheckpointManager"]
+__all__ = ["CheckpointError", "CheckpointManager", "find_checkpoint"]

@@ -106,6 +106,22 @@ def is_complete(folder: Path) -> bool:
             and (folder / TRAINER_STATE).is_file())
 
 
+def find_checkpoint(path: Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint folder) from a run directory (its latest checkpoint), its checkpoints/ folder or
+    one complete step_* folder."""
+    path = Path(path)
+    for run_dir, root in ((path, path / "checkpoints"), (path.parent, path)):
+        if (root / LATEST).is_file() or (root.is_dir() and root.name == "checkpoints"):
+            latest = CheckpointManager(root).latest()
+            if latest is None:
+                raise CheckpointError(f"{path} has no checkpoint yet")
+            return run_dir, latest
+    if is_complete(path):
+        return path.parents[1], path
+    raise CheckpointError(f"{path} is neither a run directory with checkpoints nor a complete step_* checkpoint "
+                          "folder")
+
+
 class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int = 2):
         self.root, self.keep_last = Path(root), keep_last

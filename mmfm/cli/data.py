@@ -22,6 +22,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--shard-size", type=int, default=2000, help="samples per tar shard")
     s.add_argument("--digit-fraction", type=float, default=0.2, help="share of handwritten-digit samples")
     s.add_argument("--pair-fraction", type=float, default=0.45, help="share of two-object scenes among scenes")
+    s.add_argument("--instruct-text", action="store_true",
+                   help="tokenizer also trained on the instruction data's text (for later sft/dpo/grpo stages)")
     s.add_argument("--force", action="store_true", help="rebuild a folder built with other parameters")
     i = sub.add_parser("instruct", help="make instruction (sft) or preference data from the synthetic scenes",
                        description="Render shape scenes with questions on colour, count, position and shape: "
@@ -39,6 +41,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     i.add_argument("--max-turns", type=int, default=3, help="questions per sft conversation: 1 to this many")
     i.add_argument("--pair-fraction", type=float, default=0.5, help="share of two-object scenes")
     i.add_argument("--force", action="store_true", help="rebuild a folder built with other parameters")
+    r = sub.add_parser("reference-logps", help="store a reference model's log-probs with preference pairs",
+                       description="Copy a preference data set, adding to every pair the reference model's summed "
+                                   "log-probs of its chosen and rejected answers (\"reference_logps\"), for "
+                                   "stage.preference.reference=precomputed (no reference model in memory).")
+    r.add_argument("data", help="preference data set folder")
+    r.add_argument("--checkpoint", required=True, help="reference model: a run directory or a step_* folder")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
     b = sub.add_parser("build", help="build a data set from a recipe (data_pipeline/*.yaml)",
                        description="Read the recipe's sources, run its stages (decode, filters, PII "
                                    "de-identification, dedup) and write webdataset shards or a Megatron indexed "
@@ -57,13 +69,15 @@ def main(argv: list[str]) -> int:
         return build_main(args)
     if args.tool == "instruct":
         return instruct_main(args)
+    if args.tool == "reference-logps":
+        return reference_logps_main(args)
     from mmfm.data.synth import build_synth_dataset
 
     with one_line_errors("mmfm data synth"):
         m = build_synth_dataset(args.out, seed=args.seed, train_size=args.train_size, val_size=args.val_size,
                                 image_size=args.image_size, shard_size=args.shard_size,
                                 digit_fraction=args.digit_fraction, pair_fraction=args.pair_fraction,
-                                force=args.force)
+                                instruct_text=args.instruct_text, force=args.force)
     report(args.out, m)
     return 0
 
@@ -71,6 +85,16 @@ def main(argv: list[str]) -> int:
 def report(out: str, m: dict) -> None:
     counts = ", ".join(f"{k}: {v['samples']} samples in {len(v['shards'])} shards" for k, v in m["splits"].items())
     print(f"data set in {out} ({counts}; tokenizer of {m['tokenizer']['vocab_size']} tokens)")
+
+
+def reference_logps_main(args: argparse.Namespace) -> int:
+    from mmfm.data.reference_logps import write_reference_logps
+
+    with one_line_errors("mmfm data reference-logps"):
+        m = write_reference_logps(args.data, args.checkpoint, args.out, args.batch_size, args.device,
+                                  progress=not args.no_progress)
+    report(args.out, m)
+    return 0
 
 
 def instruct_main(args: argparse.Namespace) -> int:

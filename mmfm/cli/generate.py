@@ -26,21 +26,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
-    """(run directory, checkpoint folder) from a run directory or a step_* folder."""
-    from mmfm.checkpoint import CheckpointError, CheckpointManager
-    from mmfm.checkpoint.manager import is_complete
-
-    if (path / "checkpoints").is_dir():
-        ckpt = CheckpointManager(path / "checkpoints").latest()
-        if ckpt is None:
-            raise CheckpointError(f"run directory {path} has no checkpoint yet")
-        return path, ckpt
-    if is_complete(path):
-        return path.parents[1], path
-    raise CheckpointError(f"--checkpoint {path} is neither a run directory nor a complete step_* checkpoint")
-
-
 def load_images(paths: list[str], size: int):
     import torch
 
@@ -58,7 +43,7 @@ def load_images(paths: list[str], size: int):
 def run(args: argparse.Namespace) -> list[dict]:
     import torch
 
-    from mmfm.checkpoint import CheckpointManager
+    from mmfm.checkpoint import CheckpointManager, find_checkpoint
     from mmfm.config.load import load_run_config
     from mmfm.data.build import sample_encoder
     from mmfm.data.tokenizer import TextTokenizer
@@ -66,7 +51,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from mmfm.models.generate import generate
     from mmfm.train.trainer import pick_device
 
-    run_dir, ckpt = resolve_checkpoint(Path(args.checkpoint))
+    run_dir, ckpt = find_checkpoint(Path(args.checkpoint))
     cfg = load_run_config(run_dir / "config.yaml")
     if args.prompt is not None:
         cfg.data.prompt = args.prompt

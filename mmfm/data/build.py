@@ -34,7 +34,7 @@ def sample_encoder(cfg: JobConfig, tokenizer: TextTokenizer) -> SampleEncoder | 
         return SampleEncoder(tokenizer, cfg.data.prompt, image_tokens(cfg), cfg.model.vision.image_size,
                              cfg.data.seq_len)
     return ConversationEncoder(tokenizer, ChatTemplate(**dataclasses.asdict(cfg.data.chat)), image_tokens(cfg),
-                               cfg.model.vision.image_size, cfg.data.seq_len, cfg.stage.objective)
+                               cfg.model.vision.image_size, cfg.data.seq_len, cfg.stage.objective, cfg.data.prompt)
 
 
 def _train_stream(cfg: JobConfig, path: str, encoder: SampleEncoder, dp_rank: int, dp_size: int) -> SampleStream:

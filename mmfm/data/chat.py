@@ -102,6 +102,15 @@ class ConversationEncoder:
     image_size: int
     seq_len: int
     objective: str = "sft"
+    question: str = ""  # prefix(): the user's question (mmfm generate --prompt)
+
+    def prefix(self, num_images: int) -> list[int]:
+        """The tokens that prompt an answer to `question` about num_images images: what generation starts from."""
+        ask = [{"from": "human", "value": self.template.image_placeholder * num_images + "\n" + self.question},
+               {"from": "gpt", "value": ""}]
+        whole = encode_conversation(ask, [None] * num_images, self.tokenizer, self.template, self.tokens_per_image,
+                                    self.seq_len)
+        return whole.input_ids[: whole.prompt_len]
 
     def encode(self, turns, images: list[torch.Tensor], key: str) -> EncodedSample:
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):

@@ -147,10 +147,12 @@ def build_synth_dataset(out: str | Path, seed: int = 0, train_size: int = 20000,
                         image_size: int = 64, shard_size: int = 2000, digit_fraction: float = 0.2,
                         pair_fraction: float = 0.45,
                         vocab_size: int = 512, prompt: str = "describe the image.", num_examples: int = 8,
-                        force: bool = False, progress: bool = True) -> dict:
+                        instruct_text: bool = False, force: bool = False, progress: bool = True) -> dict:
     """Write train/val shards, tokenizer.json, examples/ and manifest.json (last, atomically) under `out`.
 
     An existing data set built with the same parameters is reused; different parameters need force=True.
+    instruct_text: train the tokenizer on the instruction data's text too (questions, answers, chat markers), for
+    a model that goes on to the sft/dpo/grpo stages with `mmfm data instruct` data.
     """
     from tqdm import tqdm
 
@@ -168,7 +170,7 @@ def build_synth_dataset(out: str | Path, seed: int = 0, train_size: int = 20000,
     out = Path(out)
     params = dict(seed=seed, train_size=train_size, val_size=val_size, image_size=image_size,
                   shard_size=shard_size, digit_fraction=digit_fraction, pair_fraction=pair_fraction,
-                  vocab_size=vocab_size, prompt=prompt)
+                  vocab_size=vocab_size, prompt=prompt, **({"instruct_text": True} if instruct_text else {}))
     if (out / mf.MANIFEST).is_file():
         existing = mf.read_manifest(out)
         if existing.get("params") == params:
@@ -191,7 +193,8 @@ def build_synth_dataset(out: str | Path, seed: int = 0, train_size: int = 20000,
 
     from mmfm.data.synth_instruct import tokenizer_texts
 
-    tokenizer = train_tokenizer(tokenizer_texts(prompt), vocab_size)
+    texts = tokenizer_texts(prompt) if instruct_text else all_caption_texts(prompt)
+    tokenizer = train_tokenizer(texts, vocab_size)
     tokenizer.save(str(out / mf.TOKENIZER))
     manifest = {
         "format": mf.FORMAT, "generator": "mmfm data synth", "mmfm_version": __version__, "params": params,

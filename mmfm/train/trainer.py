@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from torch.distributed.pipelining import PipelineStage
 
-from mmfm.checkpoint import CheckpointManager
+from mmfm.checkpoint import CheckpointError, CheckpointManager, find_checkpoint
 from mmfm.config import JobConfig, image_tokens, validate
 from mmfm.data.build import load_tokenizer, loader_summary, reshard_loader_states, train_loader, val_stream
 from mmfm.data.loader import Batch, BatchLoader, EncodedSample, pad_sequence
@@ -64,6 +64,8 @@ def write_resolved_config(cfg: JobConfig, run_dir: Path) -> None:
 
 
 def scalar(t) -> float:
+    if isinstance(t, (int, float)):
+        return float(t)
     return (t.full_tensor() if isinstance(t, DTensor) else t).item()
 
 
@@ -82,17 +84,10 @@ def freeze(parts, names: list[str]) -> None:
 
 def stage_checkpoint(spec: str) -> Path:
     """stage.init_from (a run directory, its checkpoints/ folder or a step_* folder) -> the checkpoint folder."""
-    from mmfm.checkpoint import CheckpointError
-    from mmfm.checkpoint.manager import is_complete
-
-    path = Path(spec)
-    for root in (path / "checkpoints", path):
-        if (root / "latest").is_file():
-            return CheckpointManager(root).latest()
-    if is_complete(path):
-        return path
-    raise CheckpointError(f"stage.init_from={spec} is not a run directory with checkpoints nor a complete step_* "
-                          "checkpoint folder; point it at the earlier stage's run directory")
+    try:
+        return find_checkpoint(Path(spec))[1]
+    except CheckpointError as exc:
+        raise CheckpointError(f"stage.init_from: {exc}; point it at the earlier stage's run directory") from None
 
 
 class Trainer:
