@@ -65,3 +65,20 @@ def test_precomputed_reference_logps_train_like_the_reference_model(preference_d
     for step, loss in one_process["losses"].items():
         assert summary["losses"][step] == pytest.approx(loss, rel=1e-5), step
     assert summary["val_reward_margin"] == pytest.approx(one_process["val_reward_margin"], rel=1e-4)
+
+
+def test_init_from_a_run_with_another_tokenizer_is_refused(preference_dir, initial_run, tmp_path):
+    from mmfm.checkpoint import CheckpointError
+    from mmfm.data.synth import build_synth_dataset
+    from mmfm.data.synth_instruct import build_instruct_dataset
+
+    captions_only = tmp_path / "captions"  # its tokenizer learnt no instruction text: other ids
+    build_synth_dataset(captions_only, train_size=20, val_size=10, progress=False)
+    other = tmp_path / "other-tokenizer"
+    build_instruct_dataset(other, "preference", captions_only / "tokenizer.json", train_size=40, val_size=10,
+                           progress=False)
+    precomputed = ["stage=dpo", "stage.preference.reference=precomputed", f"stage.init_from={initial_run}"]
+    Trainer(load_config([f"data.path={preference_dir}", *SMALL_MODEL, *STEPS, *precomputed]), tmp_path / "ok").resume()
+    refused = Trainer(load_config([f"data.path={other}", *SMALL_MODEL, *STEPS, *precomputed]), tmp_path / "refused")
+    with pytest.raises(CheckpointError, match="another tokenizer"):
+        refused.resume()

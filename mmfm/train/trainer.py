@@ -26,7 +26,7 @@ from mmfm.checkpoint import CheckpointError, CheckpointManager, find_checkpoint
 from mmfm.config import JobConfig, image_tokens, validate
 from mmfm.data.build import load_tokenizer, loader_summary, reshard_loader_states, train_loader, val_stream
 from mmfm.data.loader import Batch, BatchLoader, EncodedSample, pad_sequence
-from mmfm.data.manifest import TOKENIZER
+from mmfm.data.manifest import TOKENIZER, sha256_file
 from mmfm.models import MODEL_REGISTRY, build_model
 from mmfm.models.generate import generate
 from mmfm.parallel import ParallelDims
@@ -174,6 +174,11 @@ class Trainer:
 
     def init_from(self, path: Path) -> None:
         """The earlier stage's model weights (any layout); optimizer, step and data start afresh."""
+        earlier = path.parents[1] / TOKENIZER
+        if earlier.is_file() and sha256_file(earlier) != sha256_file(Path(self.cfg.data.path) / TOKENIZER):
+            raise CheckpointError(f"stage.init_from={self.cfg.stage.init_from} was trained with another tokenizer than "
+                                  f"data.path={self.cfg.data.path}; make the data with `mmfm data instruct --tokenizer "
+                                  f"{earlier}`")
         CheckpointManager.load(path, self.parts.parts)
         log.info("initialized the model from %s (stage.init_from)", path)
 
@@ -201,7 +206,8 @@ class Trainer:
         return pad_sequence(batch, target, self.tokenizer.pad_id)
 
     def train_step(self) -> dict:
-        """Forward/backward over grad_accum_steps micro-batches, loss averaged over all their tokens."""
+        """Forward/backward over grad_accum_steps micro-batches, loss averaged over all their units (tokens, pairs
+        or sampled answers: the objective's), on every data-parallel rank."""
         micro = [self.fit_batch(b.to(self.device))
                  for b in itertools.islice(self.loader, self.cfg.train.grad_accum_steps)]
         micro = self.objective.prepare(self, micro)
