@@ -23,19 +23,17 @@ from mmfm.models import build_model
 from mmfm.train.loss_guard import LossGuard, TrainingDiverged
 from mmfm.train.metrics import read_metrics
 from mmfm.train.trainer import Trainer
-from mmfm.train.watchdog import EXIT_CODE, MAX_POLL_S, stacks_path
+from mmfm.train.watchdog import EXIT_CODE, MAX_POLL_S, PEER_DUMP_WAIT_S, stacks_path
 
 REPO = Path(__file__).resolve().parents[1]
 
 # -- a hung or dead rank ends the job ----------------------------------------------------------------------------
 
 HANG_TIMEOUT_S = 5.0
-# After a worker fails, torchrun sends SIGTERM to the others and SIGKILLs them 30 s later: a stopped rank waits
-# out all of it (torch 2.13's LocalElasticAgent._stop_workers; --shutdown-timeout does not apply to this path).
-TORCHRUN_GRACE_S = 30.0
 MARGIN_S = 5.0  # process teardown and torchrun's 0.1 s monitor interval, on a loaded machine
-# Measured on 2 shared CPU cores: SIGSTOP to job exit 37 s, SIGKILL to job exit 1.5 s.
-STOPPED_RANK_BOUND_S = HANG_TIMEOUT_S + MAX_POLL_S + TORCHRUN_GRACE_S + MARGIN_S
+# The watchdog that fires asks its local peers for their stacks, waits PEER_DUMP_WAIT_S, then kills them, so
+# torchrun's 30 s shutdown grace is never waited out by a stopped rank.
+STOPPED_RANK_BOUND_S = HANG_TIMEOUT_S + MAX_POLL_S + PEER_DUMP_WAIT_S + MARGIN_S
 KILLED_RANK_BOUND_S = HANG_TIMEOUT_S + MAX_POLL_S + MARGIN_S  # gloo notices a dead peer at once; the watchdog if not
 
 
@@ -191,6 +189,7 @@ def test_a_stopped_rank_ends_the_job_with_the_stacks_in_the_run_directory(synth_
         assert job.proc.returncode != 0
         assert re.search(rf"exitcode\s*: {EXIT_CODE} \(pid: {ranks[0]}\)", job.text()), job.text()[-3000:]
         assert seconds > HANG_TIMEOUT_S
+        assert "killed the other ranks on this machine" in job.text()  # the stopped one, without torchrun's grace
         assert not wait_until_gone(job.pids), "processes of the job are left"
         dump = stacks_path(job.run_dir, 0).read_text()
         header = re.search(rf"watchdog: rank 0 pid {ranks[0]} made no progress for ([\d.]+) s "

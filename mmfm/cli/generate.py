@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         outs = generate(model, [encoder.prefix(1)] * len(names), pixels[start: start + len(names)],
                         args.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, args.temperature, args.top_k,
                         generator)
-        results += [{"image": n, "text": tokenizer.decode(o)} for n, o in zip(names, outs)]
+        results += [{"image": n, "text": tokenizer.decode(o).strip()} for n, o in zip(names, outs)]
     return results
 
 

@@ -2,6 +2,12 @@
 every thread to <run_dir>/stacks/rank{rank}.txt and exits with EXIT_CODE, so that torchrun ends the whole job
 instead of letting it hang until the collective timeout (or forever, outside a collective).
 
+Before it exits, it asks the other ranks on its machine for their stacks (SIGUSR2, PEER_DUMP_WAIT_S to write
+them) and then SIGKILLs them: a rank that cannot run (stopped, or stuck outside Python) would otherwise hold
+the job for torchrun's 30 s shutdown grace. Ranks find each other through <run_dir>/stacks/rank{rank}.pid
+(host, pid and process start time, so a reused pid is never signalled); other machines' ranks end when
+their torchrun does (srun --kill-on-bad-exit).
+
 Stacks of a live rank on demand: `kill -USR2 <pid>` appends every thread's stack to the same file (no header
 line; the process keeps running). The file is created when the watchdog starts and stays empty until a dump.
 """
@@ -11,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import faulthandler
+import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -25,10 +33,42 @@ log = logging.getLogger(__name__)
 EXIT_CODE = 75
 # The longest the watchdog thread sleeps between two looks at the last beat, seconds.
 MAX_POLL_S = 1.0
+# How long the other local ranks get to write their stacks before they are killed, seconds.
+PEER_DUMP_WAIT_S = 1.0
 
 
 def stacks_path(run_dir: Path | str, rank: int) -> Path:
     return Path(run_dir) / "stacks" / f"rank{rank}.txt"
+
+
+def process_start(pid: int) -> Optional[str]:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), None if unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def local_peers(folder: Path, own: Path) -> list[int]:
+    """Pids of the other ranks' processes on this machine, from their pid files, still the same processes."""
+    peers = []
+    for path in folder.glob("rank*.pid"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        same_process = record["start"] is not None and process_start(record["pid"]) == record["start"]
+        if path != own and record["host"] == socket.gethostname() and same_process:
+            peers.append(record["pid"])
+    return peers
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 class Watchdog:
@@ -40,6 +80,7 @@ class Watchdog:
 
     def __init__(self, run_dir: Path | str, rank: int, timeout_s: float):
         self.path = stacks_path(run_dir, rank)
+        self.pid_path = self.path.with_suffix(".pid")
         self.rank = rank
         self.timeout_s = timeout_s
         self.enabled = timeout_s > 0
@@ -63,6 +104,8 @@ class Watchdog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a")
         faulthandler.register(signal.SIGUSR2, self._file, all_threads=True)
+        pid = os.getpid()
+        self.pid_path.write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "start": process_start(pid)}))
         self._last_beat = time.monotonic()
         self._stop.clear()
         self._thread = threading.Thread(target=self._watch, name=f"watchdog-rank{self.rank}", daemon=True)
@@ -79,6 +122,7 @@ class Watchdog:
         self._thread = None
         faulthandler.unregister(signal.SIGUSR2)
         self._file.close()
+        self.pid_path.unlink(missing_ok=True)
 
     def beat(self, step: Optional[int] = None) -> None:
         """Progress: the timeout starts again (step: the last finished step, for the dump's header)."""
@@ -115,4 +159,14 @@ class Watchdog:
         self._file.flush()
         log.error("rank %d made no progress for %.1f s after step %s: stacks of every thread in %s; exiting with "
                   "code %d", self.rank, idle, self.last_step, self.path, EXIT_CODE)
+        self._end_local_peers()
         os._exit(EXIT_CODE)
+
+    def _end_local_peers(self) -> None:
+        peers = local_peers(self.path.parent, self.pid_path)
+        if not peers:
+            return
+        signal_all(peers, signal.SIGUSR2)  # live ones append their stacks to their own files
+        time.sleep(PEER_DUMP_WAIT_S)
+        signal_all(peers, signal.SIGKILL)
+        log.error("rank %d: killed the other ranks on this machine (pids %s) so the job ends now", self.rank, peers)
