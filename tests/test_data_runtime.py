@@ -26,7 +26,8 @@ class StopsAt(Trainer):
 def other_data(tmp_path_factory):
     """A second synthetic set (another seed: other samples, the same tokenizer)."""
     out = tmp_path_factory.mktemp("other") / "synth"
-    build_synth_dataset(out, seed=1, train_size=400, val_size=20, shard_size=100, progress=False)
+    build_synth_dataset(out, seed=1, train_size=400, val_size=20, shard_size=100, instruct_text=True,  # as synth_dir
+                        progress=False)
     return out
 
 
