@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmfm.config.schema import ChatConfig
 from mmfm.data.loader import IGNORE_INDEX, EncodedSample, SkipSample, read_images, read_meta
 from mmfm.data.tokenizer import TextTokenizer
 
@@ -24,12 +25,8 @@ ROLES = {"system": "system", "human": "user", "gpt": "assistant"}  # LLaVA "from
 
 
 @dataclass
-class ChatTemplate:
-    system: str = "system: "
-    user: str = "user: "
-    assistant: str = "assistant: "
-    turn_end: str = "\n"
-    image_placeholder: str = "<image>"
+class ChatTemplate(ChatConfig):
+    """The template's strings are data.chat's fields (ChatConfig)."""
 
     def marker(self, role: str) -> str:
         if role not in ROLES:

@@ -94,3 +94,18 @@ def shard_counts(data_dir: str | Path, split: str) -> dict[str, int]:
     """Samples per shard path of `split`, as the manifest lists them."""
     shards = read_manifest(data_dir)["splits"][split]["shards"]
     return {str(Path(data_dir) / s["file"]): int(s["samples"]) for s in shards if "samples" in s}
+
+
+def existing_build(out: Path, params: dict, force: bool):
+    """The manifest of a data set already in `out` built with the same params (to reuse), else None with `out`
+    ready to build into: another build there is an error unless force (its manifest is then removed)."""
+    if (out / MANIFEST).is_file():
+        existing = read_manifest(out)
+        if existing.get("params") == params:
+            return existing
+        if not force:
+            raise DataError(f"{out} already holds a data set built with other parameters "
+                            f"({existing.get('params')}); pass --force to rebuild it or choose another --out")
+        (out / MANIFEST).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return None

@@ -171,15 +171,9 @@ def build_synth_dataset(out: str | Path, seed: int = 0, train_size: int = 20000,
     params = dict(seed=seed, train_size=train_size, val_size=val_size, image_size=image_size,
                   shard_size=shard_size, digit_fraction=digit_fraction, pair_fraction=pair_fraction,
                   vocab_size=vocab_size, prompt=prompt, **({"instruct_text": True} if instruct_text else {}))
-    if (out / mf.MANIFEST).is_file():
-        existing = mf.read_manifest(out)
-        if existing.get("params") == params:
-            return existing
-        if not force:
-            raise mf.DataError(f"{out} already holds a data set built with other parameters "
-                               f"({existing.get('params')}); pass --force to rebuild it or choose another --out")
-        (out / mf.MANIFEST).unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    existing = mf.existing_build(out, params, force)
+    if existing is not None:
+        return existing
     digits_train, digits_val = load_digits_split(seed)
     splits, sources = {}, {}
     for split, count, digits in (("train", train_size, digits_train), ("val", val_size, digits_val)):

@@ -199,15 +199,9 @@ def build_instruct_dataset(out: str | Path, kind: str = "sft", tokenizer: Option
         TextTokenizer.load(source_tok)  # a clear error if missing or unreadable
     params = dict(kind=kind, seed=seed, train_size=train_size, val_size=val_size, image_size=image_size,
                   shard_size=shard_size, max_turns=max_turns, pair_fraction=pair_fraction, tokenizer=mf.sha256_file(source_tok) if source_tok else "trained")
-    if (out / mf.MANIFEST).is_file():
-        existing = mf.read_manifest(out)
-        if existing.get("params") == params:
-            return existing
-        if not force:
-            raise mf.DataError(f"{out} already holds a data set built with other parameters "
-                               f"({existing.get('params')}); pass --force to rebuild it or choose another --out")
-        (out / mf.MANIFEST).unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    existing = mf.existing_build(out, params, force)
+    if existing is not None:
+        return existing
     splits = {}
     for split, count in (("train", train_size), ("val", val_size)):
         items = (generate_instruct_samples(split, count, seed, image_size, pair_fraction, max_turns) if kind == "sft"
