@@ -37,6 +37,16 @@ def damage_first_png(shard: Path) -> str:
     return member.name.split(".")[0]
 
 
+def test_synth_pair_captions_flag(tmp_path):
+    res = mmfm("data", "synth", "--out", "d", "--train-size", "20", "--val-size", "8", "--digit-fraction", "0",
+               "--pair-fraction", "1", "--pair-captions", "shuffled", "--instruct-text", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((tmp_path / "d/manifest.json").read_text())
+    assert manifest["params"]["pair_captions"] == "shuffled" and manifest["params"]["instruct_text"]
+    captions = json.loads((tmp_path / "d/examples/captions.json").read_text()).values()
+    assert all(c.startswith(("on the", "at the")) and " is a " in c for c in captions)
+
+
 def test_synth_train_generate(tmp_path):
     res = mmfm("data", "synth", "--out", "data", "--train-size", "200", "--val-size", "20", "--shard-size", "100",
                cwd=tmp_path)

@@ -1,6 +1,7 @@
 import io
 import json
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from PIL import Image
 from mmfm.data.build import load_tokenizer, sample_encoder, train_loader, val_stream
 from mmfm.data.loader import IGNORE_INDEX, BatchLoader, SampleStream
 from mmfm.data.manifest import DataError, shard_paths
-from mmfm.data.synth import build_synth_dataset
+from mmfm.data.synth import COLOURS, SHAPES, build_synth_dataset, generate_samples
 
 
 def png_bytes(colour=(200, 30, 30), size=32):
@@ -56,6 +57,32 @@ def test_synth_is_deterministic_from_seed(tmp_path):
     assert build_synth_dataset(tmp_path / "a", seed=5, **kw) == a
     with pytest.raises(DataError, match="--force"):
         build_synth_dataset(tmp_path / "a", seed=7, **kw)
+
+
+def dominant_colour(image, box) -> str:
+    """The palette colour nearest the mean of the shape pixels (brighter than any background) inside box."""
+    pixels = torch.tensor(list(image.crop(box).getdata()), dtype=torch.float32)
+    mean = pixels[pixels.max(1).values > 80].mean(0)
+    return min(COLOURS, key=lambda c: float(((torch.tensor(COLOURS[c], dtype=torch.float32) - mean) ** 2).sum()))
+
+
+def test_shuffled_pair_captions_name_each_place_with_its_object():
+    samples = list(generate_samples("train", 300, 1, 64, 0.0, 1.0, ([], []), pair_captions="shuffled"))
+    halves = {"on the left": (0, 0, 32, 64), "on the right": (32, 0, 64, 64), "at the top": (0, 0, 64, 32),
+              "at the bottom": (0, 32, 64, 64)}
+    phrase = re.compile(r"(on the left|on the right|at the top|at the bottom) is a (\w+) (\w+)")
+    first_places = set()
+    for s in samples:
+        parts = s.caption.removesuffix(".").split(" and ")
+        found = [phrase.fullmatch(p).groups() for p in parts]
+        assert len(found) == 2 and {found[0][0], found[1][0]} in ({"on the left", "on the right"},
+                                                                   {"at the top", "at the bottom"})
+        first_places.add(found[0][0])
+        for place, colour, shape in found:
+            assert shape in SHAPES and dominant_colour(s.image, halves[place]) == colour, (s.caption, place)
+    assert first_places == set(halves)  # either object may come first
+    with pytest.raises(DataError, match="pair_captions='sideways' is unknown"):
+        build_synth_dataset(Path("unused"), pair_captions="sideways", progress=False)
 
 
 def test_tokenizer_round_trips_every_caption(synth_dir, make_cfg):

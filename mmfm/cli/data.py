@@ -24,6 +24,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--pair-fraction", type=float, default=0.45, help="share of two-object scenes among scenes")
     s.add_argument("--instruct-text", action="store_true",
                    help="tokenizer also trained on the instruction data's text (for later sft/dpo/grpo stages)")
+    s.add_argument("--pair-captions", choices=("ordered", "shuffled"), default="ordered",
+                   help="two-object captions: objects first, left/top one first ('a red circle on the left and ...'), "
+                        "or places first in random order ('on the right is a blue square and ...'), which teaches the "
+                        "place-to-object binding that the later stages' questions need")
     s.add_argument("--force", action="store_true", help="rebuild a folder built with other parameters")
     i = sub.add_parser("instruct", help="make instruction (sft) or preference data from the synthetic scenes",
                        description="Render shape scenes with questions on colour, count, position and shape: "
@@ -77,7 +81,7 @@ def main(argv: list[str]) -> int:
         m = build_synth_dataset(args.out, seed=args.seed, train_size=args.train_size, val_size=args.val_size,
                                 image_size=args.image_size, shard_size=args.shard_size,
                                 digit_fraction=args.digit_fraction, pair_fraction=args.pair_fraction,
-                                instruct_text=args.instruct_text, force=args.force)
+                                instruct_text=args.instruct_text, pair_captions=args.pair_captions, force=args.force)
     report(args.out, m)
     return 0
 

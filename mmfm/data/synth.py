@@ -63,7 +63,24 @@ def render_scene(objects: list[tuple[str, str, float, float]], size: int, rng: r
     return img.resize((size, size), Image.BOX)
 
 
-def scene_sample(rng: random.Random, size: int, pair_fraction: float) -> tuple[Image.Image, str]:
+PAIR_CAPTIONS = ("ordered", "shuffled")
+
+
+def pair_caption(first: tuple[str, str, str], second: tuple[str, str, str], style: str, rng: random.Random) -> str:
+    """(shape, colour, where) x 2 -> caption. "ordered": objects first, left/top one first ("a red circle on the left
+    and a blue square on the right."). "shuffled": places first, in random order ("on the right is a blue square and
+    on the left is a red circle."): the captioner must bind each named place to its object, which the position
+    questions of the later stages (`mmfm data instruct`) build on."""
+    if style == "ordered":
+        return " and ".join(f"a {c} {s} {w}" for s, c, w in (first, second)) + "."
+    phrases = [f"{w} is a {c} {s}" for s, c, w in (first, second)]
+    if rng.random() < 0.5:
+        phrases.reverse()
+    return " and ".join(phrases) + "."
+
+
+def scene_sample(rng: random.Random, size: int, pair_fraction: float,
+                 pair_captions: str = "ordered") -> tuple[Image.Image, str]:
     def pick():
         return rng.choice(SHAPES), rng.choice(list(COLOURS))
 
@@ -77,11 +94,12 @@ def scene_sample(rng: random.Random, size: int, pair_fraction: float) -> tuple[I
     (s1, c1), (s2, c2) = pick(), pick()
     if rng.random() < 0.5:
         objs = [(s1, c1, wobble(0.25), wobble(0.5)), (s2, c2, wobble(0.75), wobble(0.5))]
-        caption = f"a {c1} {s1} on the left and a {c2} {s2} on the right."
+        places = ("on the left", "on the right")
     else:
         objs = [(s1, c1, wobble(0.5), wobble(0.25)), (s2, c2, wobble(0.5), wobble(0.75))]
-        caption = f"a {c1} {s1} at the top and a {c2} {s2} at the bottom."
-    return render_scene(objs, size, rng), caption
+        places = ("at the top", "at the bottom")
+    image = render_scene(objs, size, rng)
+    return image, pair_caption((s1, c1, places[0]), (s2, c2, places[1]), pair_captions, rng)
 
 
 def load_digits_split(seed: int, val_fraction: float = 0.2):
@@ -107,7 +125,7 @@ def digit_image(pixels: np.ndarray, size: int, rng: random.Random, augment: bool
 
 
 def generate_samples(split: str, count: int, seed: int, size: int, digit_fraction: float,
-                     pair_fraction: float, digits) -> Iterator[Sample]:
+                     pair_fraction: float, digits, pair_captions: str = "ordered") -> Iterator[Sample]:
     rng = random.Random(f"{seed}-{split}")
     images, labels = digits
     for i in range(count):
@@ -117,7 +135,7 @@ def generate_samples(split: str, count: int, seed: int, size: int, digit_fractio
             img = digit_image(images[j], size, rng, augment=split == "train")
             yield Sample(key, img, f"the handwritten digit {DIGIT_WORDS[labels[j]]}.", "sklearn-digits")
         else:
-            img, caption = scene_sample(rng, size, pair_fraction)
+            img, caption = scene_sample(rng, size, pair_fraction, pair_captions)
             yield Sample(key, img, caption, "synthetic-scenes")
 
 
@@ -128,13 +146,16 @@ def encode_sample(sample: Sample) -> dict:
     return {"__key__": sample.key, "png": buf.getvalue(), "json": json.dumps(meta, sort_keys=True).encode()}
 
 
-def all_caption_texts(prompt: str) -> list[str]:
+def all_caption_texts(prompt: str, pair_captions: str = "ordered") -> list[str]:
     """Every caption the generator can emit plus the prompt: the tokenizer's training text."""
     texts = [prompt]
     for colour in COLOURS:
         for shape in SHAPES:
             texts += [f"a {colour} {shape} {where}." for where in SINGLE_POSITIONS]
             texts += [f"a {colour} {shape} on the left and a {colour} {shape} at the top."]
+            if pair_captions == "shuffled":
+                texts += [f"{where} is a {colour} {shape} and {where} is a {colour} {shape}."
+                          for where in SINGLE_POSITIONS]
     texts += [f"the handwritten digit {w}." for w in DIGIT_WORDS]
     return texts
 
@@ -147,12 +168,14 @@ def build_synth_dataset(out: str | Path, seed: int = 0, train_size: int = 20000,
                         image_size: int = 64, shard_size: int = 2000, digit_fraction: float = 0.2,
                         pair_fraction: float = 0.45,
                         vocab_size: int = 512, prompt: str = "describe the image.", num_examples: int = 8,
-                        instruct_text: bool = False, force: bool = False, progress: bool = True) -> dict:
+                        instruct_text: bool = False, pair_captions: str = "ordered", force: bool = False,
+                        progress: bool = True) -> dict:
     """Write train/val shards, tokenizer.json, examples/ and manifest.json (last, atomically) under `out`.
 
     An existing data set built with the same parameters is reused; different parameters need force=True.
     instruct_text: train the tokenizer on the instruction data's text too (questions, answers, chat markers), for
     a model that goes on to the sft/dpo/grpo stages with `mmfm data instruct` data.
+    pair_captions: "ordered" or "shuffled" two-object captions (see pair_caption); the later stages need "shuffled".
     """
     from tqdm import tqdm
 
@@ -167,18 +190,21 @@ def build_synth_dataset(out: str | Path, seed: int = 0, train_size: int = 20000,
     for name, value in (("digit_fraction", digit_fraction), ("pair_fraction", pair_fraction)):
         if not 0 <= value <= 1:
             raise mf.DataError(f"{name}={value} must lie in [0, 1]")
+    if pair_captions not in PAIR_CAPTIONS:
+        raise mf.DataError(f"pair_captions={pair_captions!r} is unknown; use one of {PAIR_CAPTIONS}")
     out = Path(out)
     params = dict(seed=seed, train_size=train_size, val_size=val_size, image_size=image_size,
                   shard_size=shard_size, digit_fraction=digit_fraction, pair_fraction=pair_fraction,
-                  vocab_size=vocab_size, prompt=prompt, **({"instruct_text": True} if instruct_text else {}))
+                  vocab_size=vocab_size, prompt=prompt, **({"instruct_text": True} if instruct_text else {}),
+                  **({"pair_captions": pair_captions} if pair_captions != "ordered" else {}))
     existing = mf.existing_build(out, params, force)
     if existing is not None:
         return existing
     digits_train, digits_val = load_digits_split(seed)
     splits, sources = {}, {}
     for split, count, digits in (("train", train_size, digits_train), ("val", val_size, digits_val)):
-        samples = list(tqdm(generate_samples(split, count, seed, image_size, digit_fraction, pair_fraction, digits),
-                            total=count, desc=f"rendering {split}", disable=not progress))
+        samples = list(tqdm(generate_samples(split, count, seed, image_size, digit_fraction, pair_fraction, digits,
+                                             pair_captions), total=count, desc=f"rendering {split}", disable=not progress))
         sources[split] = {src: sum(s.source == src for s in samples) for src in LICENCES}
         shards = mf.write_shards((encode_sample(s) for s in samples), out, split, shard_size)
         splits[split] = {"samples": count, "shards": shards}
@@ -187,7 +213,7 @@ def build_synth_dataset(out: str | Path, seed: int = 0, train_size: int = 20000,
 
     from mmfm.data.synth_instruct import tokenizer_texts
 
-    texts = tokenizer_texts(prompt) if instruct_text else all_caption_texts(prompt)
+    texts = tokenizer_texts(prompt, pair_captions) if instruct_text else all_caption_texts(prompt, pair_captions)
     tokenizer = train_tokenizer(texts, vocab_size)
     tokenizer.save(str(out / mf.TOKENIZER))
     manifest = {
