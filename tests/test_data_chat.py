@@ -5,9 +5,10 @@ import torch
 
 from mmfm.data.chat import ChatTemplate, assistant_positions, encode_conversation
 from mmfm.data.loader import IGNORE_INDEX, SkipSample
-from mmfm.data.synth import COLOURS, SHAPES, SINGLE_POSITIONS, all_caption_texts
-from mmfm.data.synth_instruct import (COUNT_QUESTION, all_instruct_texts, answer_options, generate_instruct_samples,
-                                      generate_preference_pairs, question_kind, scene_questions, wrong_answer)
+from mmfm.data.synth import COLOURS, SHAPES, SINGLE_POSITIONS, all_caption_texts, build_synth_dataset
+from mmfm.data.synth_instruct import (COUNT_QUESTION, all_instruct_texts, answer_options, build_instruct_dataset,
+                                      generate_instruct_samples, generate_preference_pairs, question_kind,
+                                      scene_questions, wrong_answer)
 from mmfm.data.tokenizer import TextTokenizer, train_tokenizer
 
 TEMPLATE = ChatTemplate()
@@ -206,3 +207,13 @@ def test_instruct_texts_cover_generated_text():
     for p in generate_preference_pairs("train", 100, 1, 16):
         assert {p["prompt"], p["chosen"], p["rejected"]} <= texts
     assert all(f"it is {c}." in texts for c in COLOURS) and all(f"it is a {s}." in texts for s in SHAPES)
+
+
+def test_default_instruct_tokenizer_is_the_alignment_pretraining_one(tmp_path):
+    """Without --tokenizer, `mmfm data instruct` trains the tokenizer that `mmfm data synth --instruct-text
+    --pair-captions shuffled` trains, so the stages still share a vocabulary."""
+    small = dict(train_size=6, val_size=2, shard_size=10, progress=False)
+    synth = build_synth_dataset(tmp_path / "synth", instruct_text=True, pair_captions="shuffled", **small)
+    ordered = build_synth_dataset(tmp_path / "ordered", instruct_text=True, **small)
+    instruct = build_instruct_dataset(tmp_path / "sft", "sft", **small)
+    assert instruct["tokenizer"]["sha256"] == synth["tokenizer"]["sha256"] != ordered["tokenizer"]["sha256"]

@@ -183,7 +183,8 @@ def build_instruct_dataset(out: str | Path, kind: str = "sft", tokenizer: Option
     the synthetic scenes, the tokenizer and manifest.json (last, atomically) under `out`.
 
     tokenizer: the pretraining data set's tokenizer.json to copy (so that the stages share one vocabulary); by
-    default one is trained on the same text `mmfm data synth` uses. Reuses an identical build.
+    default one is trained on the text of `mmfm data synth --instruct-text --pair-captions shuffled` (the same
+    tokenizer at its default vocab_size and prompt). Reuses an identical build.
     """
     from tqdm import tqdm
 
