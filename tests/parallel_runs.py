@@ -1,5 +1,9 @@
 """Training runs on N gloo processes (torch.multiprocessing spawn), for the parallel tests."""
 
+import faulthandler
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -21,6 +25,7 @@ def local_full_params(trainer) -> dict:
 
 
 def worker(rank: int, world: int, port: int, overrides: list, run_dir: str, out_dir: str) -> None:
+    faulthandler.enable()  # a native crash prints every thread's Python stack to the test's stderr
     set_local_env(rank, world, port)
     torch.set_num_threads(1)
     trainer = Trainer(load_config(overrides), run_dir)
@@ -31,6 +36,11 @@ def worker(rank: int, world: int, port: int, overrides: list, run_dir: str, out_
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    # Results are saved and every rank is past the barrier: leave without the interpreter's teardown, where
+    # torch's C++ threads have aborted a finished worker ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_layout(world: int, overrides: list, tmp_path) -> dict:
