@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -38,29 +39,25 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_shards(samples: Iterable[dict], out_dir: Path, prefix: str, shard_size: int) -> list[dict]:
-    """Write encoded samples into `{prefix}-NNNNNN.tar` files of `shard_size` samples each.
+def write_shard(samples: Iterable[dict], path: Path) -> dict:
+    """Write encoded samples into one tar file; its manifest entry (file, samples, bytes, sha256).
 
     Tar headers carry a fixed mtime and owner, so the same samples give byte-identical shards.
     """
-    shards, writer, count, index = [], None, 0, 0
+    count = 0
+    with wds.TarWriter(str(path), encoder=False, mtime=0.0) as writer:
+        for sample in samples:
+            writer.write(sample)
+            count += 1
+    return {"file": path.name, "samples": count, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
-    def close():
-        writer.close()
-        path = out_dir / shards[-1]["file"]
-        shards[-1].update(samples=count, bytes=path.stat().st_size, sha256=sha256_file(path))
 
-    for sample in samples:
-        if writer is None or count == shard_size:
-            if writer is not None:
-                close()
-            shards.append({"file": f"{prefix}-{index:06d}.tar"})
-            writer = wds.TarWriter(str(out_dir / shards[-1]["file"]), encoder=False, mtime=0.0)
-            count, index = 0, index + 1
-        writer.write(sample)
-        count += 1
-    if writer is not None:
-        close()
+def write_shards(samples: Iterable[dict], out_dir: Path, prefix: str, shard_size: int) -> list[dict]:
+    """Write encoded samples into `{prefix}-NNNNNN.tar` files of `shard_size` samples each (see write_shard)."""
+    shards, remaining = [], iter(samples)
+    while (first := next(remaining, None)) is not None:
+        chunk = itertools.chain([first], itertools.islice(remaining, shard_size - 1))
+        shards.append(write_shard(chunk, out_dir / f"{prefix}-{len(shards):06d}.tar"))
     return shards
 
 

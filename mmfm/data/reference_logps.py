@@ -58,13 +58,6 @@ def _with_logps(chunk: list[dict], encoder, model, pad_id: int, device) -> list[
     return out
 
 
-def _write_shard(samples: list[dict], path: Path) -> dict:
-    with wds.TarWriter(str(path), encoder=False, mtime=0.0) as writer:
-        for sample in samples:
-            writer.write(sample)
-    return {"file": path.name, "samples": len(samples), "bytes": path.stat().st_size, "sha256": mf.sha256_file(path)}
-
-
 def write_reference_logps(data: str | Path, checkpoint: str | Path, out: str | Path, batch_size: int = 32,
                           device: str = "auto", progress: bool = True) -> dict:
     """Copy the preference data set `data` to `out` with reference log-probs from `checkpoint` (a run directory
@@ -96,7 +89,7 @@ def write_reference_logps(data: str | Path, checkpoint: str | Path, out: str | P
             chunks = range(0, len(raws), batch_size)
             samples = [s for start in tqdm(chunks, desc=f"{split} shard {i}", disable=not progress)
                        for s in _with_logps(raws[start: start + batch_size], encoder, model, tokenizer.pad_id, dev)]
-            info["shards"][i] = _write_shard(samples, out / shard["file"])
+            info["shards"][i] = mf.write_shard(samples, out / shard["file"])
     shutil.copyfile(data / mf.TOKENIZER, out / mf.TOKENIZER)
     manifest["reference_logps"] = {"checkpoint": str(ckpt.resolve()), "from": str(data.resolve())}
     mf.write_json_atomic(out / mf.MANIFEST, manifest)
