@@ -39,22 +39,18 @@ def _pair_logps(model, encoded: list, pad_id: int, device) -> list[tuple[float, 
 def _with_logps(chunk: list[dict], encoder, model, pad_id: int, device) -> list[dict]:
     """The chunk's samples, each usable pair's JSON given its reference_logps (unusable ones unchanged: training
     skips and counts them as it would have)."""
-    encoded, usable = [], []
+    out, usable, encoded = [], [], []
     for raw in chunk:
+        out.append(_members(raw))
         try:
             encoded.append(encoder(raw))
-            usable.append(raw)
+            usable.append(out[-1])
         except SkipSample:
             pass
-    logps = iter(_pair_logps(model, encoded, pad_id, device) if encoded else [])
-    out = []
-    for raw in chunk:
-        members = _members(raw)
-        if any(raw is u for u in usable):
-            meta = json.loads(raw["json"])
-            meta["reference_logps"] = list(next(logps))
-            members["json"] = json.dumps(meta, sort_keys=True).encode()
-        out.append(members)
+    for members, logps in zip(usable, _pair_logps(model, encoded, pad_id, device) if encoded else []):
+        meta = json.loads(members["json"])
+        meta["reference_logps"] = list(logps)
+        members["json"] = json.dumps(meta, sort_keys=True).encode()
     return out
 
 
