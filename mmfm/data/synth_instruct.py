@@ -155,7 +155,7 @@ def all_instruct_texts(template: ChatTemplate) -> list[str]:
 KINDS = ("sft", "preference")
 
 
-def tokenizer_texts(prompt: str, pair_captions: str = "shuffled") -> list[str]:
+def tokenizer_texts(prompt: str, pair_captions: str) -> list[str]:
     """The synthetic data sets' tokenizer training text: every caption, question, answer and template string
     (one tokenizer serves pretraining and the later stages, so their checkpoints fit each other)."""
     from mmfm.data.synth import all_caption_texts
@@ -218,7 +218,7 @@ def build_instruct_dataset(out: str | Path, kind: str = "sft", tokenizer: Option
     if source_tok is not None:
         shutil.copyfile(source_tok, out / mf.TOKENIZER)
     else:
-        train_tokenizer(tokenizer_texts("describe the image."), 512).save(str(out / mf.TOKENIZER))
+        train_tokenizer(tokenizer_texts("describe the image.", "shuffled"), 512).save(str(out / mf.TOKENIZER))
     manifest = {
         "format": mf.FORMAT, "generator": f"mmfm data instruct --kind {kind}", "mmfm_version": __version__,
         "params": params, "splits": splits, "sources": {s: {"synthetic-scenes": v["samples"]} for s, v in splits.items()},
