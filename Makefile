@@ -10,7 +10,7 @@ endif
 TORCH_VERSION ?= 2.13.0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test clean-runs
+.PHONY: install demo test portability clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The convergence tests at 3 seeds on the native, AVX2 and scalar CPU paths (~1 h on 2 cores).
+portability: install
+	bash scripts/check_portability.sh
 
 clean-runs:
 	rm -rf runs outputs

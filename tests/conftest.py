@@ -9,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import json  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -18,6 +20,25 @@ from mmfm.data.synth_instruct import build_instruct_dataset  # noqa: E402
 from mmfm.parallel.bench import SMALL_MODEL  # noqa: E402,F401  (the small model the tests share)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# The seed of the convergence tests (marked `convergence`); scripts/check_portability.sh runs them at several
+# seeds and on several CPU code paths, collecting the figures each one records into $MMFM_FIGURES.
+TEST_SEED = int(os.environ.get("MMFM_TEST_SEED", "0"))
+
+
+@pytest.fixture
+def record_figures(request):
+    """record(name=value, ...): one JSON line of a convergence test's figures in $MMFM_FIGURES (when set)."""
+
+    def record(**figures) -> None:
+        path = os.environ.get("MMFM_FIGURES")
+        if path:
+            row = {"test": request.node.name, "seed": TEST_SEED, "cpu": torch.backends.cpu.get_cpu_capability(),
+                   **figures}
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    return record
 
 
 

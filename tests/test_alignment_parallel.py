@@ -79,6 +79,5 @@ def test_init_from_a_run_with_another_tokenizer_is_refused(preference_dir, initi
                            progress=False)
     precomputed = ["stage=dpo", "stage.preference.reference=precomputed", f"stage.init_from={initial_run}"]
     Trainer(load_config([f"data.path={preference_dir}", *SMALL_MODEL, *STEPS, *precomputed]), tmp_path / "ok").resume()
-    refused = Trainer(load_config([f"data.path={other}", *SMALL_MODEL, *STEPS, *precomputed]), tmp_path / "refused")
     with pytest.raises(CheckpointError, match="another tokenizer"):
-        refused.resume()
+        Trainer(load_config([f"data.path={other}", *SMALL_MODEL, *STEPS, *precomputed]), tmp_path / "refused")

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from conftest import SMALL_MODEL
+from conftest import SMALL_MODEL, TEST_SEED
 from mmfm.checkpoint import CheckpointManager
 from mmfm.config import load_config
 from mmfm.data.build import load_tokenizer, val_stream
@@ -26,7 +26,9 @@ from mmfm.train.trainer import Trainer, stage_checkpoint
 MODEL = [*SMALL_MODEL, "model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.hidden_size=128",
          "model.vision.num_layers=2", "model.language.hidden_size=128", "model.language.intermediate_size=352",
          "model.language.max_seq_len=96", "data.seq_len=64"]
-QUIET = ["logger.wandb.enabled=false", "logger.progress_bar=false", "train.val_every=0", "eval.num_samples=0"]
+QUIET = ["logger.wandb.enabled=false", "logger.progress_bar=false", "train.val_every=0", "eval.num_samples=0",
+         f"seed={TEST_SEED}"]
+pytestmark = pytest.mark.convergence
 
 
 def run(run_dir, data, *overrides) -> dict:
@@ -77,15 +79,16 @@ def sft(pretrained, scenes, tmp_path_factory):
     return out, summary
 
 
-def test_sft_lifts_held_out_answer_accuracy(pretrained, sft, scenes):
+def test_sft_lifts_held_out_answer_accuracy(pretrained, sft, scenes, record_figures):
     run_dir, summary = sft
     before = answer_accuracy(pretrained, scenes / "sft", "sft", samples=300)
+    record_figures(before=before, answer_accuracy=summary["answer_accuracy"])
     assert before <= 0.05  # the captioner does not answer questions
     assert summary["answer_samples"] == 300
     assert summary["answer_accuracy"] >= 0.80
 
 
-def test_dpo_lifts_preference_accuracy_and_keeps_answers(sft, scenes, tmp_path):
+def test_dpo_lifts_preference_accuracy_and_keeps_answers(sft, scenes, tmp_path, record_figures):
     sft_run, _ = sft
     overrides = [f"data.path={scenes / 'preference'}", *MODEL, *QUIET, "stage=dpo", f"stage.init_from={sft_run}",
                  "stage.preference.beta=0.5", "train.max_steps=150", "train.optim.lr=5e-5",
@@ -94,18 +97,21 @@ def test_dpo_lifts_preference_accuracy_and_keeps_answers(sft, scenes, tmp_path):
     trainer.resume()  # the SFT weights (stage.init_from), as fit() starts
     start = trainer.validate_now()  # policy == reference: every implicit reward is 0
     summary = trainer.fit()
+    before = answer_accuracy(sft_run, scenes / "preference", "dpo")
+    after = answer_accuracy(tmp_path, scenes / "preference", "dpo")
+    record_figures(reward_accuracy=summary["val_reward_accuracy"], preference_accuracy=summary["val_preference_accuracy"],
+                   start_preference_accuracy=start["preference_accuracy"], reward_margin=summary["val_reward_margin"],
+                   answers_before=before, answers_after=after)
     assert start["reward_margin"] == pytest.approx(0.0, abs=1e-6) and start["reward_accuracy"] == 0.0
     assert summary["val_reward_margin"] > 1.0
     assert summary["val_reward_accuracy"] >= 0.95  # measured 0.969 (186 of 192 held-out pairs)
     assert summary["val_preference_accuracy"] >= max(0.95, start["preference_accuracy"])  # 0.984 -> 0.984
-    before = answer_accuracy(sft_run, scenes / "preference", "dpo")
-    after = answer_accuracy(tmp_path, scenes / "preference", "dpo")
     assert after >= before - 0.05
     logged = train_metrics(tmp_path)[-1]
     assert {"reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "preference_accuracy"} <= set(logged)
 
 
-def test_grpo_raises_the_mean_reward(sft, scenes, tmp_path):
+def test_grpo_raises_the_mean_reward(sft, scenes, tmp_path, record_figures):
     """From an early SFT checkpoint (sampled answers right about 60% of the time): 32 prompts x 4 answers a
     step; measured +0.18 (0.600 -> 0.784)."""
     early = sft[0] / "checkpoints" / "step_00000100"
@@ -115,6 +121,7 @@ def test_grpo_raises_the_mean_reward(sft, scenes, tmp_path):
     rewards = [m["reward"] for m in train_metrics(tmp_path)]
     quarter = len(rewards) // 4
     first, last = sum(rewards[:quarter]) / quarter, sum(rewards[-quarter:]) / quarter
+    record_figures(first_quarter_reward=first, last_quarter_reward=last)
     assert len(rewards) == 60 and last >= first + 0.04, (first, last)
 
 

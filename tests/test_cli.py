@@ -1,5 +1,6 @@
 """End to end through the console script: data synth -> train -> generate, with a damaged sample."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -37,6 +38,17 @@ def damage_first_png(shard: Path) -> str:
     return member.name.split(".")[0]
 
 
+def record_sha256(data: Path, shard: str) -> None:
+    """Write a shard's present sha256 into the manifest (else training refuses the changed shard)."""
+    path = data / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            if entry["file"] == shard:
+                entry["sha256"] = hashlib.sha256((data / shard).read_bytes()).hexdigest()
+    path.write_text(json.dumps(manifest))
+
+
 def test_synth_pair_captions_flag(tmp_path):
     res = mmfm("data", "synth", "--out", "d", "--train-size", "20", "--val-size", "8", "--digit-fraction", "0",
                "--pair-fraction", "1", "--pair-captions", "shuffled", "--instruct-text", cwd=tmp_path)
@@ -53,6 +65,7 @@ def test_synth_train_generate(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "train: 200 samples in 2 shards" in res.stdout
     bad_key = damage_first_png(tmp_path / "data/train-000000.tar")
+    record_sha256(tmp_path / "data", "train-000000.tar")  # a data set built with a bad image inside
 
     res = mmfm("train", "data.path=data", "run_dir=run", "train.max_steps=9", "train.schedule.warmup_steps=1",
                "data.batch_size=25", "logger.log_every=1", "logger.wandb.enabled=false", "eval.num_samples=4",

@@ -84,7 +84,7 @@ def test_image_folder(tmp_path):
 def test_jsonl(tmp_path):
     x = save_image(tmp_path / "img" / "x.png", "red")
     y = save_image(tmp_path / "img" / "y.jpg", "blue", "JPEG")
-    z = save_image(tmp_path / "elsewhere" / "z.png", "green")
+    save_image(tmp_path / "elsewhere" / "z.png", "green")
     lines = [
         json.dumps({"image": "img/x.png", "text": "a red one", "score": 0.5}),
         json.dumps({"id": "pair", "image": ["img/x.png", "img/y.jpg"], "text": "two images"}),
@@ -102,12 +102,13 @@ def test_jsonl(tmp_path):
     out = read_twice(JsonlSource(tmp_path / "data.jsonl", "pairs"))
     assert summary(out) == [("R", "data:1", "a red one"), ("R", "pair", "two images"),
                             ("R", "data:3", "a text-only document"), ("D", "data:4", "invalid_json"),
-                            ("D", "data:6", "missing_image"), ("R", "7", "absolute"),
+                            ("D", "data:6", "missing_image"), ("D", "7", "unsafe_path"),
                             ("D", "data:8", "empty_caption"), ("D", "data:9", "no_caption"),
                             ("D", "data:10", "invalid_json")]
     recs = records(out)
     assert recs["data:1"].images == [x] and recs["data:1"].meta == {"score": 0.5}
-    assert recs["pair"].images == [x, y] and recs["7"].images == [z] and recs["data:3"].images == []
+    assert recs["pair"].images == [x, y] and recs["data:3"].images == []
+    assert "is an absolute path" in next(o for o in out if o.key == "7").detail  # a data file names no other file
     bad_line = next(o for o in out if o.key == "data:4")
     assert "data.jsonl:4" in bad_line.detail
     assert "img/missing.png" in next(o for o in out if o.key == "data:6").detail

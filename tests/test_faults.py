@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SMALL_MODEL
+from conftest import SMALL_MODEL, TEST_SEED
 from mmfm.checkpoint import CheckpointManager
 from mmfm.models import build_model
 from mmfm.train.loss_guard import LossGuard, TrainingDiverged
@@ -128,9 +128,10 @@ def wait_until_gone(pids, seconds: float = 3.0) -> set[int]:
     return {p for p in pids if alive(p)}
 
 
-def wait_for_text(path: Path, seconds: float = 5.0) -> str:
+def wait_for_text(path: Path, needle: str = "", seconds: float = 5.0) -> str:
+    """The file's text once it holds `needle` (a dump is written while it is read), or after `seconds`."""
     deadline = time.monotonic() + seconds
-    while not path.read_text() and time.monotonic() < deadline:
+    while not (path.read_text() and needle in path.read_text()) and time.monotonic() < deadline:
         time.sleep(0.02)
     return path.read_text()
 
@@ -180,7 +181,7 @@ def test_a_stopped_rank_ends_the_job_with_the_stacks_in_the_run_directory(synth_
     try:
         ranks = job.ranks_under_way()
         os.kill(ranks[1], signal.SIGUSR2)  # on demand: the stacks of a live rank, which keeps running
-        on_demand = wait_for_text(stacks_path(job.run_dir, 1))
+        on_demand = wait_for_text(stacks_path(job.run_dir, 1), " in fit\n")
         assert "mmfm/train/trainer.py" in main_thread_stack(on_demand) and "watchdog:" not in on_demand
         os.kill(ranks[1], signal.SIGSTOP)
         stopped_at = time.monotonic()
@@ -277,8 +278,9 @@ def assert_finite(params: dict) -> None:
         assert torch.isfinite(p).all(), name
 
 
-def test_a_nan_batch_skips_its_update_and_training_goes_on(make_cfg, tmp_path, caplog):
-    trainer = Trainer(make_cfg(*GUARDED, f"train.max_steps={STEPS}"), tmp_path / "run")
+@pytest.mark.convergence
+def test_a_nan_batch_skips_its_update_and_training_goes_on(make_cfg, tmp_path, caplog, record_figures):
+    trainer = Trainer(make_cfg(*GUARDED, f"train.max_steps={STEPS}", f"seed={TEST_SEED}"), tmp_path / "run")
     loader = trainer.loader = PoisonedLoader(trainer, [BAD_STEP])
     with caplog.at_level(logging.WARNING, logger="mmfm.train.trainer"):
         losses = trainer.fit()["losses"]
@@ -290,6 +292,7 @@ def test_a_nan_batch_skips_its_update_and_training_goes_on(make_cfg, tmp_path, c
     assert loader.updates_before[BAD_STEP + 1] == loader.updates_before[BAD_STEP] == BAD_STEP - 1
     assert changed(loader.params_before[BAD_STEP - 1], loader.params_before[BAD_STEP])
     later = [losses[s] for s in range(BAD_STEP + 1, STEPS + 1)]
+    record_figures(last_three_over_before_bad=sum(later[-3:]) / 3 / losses[BAD_STEP - 1])
     assert all(math.isfinite(v) for v in later) and sum(later[-3:]) / 3 < losses[BAD_STEP - 1], losses  # 5.69 < 6.01
     assert optimizer_steps(trainer.optimizers[0]) == STEPS - 1
     assert_finite(parameters(trainer.model))

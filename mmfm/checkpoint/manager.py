@@ -8,11 +8,16 @@ Layout under the run directory:
 A checkpoint is written into a hidden `.step_N.partial` folder and renamed into place only once every
 file is on disk; `latest` is switched (atomically) after that. A crash mid-save therefore leaves
 `latest` on the previous checkpoint, and an unfinished folder is never mistaken for a checkpoint.
+
+Reading trusts nothing in the folder: `checksums.json` (sha256 of every file) is verified first, the DCP
+metadata is read by an allow-listed unpickler (mmfm.checkpoint.safe_read), the trainer state is checked
+for its types, and the parameter names and shapes the checkpoint holds must equal the model's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -35,18 +40,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from mmfm.errors import MmfmError
-from mmfm.parallel.distributed import barrier, is_main_process
+from mmfm.checkpoint import checksums
+from mmfm.checkpoint.errors import CheckpointError
+from mmfm.checkpoint.safe_read import SafeFileSystemReader, SafeLoadPlanner, read_metadata
+from mmfm.parallel.distributed import barrier, is_distributed, is_main_process
 
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
-
-
-class CheckpointError(MmfmError):
-    pass
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -81,6 +84,18 @@ def _single_process_quietly():
 OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """The first rank's own exception inside DCP's CheckpointException (which holds every rank's)."""
+    while isinstance(exc, CheckpointException) and exc.failures:
+        exc = next(iter(exc.failures.values()))[0]
+    return exc
+
+
+def describe(exc: BaseException) -> str:
+    exc = root_cause(exc)
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
 def _parts(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
@@ -99,6 +114,86 @@ def _merged(states: list[dict]) -> dict:
     for state in states:
         merged.update(state)
     return merged
+
+
+TRAINER_STATE_TYPES = {"step": int, "scheduler": dict, "data": list}
+_verified: set[tuple[str, int]] = set()  # (checkpoint, mtime of its checksums.json) verified by this process
+
+
+def read_trainer_state(path: Path) -> dict:
+    """trainer_state.json, its fields checked for their types."""
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: unreadable {TRAINER_STATE} ({exc}); resume from another step_* "
+                              "folder") from None
+    if not isinstance(state, dict):
+        problem = "is not a JSON object"
+    else:
+        problem = next((f"has no {key!r} of type {kind.__name__}" for key, kind in TRAINER_STATE_TYPES.items()
+                        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool)), None)
+        if problem is None and state["step"] < 0:
+            problem = f"has a negative step {state['step']}"
+    if problem:
+        raise CheckpointError(f"checkpoint {path}: {TRAINER_STATE} {problem}; it is damaged: resume from another "
+                              "step_* folder")
+    return state
+
+
+def model_shapes(metadata) -> dict[str, Optional[tuple]]:
+    """{parameter name: global shape} of the model a checkpoint holds (None for a non-tensor entry)."""
+    return {key[len("model."):]: (tuple(md.size) if hasattr(md, "size") else None)
+            for key, md in metadata.state_dict_metadata.items() if key.startswith("model.")}
+
+
+def _first_difference(held: dict, wanted: dict) -> tuple[int, str]:
+    extra, missing = sorted(held.keys() - wanted.keys()), sorted(wanted.keys() - held.keys())
+    resized = sorted(k for k in held.keys() & wanted.keys() if held[k] != wanted[k])
+    if resized:
+        first = f"{resized[0]} is {held[resized[0]]} there, {wanted[resized[0]]} here"
+    elif extra:
+        first = f"{extra[0]} is in the checkpoint, not in this model"
+    else:
+        first = f"{missing[0]} is in this model, not in the checkpoint"
+    return len(extra) + len(missing) + len(resized), first
+
+
+def _config_difference(recorded: Optional[dict], current: Optional[dict], prefix: str = "model") -> list[str]:
+    if not isinstance(recorded, dict) or not isinstance(current, dict):
+        return []
+    out = []
+    for key in sorted(recorded.keys() | current.keys()):
+        a, b = recorded.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_difference(a, b, f"{prefix}.{key}")
+        elif a != b:
+            out.append(f"{prefix}.{key}={a} there, {b} here")
+    return out
+
+
+def check_model(path: Path, metadata, expected: dict, state: dict, model_config: Optional[dict]) -> None:
+    """Refuse a checkpoint whose parameter names or shapes differ from the model's."""
+    held, wanted = model_shapes(metadata), {k: tuple(v) for k, v in expected.items()}
+    if held == wanted:
+        return
+    count, first = _first_difference(held, wanted)
+    fields = _config_difference((state.get("record") or {}).get("model"), model_config)
+    hint = f"; config: {', '.join(fields[:3])}" if fields else ""
+    raise CheckpointError(f"checkpoint {path} was written for another model config ({count} parameter(s) differ, "
+                          f"e.g. {first}{hint}); set the model config it was trained with (its run's config.yaml) "
+                          "or use a new run_dir")
+
+
+def verify_checksums(path: Path, distributed: bool) -> None:
+    """Verify checksums.json once per process and checkpoint (collective when distributed)."""
+    record = path / checksums.CHECKSUMS
+    key = (str(path.resolve()), record.stat().st_mtime_ns if record.is_file() else -1)
+    if key in _verified:
+        return
+    if not checksums.verify(path, distributed):
+        log.warning("checkpoint %s has no %s (written before checksums were recorded): not verified", path,
+                    checksums.CHECKSUMS)
+    _verified.add(key)
 
 
 def is_complete(folder: Path) -> bool:
@@ -143,7 +238,15 @@ class CheckpointManager:
                 raise CheckpointError(f"{self.root} holds checkpoints but no '{LATEST}' file; resume from one "
                                       f"explicitly with checkpoint.resume=<path to a step_* folder>")
             return None
-        target = self.root / pointer.read_text().strip()
+        try:
+            name = pointer.read_bytes().decode("ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            name = None
+        if name is None or not STEP_DIR.match(name):
+            raise CheckpointError(f"{pointer} does not hold the name of a step_* folder; write the name of a complete "
+                                  "checkpoint into it, or resume from one with checkpoint.resume=<path to a step_* "
+                                  "folder>")
+        target = self.root / name
         if not is_complete(target):
             raise CheckpointError(f"{pointer} points at {target}, which is missing or incomplete; resume from "
                                   "an earlier one with checkpoint.resume=<path to a step_* folder>")
@@ -184,15 +287,34 @@ class CheckpointManager:
         parts, optimizers = _parts(model), _parts(optimizer)
         state = {"model": _merged(model_state(parts)), "optim": _merged(optim_state(parts, optimizers)),
                  "rng": rng_state()}
-        with _single_process_quietly():
-            dcp.save(state, checkpoint_id=str(partial))
-        if is_main_process():
-            self._publish(partial, final, {"step": step, **trainer_state})
+        try:
+            with _single_process_quietly():
+                dcp.save(state, checkpoint_id=str(partial))
+            digests = checksums.hash_shared(partial)
+            if is_main_process():
+                self._publish(partial, final, {"step": step, **trainer_state}, digests)
+        except (OSError, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+            if is_main_process():
+                shutil.rmtree(partial, ignore_errors=True)
+            raise CheckpointError(self._save_failure(final, exc)) from None
         barrier()
         return final
 
-    def _publish(self, partial: Path, final: Path, trainer_state: dict) -> None:
+    def _save_failure(self, final: Path, exc: BaseException) -> str:
+        cause = root_cause(exc)
+        disk_full = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = "no space left on the device" if disk_full else describe(cause)
+        try:
+            kept = self.latest()
+        except CheckpointError:
+            kept = None
+        return (f"could not write checkpoint {final} ({reason}); the previous checkpoint ({kept or 'none yet'}) is "
+                "intact: free space or fix the folder's permissions, then run again with the same run_dir to "
+                "resume")
+
+    def _publish(self, partial: Path, final: Path, trainer_state: dict, digests: dict[str, str]) -> None:
         (partial / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+        checksums.write_record(partial, {**digests, TRAINER_STATE: checksums.sha256_file(partial / TRAINER_STATE)})
         _fsync_tree(partial)
         if final.exists():
             kept = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -200,7 +322,7 @@ class CheckpointManager:
             log.warning("checkpoint %s already existed; moved it to %s", final, kept)
         partial.rename(final)
         self._point_latest(final.name)
-        self._prune()
+        self._prune(final)
 
     def _point_latest(self, name: str) -> None:
         tmp = self.root / f"{LATEST}.tmp"
@@ -210,10 +332,26 @@ class CheckpointManager:
             os.fsync(f.fileno())
         os.replace(tmp, self.root / LATEST)
 
-    def _prune(self) -> None:
-        complete = [p for p in self.step_dirs() if is_complete(p)]
-        for old in complete[: -self.keep_last]:
+    def _prune(self, saved: Path) -> None:
+        """Keep the keep_last newest checkpoints up to the one just saved. Higher steps are never deleted: they
+        were written before this run resumed from an older checkpoint, and are newer than it."""
+        lineage = [p for p in self.step_dirs() if p.name <= saved.name and is_complete(p)]
+        for old in lineage[: -self.keep_last]:
             shutil.rmtree(old)
+
+    @staticmethod
+    def inspect(path: Path, expected_shapes: Optional[dict] = None, model_config: Optional[dict] = None,
+                no_dist: bool = False) -> dict:
+        """Check a checkpoint before anything of it is loaded (collective unless no_dist): its trainer state,
+        its checksums, its metadata (read without running code) and, given expected_shapes ({name: shape} of
+        the whole model), the parameters it holds. Returns the trainer state."""
+        path = Path(path)
+        state = read_trainer_state(path)
+        verify_checksums(path, distributed=is_distributed() and not no_dist)
+        metadata = read_metadata(path)
+        if expected_shapes is not None:
+            check_model(path, metadata, expected_shapes, state, model_config)
+        return state
 
     @staticmethod
     def load(path: Path, model, optimizer=None, no_dist: bool = False) -> dict:
@@ -222,13 +360,10 @@ class CheckpointManager:
         Any layout loads a checkpoint of any other (resharded by torch.distributed.checkpoint).
         no_dist: load in this process alone (e.g. rank 0 evaluating an unsharded copy).
         """
-        try:
-            trainer_state = json.loads((path / TRAINER_STATE).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"checkpoint {path}: unreadable {TRAINER_STATE} ({exc}); resume from another "
-                                  "step_* folder") from None
         parts = _parts(model)
         models = model_state(parts)
+        whole = {k: v.shape for k, v in models[0].items()} if len(parts) == 1 else None  # a pipeline stage is a part
+        trainer_state = CheckpointManager.inspect(path, whole, no_dist=no_dist)
         state: dict = {"model": _merged(models)}
         if optimizer is not None:
             optims = optim_state(parts, _parts(optimizer))
@@ -236,10 +371,10 @@ class CheckpointManager:
             state["rng"] = rng_state()
         try:
             with _single_process_quietly():
-                dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
+                dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(),
+                         no_dist=no_dist)
         except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
-            detail = " ".join(str(exc).split())[:300]
-            raise CheckpointError(f"checkpoint {path} could not be loaded ({type(exc).__name__}: {detail}); it is "
+            raise CheckpointError(f"checkpoint {path} could not be loaded ({describe(exc)}); it is "
                                   "corrupt or was written for another model config; resume from another "
                                   "step_* folder or match the model config") from None
         # DCP loads tensors in place and replaces other values: take both back into the per-part dicts

@@ -75,6 +75,8 @@ class DataConfig:
     weight: float = 1.0
     mix: list[MixSource] = field(default_factory=list)
     chat: ChatConfig = field(default_factory=ChatConfig)
+    # Check each shard against the manifest's sha256 when a process first opens it (once per shard and process).
+    verify_shards: bool = True
 
 
 @dataclass

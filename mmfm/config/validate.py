@@ -6,6 +6,7 @@ Every failure is one line that names the field and the fix.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -264,6 +265,42 @@ def procs_per_node(cfg: JobConfig) -> int:
     return c.procs_per_node or c.gpus_per_node or ParallelDims.from_config(cfg.parallel).world_size // c.nodes
 
 
+SBATCH_VALUE = re.compile(r"[A-Za-z0-9._:+@%,/=-]*")  # what an #SBATCH value may hold: no space, newline or quote
+SBATCH_EXAMPLES = {"job_name": "mmfm", "partition": "gpu", "account": "myproject", "qos": "normal", "mem": "64G"}
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # newline, carriage return, tab, NUL, ...
+
+
+def _one_line(name: str, value: str) -> None:
+    _require(not _CONTROL.search(value),
+             f"{name}={value!r} holds a newline or another control character, which would start a new line of the "
+             "job script; write it on one line")
+
+
+def _validate_cluster_text(c) -> None:
+    """Values pasted into the sbatch script or the ranks' environment cannot add lines or commands to it:
+    #SBATCH values (Slurm only) come from an allow-list, env names are identifiers, everything else is one line
+    (and quoted where the script uses it). cluster.setup lines are shell by design and are not checked."""
+    for key, example in SBATCH_EXAMPLES.items() if c.kind == "slurm" else ():
+        value = getattr(c, key)
+        _require(bool(SBATCH_VALUE.fullmatch(value)),
+                 f"cluster.{key}={value!r} may hold only letters, digits and . _ : + @ % , / = - (it becomes an "
+                 f"#SBATCH line); e.g. cluster.{key}={example}")
+    for i, flag in enumerate(c.sbatch_flags):
+        _one_line(f"cluster.sbatch_flags[{i}]", flag)
+        _require(flag.startswith("-"), f"cluster.sbatch_flags[{i}]={flag!r} is not an sbatch option; write options "
+                                       "such as --exclusive or --constraint=h100")
+    for i, flag in enumerate(c.srun_flags):
+        _one_line(f"cluster.srun_flags[{i}]", flag)
+    for key in ("python", "container_image", "container_mounts"):
+        _one_line(f"cluster.{key}", getattr(c, key))
+    for name, value in c.env.items():
+        _require(bool(ENV_NAME.fullmatch(name)),
+                 f"cluster.env has the variable name {name!r}; environment variable names are letters, digits and _ "
+                 "(not starting with a digit), e.g. NCCL_SOCKET_IFNAME")
+        _one_line(f"cluster.env.{name}", value)
+
+
 def _validate_cluster(cfg: JobConfig) -> None:
     from mmfm.parallel.dims import ParallelDims
 
@@ -282,6 +319,7 @@ def _validate_cluster(cfg: JobConfig) -> None:
              f"cluster.signal_lead_s={c.signal_lead_s} is not shorter than cluster.time={c.time}; lower it or "
              "raise the time limit")
     _require(bool(c.job_name.strip()), "cluster.job_name is empty; name the job, e.g. cluster.job_name=mmfm")
+    _validate_cluster_text(c)
     dims = ParallelDims.from_config(cfg.parallel)
     per_node = procs_per_node(cfg)
     key = "gpus_per_node" if c.gpus_per_node and not c.procs_per_node else "procs_per_node"

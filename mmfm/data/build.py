@@ -12,7 +12,7 @@ from mmfm.data.chat import ChatTemplate, ConversationEncoder
 from mmfm.data.loader import BatchLoader, SampleEncoder, SampleStream, reshard_stream_states
 from mmfm.data.mixing import MixedStream, reshard_mixed_states
 from mmfm.data.packing import PackedBatchLoader
-from mmfm.data.manifest import TOKENIZER, read_manifest, shard_counts, shard_paths
+from mmfm.data.manifest import TOKENIZER, ShardChecksums, read_manifest, shard_counts, shard_paths
 from mmfm.data.tokenizer import TextTokenizer
 
 
@@ -37,9 +37,15 @@ def sample_encoder(cfg: JobConfig, tokenizer: TextTokenizer) -> SampleEncoder | 
                                cfg.model.vision.image_size, cfg.data.seq_len, cfg.stage.objective, cfg.data.prompt)
 
 
+def _stream(cfg: JobConfig, path: str, split: str, encoder, **kw) -> SampleStream:
+    """The split's shards of the data set in `path`, with their manifest counts and (data.verify_shards) sha256."""
+    checksums = ShardChecksums.of(path, split) if cfg.data.verify_shards else None
+    return SampleStream(shard_paths(path, split), encoder, cfg.seed, cfg.data.shuffle_buffer,
+                        expected_counts=shard_counts(path, split), checksums=checksums, **kw)
+
+
 def _train_stream(cfg: JobConfig, path: str, encoder: SampleEncoder, dp_rank: int, dp_size: int) -> SampleStream:
-    return SampleStream(shard_paths(path, "train"), encoder, cfg.seed, cfg.data.shuffle_buffer, rank=dp_rank,
-                        world=dp_size, workers=cfg.data.num_workers, expected_counts=shard_counts(path, "train"))
+    return _stream(cfg, path, "train", encoder, rank=dp_rank, world=dp_size, workers=cfg.data.num_workers)
 
 
 def _same_tokenizer(main: str, other: str) -> None:
@@ -80,6 +86,4 @@ def loader_summary(state: dict) -> tuple[int, Counter]:
 
 def val_stream(cfg: JobConfig, tokenizer: TextTokenizer) -> SampleStream:
     """The validation split in file order, once through."""
-    return SampleStream(shard_paths(cfg.data.path, "val"), sample_encoder(cfg, tokenizer), cfg.seed,
-                        cfg.data.shuffle_buffer, shuffle=False, loop=False,
-                        expected_counts=shard_counts(cfg.data.path, "val"))
+    return _stream(cfg, cfg.data.path, "val", sample_encoder(cfg, tokenizer), shuffle=False, loop=False)

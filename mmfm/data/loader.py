@@ -27,7 +27,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mmfm.data.manifest import DataError
+from mmfm.data.manifest import DataError, ShardChecksums
 from mmfm.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -202,15 +202,19 @@ class SampleStream:
     workers > 0: decoding and tokenization run in that many loader processes, the rank's samples dealt to
     them in chunks (`_WorkerShare`); the samples, their order and the state are those of workers=0.
     Read errors of damaged shards are counted with workers=0 only (the workers log them).
+
+    checksums: each shard is checked against the manifest's sha256 when this process (or a loader worker)
+    first opens it, and again if it was replaced since (ShardChecksums); None reads shards unverified.
     """
 
     def __init__(self, shards: list[str], encoder: SampleEncoder, seed: int, shuffle_buffer: int,
                  shuffle: bool = True, loop: bool = True, rank: int = 0, world: int = 1, workers: int = 0,
-                 expected_counts: Optional[dict[str, int]] = None):
+                 expected_counts: Optional[dict[str, int]] = None, checksums: Optional[ShardChecksums] = None):
         if not shards:
             raise ValueError("no shards to read")
         self.rank, self.world, self.workers = rank, world, workers
         self.expected_counts = expected_counts or {}  # shard -> samples, from the manifest
+        self.checksums = checksums
         self.shards, self.encoder, self.seed = list(shards), encoder, seed
         self.shuffle_buffer, self.shuffle, self.loop = shuffle_buffer, shuffle, loop
         self.epoch, self.position, self.base = 0, 0, 0
@@ -253,6 +257,8 @@ class SampleStream:
         """The shards' samples in order; a shard that ends short of its manifest count (Python's tarfile stops
         silently at a bad header mid-stream) has its missing samples counted as skipped "truncated_shard"."""
         for shard in shards:
+            if self.checksums is not None:
+                self.checksums.check(shard)
             read = 0
             reader = wds.DataPipeline(wds.SimpleShardList([shard]), wds.tarfile_to_samples(handler=self._on_read_error))
             for sample in reader:
@@ -314,7 +320,7 @@ class SampleStream:
             return ((epoch, index, self._encode(raw)) for epoch, index, raw in self._owned())
         loader = torch.utils.data.DataLoader(_WorkerShare(self), batch_size=None, num_workers=self.workers,
                                              collate_fn=_as_is, multiprocessing_context="spawn", prefetch_factor=4)
-        return (item for blob in loader for item in pickle.loads(blob))
+        return (item for blob in loader for item in _unpickle_chunk(blob))
 
     def _samples(self) -> Iterator[EncodedSample]:
         self._usable_epoch = self.epoch
@@ -339,6 +345,15 @@ def _as_is(item):
     return item
 
 
+def _unpickle_chunk(blob: bytes) -> list:
+    """A worker's chunk of items; a DataError the worker met is raised here, as the one-line error it is (the
+    DataLoader would re-raise it with the worker's traceback in its message)."""
+    chunk = pickle.loads(blob)
+    if isinstance(chunk, DataError):
+        raise chunk
+    return chunk
+
+
 class _WorkerShare(torch.utils.data.IterableDataset):
     """Loader worker w of W: walks the rank's stream from its state and encodes the rank's samples
     k with (k // CHUNK) % W == w, handing them over CHUNK at a time (one pickled message: cheaper than a
@@ -352,6 +367,12 @@ class _WorkerShare(torch.utils.data.IterableDataset):
         self.stream = stream
 
     def __iter__(self):
+        try:
+            yield from self._chunks()
+        except DataError as exc:  # handed over as a chunk: see _unpickle_chunk
+            yield pickle.dumps(exc)
+
+    def _chunks(self):
         info = torch.utils.data.get_worker_info()
         s, chunk = self.stream, []
         for k, (epoch, index, raw) in enumerate(s._owned()):

@@ -15,11 +15,15 @@ A recipe (YAML) names its sources, an ordered list of stages and the output:
       shard_bytes: 100000000       # target tar size
       tokenizer: {vocab_size: 512} # train one on the kept texts, or {file: tokenizer.json}
 
-Paths are relative to the recipe file. Records stream from the sources in order; the per-record stages
-before the first dedup run in `workers` processes (order kept), the rest in the main process, so a build
-is deterministic: the same recipe and inputs give byte-identical shards. Every record dropped anywhere is
-counted by stage and reason in `manifest.json`, which also holds per-shard counts, bytes and sha256, the
-samples and licence of each source, the PII counts, the recipe and the tool version.
+Paths are relative to the recipe file. `output.split` and `output.prefix` (default: the split) are plain
+file-name stems: the output stays inside `--out`. Values may refer to other keys of the recipe
+(`${output.split}`) but call no resolver (`${oc.env:...}` is refused: recipe values go into the manifest).
+
+Records stream from the sources in order; the per-record stages before the first dedup run in `workers`
+processes (order kept), the rest in the main process, so a build is deterministic: the same recipe and
+inputs give byte-identical shards. Every record dropped anywhere is counted by stage and reason in
+`manifest.json`, which also holds per-shard counts, bytes and sha256, the samples and licence of each
+source, the PII counts, the recipe and the tool version.
 
 Resumable: after each finished shard the position in the input stream, the dedup state and the counts are
 saved (`.build_state.json`); an interrupted build restarts from there. A finished build with the same
@@ -35,6 +39,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
@@ -43,6 +48,8 @@ from typing import Callable, Iterator, Optional
 
 import webdataset as wds
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
 
 from mmfm.data import manifest as mf
 from mmfm.data.dedup import build_dedup
@@ -95,8 +102,11 @@ def build_stage(spec: dict) -> Callable[[Record], Outcome]:
         if kind == "pii":
             return PiiStage(value)
         return (build_filter if kind == "filter" else build_dedup)(value, **spec)
-    except TypeError as exc:
-        raise RecipeError(f"stage {kind}: {value}: {exc}") from None
+    except RecipeError:
+        raise
+    except (TypeError, ValueError) as exc:  # unknown name, unknown or bad parameter
+        raise RecipeError(f"stage {kind}: {value}: {exc}; see docs/data.md for the stages and their "
+                          "parameters") from None
 
 
 def stage_labels(specs: list[dict]) -> list[str]:
@@ -139,6 +149,36 @@ def _run_chunk(chunk: list[Outcome]) -> list[Outcome]:
 
 # -- the recipe ------------------------------------------------------------------------------------------
 
+FILE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_RESOLVER = re.compile(r"\$\{\s*[A-Za-z_][\w.]*\s*:")  # ${name:...}, e.g. ${oc.env:HOME}
+
+
+def _read_recipe(path: Path) -> dict:
+    """The recipe's YAML as a dict, its ${key} references resolved; RecipeError for bad YAML and for resolvers
+    such as ${oc.env:...} (a recipe's values end up in the manifest: no environment or code goes there)."""
+    try:
+        conf = OmegaConf.load(path)
+        if not isinstance(OmegaConf.to_container(conf), dict):
+            raise RecipeError(f"recipe {path} is not a mapping; it holds name:, sources:, stages:, output:")
+        _refuse_resolvers(path, OmegaConf.to_container(conf, resolve=False), "")
+        return OmegaConf.to_container(conf, resolve=True)
+    except (YAMLError, OmegaConfBaseException) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RecipeError(f"recipe {path} cannot be read ({first}); fix the YAML") from None
+
+
+def _refuse_resolvers(path: Path, node, where: str) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _refuse_resolvers(path, value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _refuse_resolvers(path, value, f"{where}[{i}]")
+    elif isinstance(node, str) and _RESOLVER.search(node):
+        raise RecipeError(f"recipe {path}: {where}={node!r} calls a resolver; recipes may refer to their own keys "
+                          "(${key}) but not read the environment or run resolvers (${oc.env:...}): write the "
+                          "value into the recipe")
+
 
 @dataclass
 class Recipe:
@@ -153,14 +193,30 @@ class Recipe:
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe {path} does not exist; recipes live in data_pipeline/")
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        raw = _read_recipe(path)
         unknown = set(raw) - {"name", "sources", "stages", "output"}
         if unknown:
             raise RecipeError(f"recipe {path}: unknown keys {sorted(unknown)}; use name, sources, stages, output")
         if not raw.get("sources"):
             raise RecipeError(f"recipe {path} lists no sources")
-        return cls(raw.get("name", path.stem), raw["sources"], raw.get("stages") or [], raw.get("output") or {},
-                   path.parent.resolve())
+        recipe = cls(raw.get("name", path.stem), raw["sources"], raw.get("stages") or [], raw.get("output") or {},
+                     path.parent.resolve())
+        recipe.check_shapes(path)
+        return recipe
+
+    def check_shapes(self, path: Path) -> None:
+        """sources and stages: lists of mappings; output: a mapping whose file-name parts are plain stems."""
+        for key in ("sources", "stages"):
+            items = getattr(self, key)
+            if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+                raise RecipeError(f"recipe {path}: {key} must be a list of mappings ({{type: ..., ...}})")
+        if not isinstance(self.output, dict):
+            raise RecipeError(f"recipe {path}: output must be a mapping (format:, split:, ...)")
+        for key in ("split", "prefix"):  # parts of the output file names
+            value = self.output.get(key, "train")
+            if not isinstance(value, str) or not FILE_STEM.fullmatch(value):
+                raise RecipeError(f"recipe {path}: output.{key}={value!r} is not a plain file-name stem (letters, "
+                                  f"digits, '.', '_', '-'; no path or command); e.g. output.{key}: train")
 
     def source_specs(self) -> list[dict]:
         specs = []

@@ -80,7 +80,9 @@ def write_reference_logps(data: str | Path, checkpoint: str | Path, out: str | P
     manifest = mf.read_manifest(data)
     out.mkdir(parents=True, exist_ok=True)
     for split, info in manifest["splits"].items():
+        checksums = mf.ShardChecksums.of(data, split)
         for i, shard in enumerate(info["shards"]):
+            checksums.check(str(data / shard["file"]))
             raws = list(_raw_samples(data / shard["file"]))
             chunks = range(0, len(raws), batch_size)
             samples = [s for start in tqdm(chunks, desc=f"{split} shard {i}", disable=not progress)

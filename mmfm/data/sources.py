@@ -6,13 +6,14 @@ cannot use, `Dropped(stage="read", reason, detail)`. Bad input never raises out 
 bytes are read as stored, not decoded: decoding and validation are a later stage.
 
 Reasons: "missing_image", "invalid_json", "empty_caption", "no_caption", "bad_conversation",
-"truncated_tar", "unreadable_file".
+"truncated_tar", "unreadable_file", "unsafe_path" (an image path in a data file that is absolute, a URL or
+command, or leads outside the source's image folder).
 
 Formats:
 - image_folder: images (jpg/jpeg/png/webp, recursive) each with a caption sidecar of the same stem:
   `.txt` (the caption) or `.json` ({"caption": ...} or {"text": ...}; other fields go to meta).
 - jsonl: one JSON object per line, {"image": path | [paths] (optional), "text": ..., "id"/"key" (optional),
-  ...}; paths relative to the JSONL file's folder; no image means a text-only record.
+  ...}; paths relative to the JSONL file's folder, inside image_root; no image means a text-only record.
 - llava: the LLaVA JSON list, [{"id", "image" (optional, path or [paths] under image_root),
   "conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}, ...].
 - tar: webdataset / img2dataset shards; members `<key>.<ext>` grouped by key; caption from "txt",
@@ -36,7 +37,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 from braceexpand import braceexpand
 
-from mmfm.data.manifest import MANIFEST, DataError
+from mmfm.data.manifest import MANIFEST, DataError, UnsafePath, contained
 from mmfm.data.records import Dropped, Outcome, Record
 
 READ = "read"
@@ -134,14 +135,19 @@ def _caption(text: Optional[str], where: str) -> str:
     return text.strip()
 
 
-def _image_paths(value, base: Path, where: str) -> list[Path]:
-    """An image field (absent, a path, or a list of paths) as paths under `base` (absolute paths kept)."""
+def _image_paths(value, base: Path, root: Path, where: str) -> list[Path]:
+    """An image field (absent, a path, or a list of paths) as paths relative to `base`, each inside `root`
+    (unsafe_path otherwise: a data file cannot point at other files)."""
     if value is None:
         return []
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
         raise _Bad("invalid_json", f"{where}: image must be a path or a list of paths, got {value!r}")
-    return [base / v for v in items]
+    try:
+        return [contained(base, v, root) for v in items]
+    except UnsafePath as exc:
+        raise _Bad("unsafe_path", f"{where}: image {exc}; image paths must be relative and stay inside "
+                                  "the image folder (image_root)") from None
 
 
 def _natural(text: str) -> list:
@@ -214,15 +220,19 @@ class JsonlSource(Source):
     """JSON Lines: {"image": path | [paths] (optional), "text": ..., "id"/"key" (optional), ...} per line.
 
     `path` is a .jsonl file or a folder of them (recursive, sorted). Image paths are relative to the JSONL
-    file's folder, or absolute; no image field means a text-only record. Blank lines are skipped. key: "id" or
-    "key" if given, else "<file stem>:<line number>"; the other fields go to meta. Reasons: invalid_json
-    (detail has the line), missing_image, no_caption (no text field), empty_caption, unreadable_file.
+    file's folder and must stay inside image_root (default: the folder, or the file's folder); no image field
+    means a text-only record. Blank lines are skipped. key: "id" or "key" if given, else "<file stem>:<line
+    number>"; the other fields go to meta. Reasons: invalid_json (detail has the line), missing_image,
+    unsafe_path, no_caption (no text field), empty_caption, unreadable_file.
     """
 
-    def __init__(self, path, name: str, license: str = "", image_field: str = "image", text_field: str = "text"):
+    def __init__(self, path, name: str, license: str = "", image_field: str = "image", text_field: str = "text",
+                 image_root=None):
         super().__init__(name, license)
         self.root = _existing(path, name)
         self.image_field, self.text_field = image_field, text_field
+        default_root = self.root if self.root.is_dir() else self.root.parent
+        self.image_root = default_root if image_root is None else _existing(image_root, name)
 
     def __iter__(self) -> Iterator[Outcome]:
         for file in _files(self.root, (".jsonl",)):
@@ -243,7 +253,7 @@ class JsonlSource(Source):
             obj = _json_object(line, where)
             key = next((str(obj[k]) for k in ("id", "key") if obj.get(k) is not None), key)
             text = _caption(_caption_field(obj, (self.text_field,), where), where)
-            paths = _image_paths(obj.get(self.image_field), file.parent, where)
+            paths = _image_paths(obj.get(self.image_field), file.parent, self.image_root, where)
             meta = {k: v for k, v in obj.items() if k not in (self.image_field, self.text_field)}
             return self._record(key, text=text, images=[_read_bytes(p) for p in paths], meta=meta)
         except _Bad as bad:
@@ -252,14 +262,14 @@ class JsonlSource(Source):
 
 class LlavaSource(Source):
     """The LLaVA instruction format: one JSON list of
-    {"id", "image" (optional: a path or list of paths under image_root, default the JSON's folder),
+    {"id", "image" (optional: a path or list of paths inside image_root, default the JSON's folder),
      "conversations": [{"from": "human"|"gpt"|"system", "value": "<image>\\n..."}, ...], ...}.
 
     Record: conversations = the turns ({"from", "value"} only), text = "", images in order; key = "id",
     else "<file stem>:<index>"; other fields go to meta. The number of "<image>" placeholders must equal the
     number of images; with images and no placeholder, "<image>\\n" is prepended to the first human turn (as
-    LLaVA does). Reasons: bad_conversation, missing_image, invalid_json (the file, or an entry's image field),
-    unreadable_file.
+    LLaVA does). Reasons: bad_conversation, missing_image, unsafe_path, invalid_json (the file, or an entry's
+    image field), unreadable_file.
     """
 
     def __init__(self, path, name: str, license: str = "", image_root=None):
@@ -290,7 +300,7 @@ class LlavaSource(Source):
                 raise _Bad("bad_conversation", f"{where}: a {type(entry).__name__}, expected an object")
             if entry.get("id") is not None:
                 key, where = str(entry["id"]), f"{where} (id {entry['id']!r})"
-            paths = _image_paths(entry.get("image"), self.image_root, where)
+            paths = _image_paths(entry.get("image"), self.image_root, self.image_root, where)
             turns = _with_placeholders(_turns(entry.get("conversations"), where), len(paths), where)
             meta = {k: v for k, v in entry.items() if k not in ("id", "image", "conversations")}
             return self._record(key, images=[_read_bytes(p) for p in paths], conversations=turns, meta=meta)

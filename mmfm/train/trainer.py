@@ -9,6 +9,7 @@ import json
 import logging
 import random
 import shutil
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch.distributed.pipelining import PipelineStage
 
 from mmfm.checkpoint import CheckpointError, CheckpointManager, find_checkpoint
 from mmfm.config import JobConfig, image_tokens, validate
+from mmfm.config.validate import ConfigError
 from mmfm.data.build import load_tokenizer, loader_summary, reshard_loader_states, train_loader, val_stream
 from mmfm.data.loader import Batch, BatchLoader, EncodedSample, pad_sequence
 from mmfm.data.manifest import TOKENIZER, sha256_file
@@ -59,6 +61,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def ensure_writable(run_dir: Path) -> None:
+    """Create the run directory and try a write in it, so that a read-only or full folder fails now, in one line."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"run_dir={run_dir} is not writable ({exc.strerror or exc}); choose a run_dir on a "
+                          "writable file system with free space") from None
+
+
 def write_resolved_config(cfg: JobConfig, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
@@ -82,6 +95,33 @@ def freeze(parts, names: list[str]) -> None:
                 module.requires_grad_(False)
 
 
+def run_record(cfg: JobConfig) -> dict:
+    """What a checkpoint records of its run, for a resume to check: model config, stage and tokenizer."""
+    return {"model": OmegaConf.to_container(OmegaConf.structured(cfg.model)), "stage": cfg.stage.objective,
+            "tokenizer_sha256": sha256_file(Path(cfg.data.path) / TOKENIZER)}
+
+
+def tokenizer_of(checkpoint: Path, state: dict) -> Optional[str]:
+    """sha256 of the tokenizer a checkpoint was trained with: recorded, or its run directory's copy."""
+    recorded = (state.get("record") or {}).get("tokenizer_sha256")
+    if recorded:
+        return recorded
+    copy = checkpoint.parents[1] / TOKENIZER
+    return sha256_file(copy) if copy.is_file() else None
+
+
+def check_resume_record(path: Path, state: dict, record: dict, data_path: str) -> None:
+    """Refuse to resume a checkpoint of another stage or tokenizer (the model is checked on its shapes)."""
+    stage = (state.get("record") or {}).get("stage", record["stage"])
+    if stage != record["stage"]:
+        raise CheckpointError(f"checkpoint {path} was written by stage={stage}, this run is stage={record['stage']}; "
+                              f"to start {record['stage']} from it use stage.init_from={path} with a new run_dir")
+    held = tokenizer_of(path, state)
+    if held is not None and held != record["tokenizer_sha256"]:
+        raise CheckpointError(f"checkpoint {path} was trained with another tokenizer than data.path={data_path}; "
+                              "resume with the data set it was trained on, or start a new run_dir")
+
+
 def stage_checkpoint(spec: str) -> Path:
     """stage.init_from (a run directory, its checkpoints/ folder or a step_* folder) -> the checkpoint folder."""
     try:
@@ -97,11 +137,14 @@ class Trainer:
         self.rank, self.world = init_distributed(self.device, cfg.faults.collective_timeout_s)
         # One run directory for all ranks: rank 0's (a timestamped default may differ across ranks).
         self.run_dir = Path(gather_objects(str(run_dir))[0])
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_writable(self.run_dir)
         self.dims = dims = ParallelDims.from_config(cfg.parallel)  # validated against the world size above
         self.mesh = dims.build_mesh(self.device.type) if self.world > 1 else None
         self.main = self.rank == 0
         self.tokenizer = load_tokenizer(cfg)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self.record = run_record(cfg)
+        self.resume_path = self.preflight_resume()  # refuses a bad resume before anything is written or built
         self.spec = MODEL_REGISTRY[cfg.model.name]
         seed_everything(cfg.seed)
         self.parts = parallelize(cfg, dims, self.device, self.mesh)
@@ -114,7 +157,6 @@ class Trainer:
         self.objective = build_objective(cfg.stage)
         # A frozen copy of stage.init_from, sharded like the policy, for objectives that compare with it.
         self.reference = self.build_reference() if self.objective.needs_reference else None
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.step = 0
         self.peak = peak_flops(self.device, cfg.logger)
         # Every data-parallel rank's batch is also read by its tp x pp x cp peers.
@@ -154,8 +196,27 @@ class Trainer:
         return contextlib.nullcontext()
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def resume(self) -> None:
+    def model_shapes(self) -> dict:
+        return {k: v.shape for k, v in build_model(self.cfg.model, "meta").state_dict().items()}
+
+    def preflight_resume(self) -> Optional[Path]:
+        """The checkpoint to resume from (None: start afresh), its files verified and its model, stage and
+        tokenizer checked against this run's; stage.init_from's model and tokenizer likewise."""
         path = self.checkpoints.resolve(self.cfg.checkpoint.resume)
+        source = path or (stage_checkpoint(self.cfg.stage.init_from) if self.cfg.stage.init_from else None)
+        if source is None:
+            return None
+        state = CheckpointManager.inspect(source, self.model_shapes(), self.record["model"])
+        if path is not None:
+            check_resume_record(path, state, self.record, self.cfg.data.path)
+        elif tokenizer_of(source, state) not in (None, self.record["tokenizer_sha256"]):
+            raise CheckpointError(f"stage.init_from={self.cfg.stage.init_from} was trained with another tokenizer than "
+                                  f"data.path={self.cfg.data.path}; make the data with `mmfm data instruct "
+                                  f"--tokenizer {source.parents[1] / TOKENIZER}`")
+        return path
+
+    def resume(self) -> None:
+        path = self.resume_path
         if path is None:
             if self.cfg.stage.init_from:
                 self.init_from(stage_checkpoint(self.cfg.stage.init_from))
@@ -174,11 +235,6 @@ class Trainer:
 
     def init_from(self, path: Path) -> None:
         """The earlier stage's model weights (any layout); optimizer, step and data start afresh."""
-        earlier = path.parents[1] / TOKENIZER
-        if earlier.is_file() and sha256_file(earlier) != sha256_file(Path(self.cfg.data.path) / TOKENIZER):
-            raise CheckpointError(f"stage.init_from={self.cfg.stage.init_from} was trained with another tokenizer than "
-                                  f"data.path={self.cfg.data.path}; make the data with `mmfm data instruct --tokenizer "
-                                  f"{earlier}`")
         CheckpointManager.load(path, self.parts.parts)
         log.info("initialized the model from %s (stage.init_from)", path)
 
@@ -188,7 +244,7 @@ class Trainer:
         return [by_rank[r] for r in range(self.dims.dp_size)]
 
     def save(self) -> None:
-        state = {"scheduler": self.schedulers[0].state_dict(), "data": self.data_states()}
+        state = {"scheduler": self.schedulers[0].state_dict(), "data": self.data_states(), "record": self.record}
         path = self.checkpoints.save(self.step, self.parts.parts, self.optimizers, state)
         if self.main:
             log.info("saved checkpoint %s", path)
@@ -358,10 +414,10 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict:
+        self.resume()  # first: a checkpoint that does not load leaves the run directory as it was
         if self.main:
             write_resolved_config(self.cfg, self.run_dir)
             shutil.copyfile(Path(self.cfg.data.path) / TOKENIZER, self.run_dir / TOKENIZER)
-        self.resume()
         self.model.train()
         metrics = MetricsLogger(self.cfg, self.run_dir, self.step, enabled=self.main)
         t = self.cfg.train
