@@ -25,7 +25,7 @@ from mmfm.train.trainer import Trainer, stage_checkpoint
 # 16 image tokens (32 px, patch 8), 128-wide vision and language models.
 MODEL = [*SMALL_MODEL, "model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.hidden_size=128",
          "model.vision.num_layers=2", "model.language.hidden_size=128", "model.language.intermediate_size=352",
-         "model.language.max_seq_len=96", "data.seq_len=64"]
+         "model.language.max_seq_len=96", "data.seq_len=80"]
 QUIET = ["logger.wandb.enabled=false", "logger.progress_bar=false", "train.val_every=0", "eval.num_samples=0",
          f"seed={TEST_SEED}"]
 pytestmark = pytest.mark.convergence

@@ -8,7 +8,7 @@ from mmfm.data.loader import IGNORE_INDEX, SkipSample
 from mmfm.data.synth import COLOURS, SHAPES, SINGLE_POSITIONS, all_caption_texts, build_synth_dataset
 from mmfm.data.synth_instruct import (COUNT_QUESTION, all_instruct_texts, answer_options, build_instruct_dataset,
                                       generate_instruct_samples, generate_preference_pairs, question_kind,
-                                      scene_questions, wrong_answer)
+                                      question_place, scene_questions, wrong_answer)
 from mmfm.data.tokenizer import TextTokenizer, train_tokenizer
 
 TEMPLATE = ChatTemplate()
@@ -117,13 +117,13 @@ def derive_answer(question, objects):
         return {1: "there is one.", 2: "there are two."}[len(objects)]
     for shape, colour, where in objects:
         if question == f"what colour is the shape {where}?":
-            return f"it is {colour}."
+            return f"{where} it is {colour}."
         if question == f"what colour is the {shape}?":
             return f"it is {colour}."
         if question == f"where is the {colour} {shape}?":
             return f"it is {where}."
         if question == f"what shape is {where}?":
-            return f"it is a {shape}."
+            return f"{where} it is a {shape}."
     raise AssertionError(question)
 
 
@@ -141,13 +141,16 @@ def test_scene_questions():
     pair = [("circle", "red", "on the left"), ("square", "blue", "on the right")]
     assert dict(scene_questions(pair)) == {
         COUNT_QUESTION: "there are two.",
-        "what colour is the shape on the left?": "it is red.", "what shape is on the left?": "it is a circle.",
-        "what colour is the shape on the right?": "it is blue.", "what shape is on the right?": "it is a square."}
+        "what colour is the shape on the left?": "on the left it is red.",
+        "what shape is on the left?": "on the left it is a circle.",
+        "what colour is the shape on the right?": "on the right it is blue.",
+        "what shape is on the right?": "on the right it is a square."}
     same = [("square", "green", "at the top"), ("square", "green", "at the bottom")]
-    assert dict(scene_questions(same))["what shape is at the bottom?"] == "it is a square."
+    assert dict(scene_questions(same))["what shape is at the bottom?"] == "at the bottom it is a square."
     one = dict(scene_questions([("cross", "white", "in the center")]))
     assert one == {COUNT_QUESTION: "there is one.", "what colour is the cross?": "it is white.",
-                   "where is the white cross?": "it is in the center.", "what shape is in the center?": "it is a cross."}
+                   "where is the white cross?": "it is in the center.",
+                   "what shape is in the center?": "in the center it is a cross."}
 
 
 def test_generated_samples_are_correct():
@@ -181,12 +184,12 @@ def test_preference_pairs():
         assert unambiguous(p["prompt"], p["objects"])
         assert p["chosen"] == derive_answer(p["prompt"], p["objects"])
         assert p["rejected"] != p["chosen"]
-        assert p["rejected"] in answer_options(question_kind(p["prompt"]))
+        assert p["rejected"] in answer_options(question_kind(p["prompt"]), question_place(p["prompt"]))
     rng = random.Random(0)
     objs = [("triangle", "yellow", "at the top"), ("cross", "purple", "at the bottom")]
     for q, a in scene_questions(objs):
         wrong = {wrong_answer(q, a, objs, rng) for _ in range(200)}
-        assert a not in wrong and wrong <= set(answer_options(question_kind(q))) and len(wrong) > 1
+        assert a not in wrong and wrong <= set(answer_options(question_kind(q), question_place(q))) and len(wrong) > 1
 
 
 def test_determinism():
@@ -207,6 +210,7 @@ def test_instruct_texts_cover_generated_text():
     for p in generate_preference_pairs("train", 100, 1, 16):
         assert {p["prompt"], p["chosen"], p["rejected"]} <= texts
     assert all(f"it is {c}." in texts for c in COLOURS) and all(f"it is a {s}." in texts for s in SHAPES)
+    assert all(f"at the top it is {c}." in texts for c in COLOURS)
 
 
 def test_default_instruct_tokenizer_is_the_alignment_pretraining_one(tmp_path):

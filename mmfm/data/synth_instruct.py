@@ -29,17 +29,25 @@ COUNT_QUESTION = "how many shapes are there?"
 
 
 # Answers name the colour, place or shape after a space, as the captions do ("it is red." like "a red ..."),
-# so that a pretrained captioner's tokens for them carry over (a bare "red." is another token).
-def colour_answer(colour: str) -> str:
-    return f"it is {colour}."
+# so that a pretrained captioner's tokens for them carry over (a bare "red." is another token). An answer to a
+# question that names a place starts with that place ("on the left it is red."), as the shuffled captions put
+# the place right before the object ("on the left is a red circle"): the captioner's binding of a place to the
+# object there then carries over, where an answer without it left two-object questions at 70-80% on some CPU
+# float paths (docs/alignment.md).
+def _at(where: str) -> str:
+    return f"{where} " if where else ""
+
+
+def colour_answer(colour: str, where: str = "") -> str:
+    return f"{_at(where)}it is {colour}."
 
 
 def position_answer(where: str) -> str:
     return f"it is {where}."
 
 
-def shape_answer(shape: str) -> str:
-    return f"it is a {shape}."
+def shape_answer(shape: str, where: str = "") -> str:
+    return f"{_at(where)}it is a {shape}."
 
 
 def count_answer(n: int) -> str:
@@ -74,11 +82,16 @@ def scene_questions(objects: list[Obj]) -> list[tuple[str, str]]:
         (shape, colour, where), = objects
         return qa + [(f"what colour is the {shape}?", colour_answer(colour)),
                      (f"where is the {colour} {shape}?", position_answer(where)),
-                     (f"what shape is {where}?", shape_answer(shape))]
+                     (f"what shape is {where}?", shape_answer(shape, where))]
     for shape, colour, where in objects:
-        qa += [(f"what colour is the shape {where}?", colour_answer(colour)),
-               (f"what shape is {where}?", shape_answer(shape))]
+        qa += [(f"what colour is the shape {where}?", colour_answer(colour, where)),
+               (f"what shape is {where}?", shape_answer(shape, where))]
     return qa
+
+
+def question_place(question: str) -> str:
+    """The place a question asks about ("what shape is at the top?" -> "at the top"), "" when it names none."""
+    return next((where for where in SINGLE_POSITIONS if question.endswith(f" {where}?")), "")
 
 
 def question_kind(question: str) -> str:
@@ -89,22 +102,24 @@ def question_kind(question: str) -> str:
     raise ValueError(f"not a scene question: {question!r}")
 
 
-def answer_options(kind: str) -> list[str]:
-    """Every answer of that kind, in a fixed order."""
-    return {"colour": [colour_answer(c) for c in COLOURS], "count": [count_answer(n) for n in (1, 2, 3)],
-            "position": [position_answer(p) for p in SINGLE_POSITIONS], "shape": [shape_answer(s) for s in SHAPES]}[kind]
+def answer_options(kind: str, where: str = "") -> list[str]:
+    """Every answer of that kind (to a question about `where`), in a fixed order."""
+    return {"colour": [colour_answer(c, where) for c in COLOURS], "count": [count_answer(n) for n in (1, 2, 3)],
+            "position": [position_answer(p) for p in SINGLE_POSITIONS],
+            "shape": [shape_answer(s, where) for s in SHAPES]}[kind]
 
 
 def wrong_answer(question: str, answer: str, objects: list[Obj], rng: random.Random) -> str:
     """A wrong answer of the same kind. Prefers a distractor from the scene (the other object's colour,
     position or shape) when it is wrong for this question; otherwise any other answer of that kind."""
-    kind = question_kind(question)
-    scene = {"colour": [colour_answer(c) for _, c, _ in objects], "position": [position_answer(p) for _, _, p in objects],
-             "shape": [shape_answer(s) for s, _, _ in objects], "count": []}[kind]
+    kind, where = question_kind(question), question_place(question)
+    scene = {"colour": [colour_answer(c, where) for _, c, _ in objects],
+             "position": [position_answer(p) for _, _, p in objects],
+             "shape": [shape_answer(s, where) for s, _, _ in objects], "count": []}[kind]
     in_scene = sorted({a for a in scene if a != answer})
     if in_scene and rng.random() < 0.5:
         return rng.choice(in_scene)
-    return rng.choice([a for a in answer_options(kind) if a != answer])
+    return rng.choice([a for a in answer_options(kind, where) if a != answer])
 
 
 def _scenes(split: str, count: int, seed: int, size: int, pair_fraction: float, salt: str):
@@ -149,6 +164,7 @@ def all_instruct_texts(template: ChatTemplate) -> list[str]:
         texts += [f"where is the {colour} {shape}?" for colour in COLOURS]
     for where in SINGLE_POSITIONS:
         texts += [f"what shape is {where}?", f"what colour is the shape {where}?"]
+        texts += answer_options("colour", where) + answer_options("shape", where)
     return texts + ["\n" + t for t in texts if t.endswith("?")]
 
 
