@@ -8,12 +8,13 @@ checkpoint folder: {"algorithm": "sha256", "files": {name: hex digest}}.
 from __future__ import annotations
 
 import json
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch.distributed as dist
 
 from mmfm.data.manifest import sha256_file
 from mmfm.checkpoint.errors import CheckpointError
+from mmfm.checkpoint.safe_read import plain_file_name
 from mmfm.parallel.distributed import gather_objects, is_distributed
 
 CHECKSUMS = "checksums.json"
@@ -57,8 +58,7 @@ def read_record(folder: Path) -> dict[str, str] | None:
         record = json.loads(path.read_text())
         files = record["files"]
         ok = record.get("algorithm") == "sha256" and isinstance(files, dict) and all(
-            isinstance(k, str) and isinstance(v, str) and PurePosixPath(k).name == k and k not in ("", ".", "..")
-            for k, v in files.items())
+            plain_file_name(k) and isinstance(v, str) for k, v in files.items())
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
         ok = False
     if not ok:

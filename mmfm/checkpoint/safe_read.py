@@ -56,10 +56,15 @@ class MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata class")
 
 
+def plain_file_name(name) -> bool:
+    """A file name of a checkpoint's own folder: no directory part, no '..', no backslash."""
+    return isinstance(name, str) and name not in ("", ".", "..") and PurePosixPath(name).name == name and "\\" not in name
+
+
 def _check_storage_paths(metadata, folder: str) -> None:
     for info in (metadata.storage_data or {}).values():
         name = getattr(info, "relative_path", None)
-        if not isinstance(name, str) or name in ("", ".", "..") or PurePosixPath(name).name != name or "\\" in name:
+        if not plain_file_name(name):
             raise UnsafeCheckpoint(f"checkpoint {folder}: {METADATA} names the data file {name!r}, which is not a "
                                    "plain file name inside the checkpoint folder; refusing to read it (use a "
                                    "checkpoint you trust)")
