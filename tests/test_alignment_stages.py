@@ -91,8 +91,8 @@ def test_sft_lifts_held_out_answer_accuracy(pretrained, sft, scenes, record_figu
 def test_dpo_lifts_preference_accuracy_and_keeps_answers(sft, scenes, tmp_path, record_figures):
     sft_run, _ = sft
     overrides = [f"data.path={scenes / 'preference'}", *MODEL, *QUIET, "stage=dpo", f"stage.init_from={sft_run}",
-                 "stage.preference.beta=0.5", "train.max_steps=150", "train.optim.lr=5e-5",
-                 "train.schedule.warmup_steps=10", "checkpoint.every=0"]
+                 "stage.preference.beta=0.5", "train.max_steps=150", "train.optim.lr=1e-4",
+                 "train.schedule.warmup_steps=10", "checkpoint.every=0", "train.val_batches=3"]
     trainer = Trainer(load_config(overrides), tmp_path)
     trainer.resume()  # the SFT weights (stage.init_from), as fit() starts
     start = trainer.validate_now()  # policy == reference: every implicit reward is 0
@@ -104,25 +104,28 @@ def test_dpo_lifts_preference_accuracy_and_keeps_answers(sft, scenes, tmp_path, 
                    answers_before=before, answers_after=after)
     assert start["reward_margin"] == pytest.approx(0.0, abs=1e-6) and start["reward_accuracy"] == 0.0
     assert summary["val_reward_margin"] > 1.0
-    assert summary["val_reward_accuracy"] >= 0.95  # measured 0.969 (186 of 192 held-out pairs)
-    assert summary["val_preference_accuracy"] >= max(0.95, start["preference_accuracy"])  # 0.984 -> 0.984
+    # 192 held-out pairs; at lr 5e-5 one seed sat on the bar (0.953), at 1e-4 three seeds gave 0.984-0.992
+    assert summary["val_reward_accuracy"] >= 0.95
+    assert summary["val_preference_accuracy"] >= max(0.95, start["preference_accuracy"] - 0.02)
     assert after >= before - 0.05
     logged = train_metrics(tmp_path)[-1]
     assert {"reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "preference_accuracy"} <= set(logged)
 
 
 def test_grpo_raises_the_mean_reward(sft, scenes, tmp_path, record_figures):
-    """From an early SFT checkpoint (sampled answers right about 60% of the time): 32 prompts x 4 answers a
-    step; measured +0.18 (0.600 -> 0.784)."""
+    """From an early SFT checkpoint (sampled answers right about 65% of the time): 32 prompts x 4 answers a
+    step, 100 steps. The mean reward of a quarter (25 steps x 128 answers) varies by about 0.01; per-seed
+    and per-CPU-path figures are in docs/results.md. At lr 1e-3 the first steps lose reward and the gain
+    varied from +0.02 to +0.15 between seeds; at 5e-4 it climbs steadily."""
     early = sft[0] / "checkpoints" / "step_00000100"
     run(tmp_path, scenes / "sft", "stage=grpo", f"stage.init_from={early}", "data.batch_size=32", "stage.grpo.group_size=4",
-        "train.max_steps=60", "train.optim.lr=1e-3", "train.schedule.warmup_steps=5", "logger.log_every=1",
+        "train.max_steps=100", "train.optim.lr=5e-4", "train.schedule.warmup_steps=5", "logger.log_every=1",
         "checkpoint.every=0")
     rewards = [m["reward"] for m in train_metrics(tmp_path)]
     quarter = len(rewards) // 4
     first, last = sum(rewards[:quarter]) / quarter, sum(rewards[-quarter:]) / quarter
     record_figures(first_quarter_reward=first, last_quarter_reward=last)
-    assert len(rewards) == 60 and last >= first + 0.04, (first, last)
+    assert len(rewards) == 100 and last >= first + 0.04, (first, last)
 
 
 def test_freeze_trains_only_the_projector(pretrained, scenes, tmp_path):
