@@ -13,6 +13,7 @@ PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-"0 1 2"}
 CPU_PATHS=${CPU_PATHS:-"native avx2 default"}
 OUT=${OUT:-portability}
+TIMEOUT=${TIMEOUT:-3600}  # seconds per test: the scalar path runs the alignment chain's fixtures several times slower
 mkdir -p "$OUT"
 FIGURES="$OUT/figures.jsonl"
 : > "$FIGURES"
@@ -27,7 +28,7 @@ for cpu_path in $CPU_PATHS; do
   for seed in $SEEDS; do
     echo "== $cpu_path, seed $seed"
     env "${isa[@]}" MMFM_TEST_SEED="$seed" MMFM_FIGURES="$FIGURES" HF_HUB_OFFLINE=1 \
-      "$PY" -m pytest -q -m convergence -p no:cacheprovider "$@" > "$OUT/$cpu_path-$seed.log" 2>&1
+      "$PY" -m pytest -q -m convergence -p no:cacheprovider --timeout="$TIMEOUT" "$@" > "$OUT/$cpu_path-$seed.log" 2>&1
     rc=$?
     tail -n 1 "$OUT/$cpu_path-$seed.log"
     ((rc == 0)) || failed+=("$cpu_path/seed $seed")
