@@ -4,7 +4,7 @@
 
 Builds the extension, then for each shape and dtype checks y, dx, dweight and rstd against the same math in
 float64 on the same inputs; the error is max|err| / max|truth|, allowed up to the dtype's tolerance or twice the
-error of the eager reference (mmfm.models.language.llama.RMSNorm's math), whichever is larger. Also checks the
+error of the eager reference (mmfm.models.ops.RMSNorm's math), whichever is larger. Also checks the
 input errors and times forward and forward+backward against the eager reference. Writes DIR/rms_norm_check.json;
 exits 1 on any mismatch.
 """
@@ -31,7 +31,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 TIMED = [(8192, 4096), (4096, 5120)]
 
 
-def reference(x, weight, eps):  # mmfm.models.language.llama.RMSNorm.forward
+def reference(x, weight, eps):  # mmfm.models.ops.RMSNorm.forward
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).type_as(x)
 

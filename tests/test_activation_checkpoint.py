@@ -4,11 +4,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import SMALL_MODEL
 from mmfm.config import ConfigError, load_config, validate
-from mmfm.models import MODEL_REGISTRY, build_model
+from mmfm.models import build_model
 from mmfm.parallel.activation_checkpoint import apply_activation_checkpointing
 from mmfm.train.trainer import Trainer
 
-CONTAINERS = MODEL_REGISTRY["vlm"].block_containers
+CONTAINERS = ("vision.blocks", "language.layers")
 
 
 def loss_grads_and_saved(mode: str, every: int = 2):

@@ -15,7 +15,7 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from conftest import SMALL_MODEL
 from mmfm.parallel.distributed import free_port
 from mmfm.config import load_config
-from mmfm.models import MODEL_REGISTRY, build_model
+from mmfm.models import build_model, model_spec
 from mmfm.parallel.comm import EXPECTATIONS, CommCounter, fsdp_expected_bytes
 
 WORLD, MICRO = 2, 2
@@ -40,7 +40,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     from mmfm.parallel.data_parallel import apply_fsdp
 
     cfg = load_config(SMALL_MODEL).model
-    containers = MODEL_REGISTRY[cfg.name].block_containers
+    containers = model_spec(cfg).block_containers(cfg)
     torch.manual_seed(rank)
     model = build_model(cfg)
     want = fsdp_expected_bytes(model, containers, WORLD, MICRO)

@@ -46,7 +46,7 @@ def test_load_extension_names_what_is_missing(monkeypatch, cuda_version, gpu, ne
         cuda_ext.rms_norm_cuda(torch.ones(2, 4), torch.ones(4), 1e-6)
 
 
-def _reference(x, weight, eps):  # mmfm.models.language.llama.RMSNorm
+def _reference(x, weight, eps):  # mmfm.models.ops.RMSNorm
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).type_as(x)
 

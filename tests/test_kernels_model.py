@@ -14,8 +14,8 @@ import torch
 from devices import DEVICE
 
 from mmfm.config import ConfigError, validate
-from mmfm.kernels.apply import (FusedLinearCrossEntropy, PackedCoreAttention, TritonFeedForward, TritonRMSNorm,
-                                TritonRotary, apply_kernels, resolve_kernels)
+from mmfm.kernels.apply import (FusedLinearCrossEntropy, PackedCoreAttention, TritonRMSNorm, TritonRotary,
+                                TritonSiluMul, apply_kernels, resolve_kernels)
 from mmfm.kernels.attention import available_backends
 from mmfm.models import build_model
 from mmfm.models.init import init_parameters
@@ -35,7 +35,7 @@ def test_training_with_triton_kernels_matches_torch(make_cfg, tmp_path):
     lm = fused.model.language
     assert type(lm.norm) is TritonRMSNorm and type(lm.cross_entropy) is FusedLinearCrossEntropy
     assert type(lm.layers["0"].attention.rotary) is TritonRotary
-    assert type(lm.layers["0"].feed_forward) is TritonFeedForward
+    assert type(lm.layers["0"].feed_forward.act) is TritonSiluMul
     assert fused.loss_in_model and not ref.loss_in_model
     a, b = ref.fit(), fused.fit()
     for step in a["losses"]:

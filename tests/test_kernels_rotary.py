@@ -3,7 +3,7 @@ import torch
 from devices import DEVICE
 
 from mmfm.kernels.rotary import apply_rotary, apply_rotary_reference
-from mmfm.models.language import llama
+from mmfm.models import ops
 
 pytest.importorskip("triton")
 
@@ -20,7 +20,7 @@ def inputs(B, Hq, Hkv, T, D, dtype, seed=0):
     pos = torch.randint(0, MAX_LEN, (B, T), generator=g)
     gq = torch.randn(B, Hq, T, D, generator=g).to(dtype)
     gk = torch.randn(B, Hkv, T, D, generator=g).to(dtype)
-    cos, sin = llama.rotary_tables(D, MAX_LEN, 10000.0)
+    cos, sin = ops.rotary_tables(D, MAX_LEN, 10000.0)
     return tuple(t.to(DEVICE) for t in (q, k, cos, sin, pos, gq, gk))
 
 
@@ -66,12 +66,12 @@ def test_packed_positions_restart_per_document(backend):
 def test_reference_equals_model_and_torch_backend(dtype):
     q, k, cos, sin, pos, gq, gk = inputs(2, 4, 2, 7, 10, dtype)
     ref = apply_rotary_reference(q, k, cos, sin, pos)
-    model = llama.apply_rotary(q, cos[pos], sin[pos]), llama.apply_rotary(k, cos[pos], sin[pos])
+    model = ops.apply_rotary(q, cos[pos], sin[pos]), ops.apply_rotary(k, cos[pos], sin[pos])
     assert all(torch.equal(a, b) for a, b in zip(ref, model))
     # Default positions against the model's [T, D/2] tables.
     ref0 = apply_rotary_reference(q, k, cos, sin)
-    assert torch.equal(ref0[0], llama.apply_rotary(q, cos[:7], sin[:7]))
-    assert torch.equal(ref0[1], llama.apply_rotary(k, cos[:7], sin[:7]))
+    assert torch.equal(ref0[0], ops.apply_rotary(q, cos[:7], sin[:7]))
+    assert torch.equal(ref0[1], ops.apply_rotary(k, cos[:7], sin[:7]))
     # backend="torch" is the reference, gradients included.
     a = run(apply_rotary, q, k, cos, sin, pos, gq, gk, backend="torch")
     b = run(apply_rotary_reference, q, k, cos, sin, pos, gq, gk)

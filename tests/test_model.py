@@ -6,7 +6,8 @@ import torch
 from mmfm.config import load_config
 from mmfm.config.schema import ModelConfig
 from mmfm.models import build_model
-from mmfm.models.counts import language_flops_per_token, num_params, training_flops, vision_flops_per_image
+from mmfm.models import model_spec
+from mmfm.models.llama.counts import flops_per_token
 from mmfm.models.generate import generate
 from mmfm.models.init import init_parameters
 
@@ -35,7 +36,7 @@ def test_param_count_matches_modules(tied, stem):
     cfg = tiny(tie_embeddings=tied)
     cfg.vision.stem = stem
     model = make(cfg)
-    assert sum(p.numel() for p in model.parameters()) == num_params(cfg)
+    assert sum(p.numel() for p in model.parameters()) == model_spec(cfg).num_params(cfg)
 
 
 def test_7b_layout_on_meta_device_costs_no_memory():
@@ -43,10 +44,10 @@ def test_7b_layout_on_meta_device_costs_no_memory():
     model = build_model(cfg, "meta")
     total = sum(p.numel() for p in model.parameters())
     assert all(p.is_meta for p in model.parameters())
-    assert total == num_params(cfg)
+    assert total == model_spec(cfg).num_params(cfg)
     assert 6.8e9 < total < 7.4e9  # Llama-2-7B decoder + ViT-L/14 + projector
     # 6N rule of thumb within 20% once attention is included at 4k context
-    fpt = language_flops_per_token(cfg.language, 4096)
+    fpt = flops_per_token(cfg, 4096)
     assert 6 * 6.5e9 < fpt < 1.2 * 6 * 7e9
 
 
@@ -70,8 +71,9 @@ def test_meta_build_then_materialize_matches_seeded_build():
 
 def test_training_flops_adds_images():
     cfg = tiny()
-    base = training_flops(cfg, 100, 50, 0)
-    assert training_flops(cfg, 100, 50, 2) == pytest.approx(base + 2 * vision_flops_per_image(cfg))
+    spec = model_spec(cfg)
+    base = spec.training_flops(cfg, 100, 50, 0)
+    assert spec.training_flops(cfg, 100, 50, 2) == pytest.approx(base + 2 * spec.flops_per_image(cfg))
 
 
 def test_logits_shape_and_causality():

@@ -10,8 +10,8 @@ from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from mmfm.config import ConfigError, load_config
-from mmfm.models import MODEL_REGISTRY, build_model
-from mmfm.models.counts import language_layer_matmul_params, num_params, projector_params, vision_params
+from mmfm.models import build_model, model_spec, projector, vit
+from mmfm.models.llama.counts import layer_matmul_params
 from mmfm.parallel import ParallelDims
 from mmfm.parallel.data_parallel import apply_fsdp
 from mmfm.parallel.parallelize import parallelize
@@ -36,14 +36,14 @@ def test_113b_model_shards_without_materializing(layout):
     cfg = load_config(MODEL_113B).model
     dims = ParallelDims(**layout).validate(cfg, world_size=8)
     shapes = [p.shape for p in build_model(cfg, "meta").parameters()]
-    assert sum(math.prod(s) for s in shapes) == num_params(cfg) > 100e9
+    assert sum(math.prod(s) for s in shapes) == model_spec(cfg).num_params(cfg) > 100e9
     local = []
     for rank in range(8):
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=8)
         try:
             mesh = dims.build_mesh("cpu")
             model = build_model(cfg, "meta")
-            apply_fsdp(model, dims.fsdp_mesh(mesh), MODEL_REGISTRY[cfg.name].block_containers)
+            apply_fsdp(model, dims.fsdp_mesh(mesh), model_spec(cfg).block_containers(cfg))
             assert all(isinstance(p, DTensor) and p.is_meta for p in model.parameters())
             local.append(sum(p.to_local().numel() for p in model.parameters()))
         finally:
@@ -51,8 +51,8 @@ def test_113b_model_shards_without_materializing(layout):
     shards = layout["dp_shard"]
     for rank, held in enumerate(local):
         assert held == shard_share(shapes, rank % shards, shards)
-    assert sum(local[:shards]) == num_params(cfg)  # one replica group holds the model exactly once
-    assert max(local) <= num_params(cfg) / shards * 1.01
+    assert sum(local[:shards]) == model_spec(cfg).num_params(cfg)  # one replica group holds the model exactly once
+    assert max(local) <= model_spec(cfg).num_params(cfg) / shards * 1.01
 
 
 @pytest.mark.parametrize("layout,message", [
@@ -77,11 +77,11 @@ def test_mesh_keeps_only_dims_larger_than_one_in_order():
 
 
 def stage_params(cfg, layers: list[int], first: bool, last: bool) -> int:
-    """Analytic parameters of one pipeline stage (counts.py), the last stage's output matrix included."""
+    """Analytic parameters of one pipeline stage (the families' counts), the last stage's output matrix included."""
     lm = cfg.language
-    total = len(layers) * (language_layer_matmul_params(lm) + 2 * lm.hidden_size)
+    total = len(layers) * (layer_matmul_params(lm) + 2 * lm.hidden_size)
     if first:
-        total += vision_params(cfg.vision) + projector_params(cfg) + lm.vocab_size * lm.hidden_size
+        total += vit.SPEC.num_params(cfg) + projector.SPEC.num_params(cfg) + lm.vocab_size * lm.hidden_size
     if last:
         total += lm.hidden_size + lm.vocab_size * lm.hidden_size
     return total
@@ -110,4 +110,4 @@ def test_113b_model_parallel_layouts_hold_their_analytic_share(layout):
         # norms, biases and the vision stem are replicated over tp, and FSDP chunks odd dims unevenly: a few
         # parts in 10^4 off the share
         assert held[rank] == pytest.approx(expected, rel=2e-3), rank
-    assert max(held) < num_params(cfg.model) / 7
+    assert max(held) < model_spec(cfg.model).num_params(cfg.model) / 7

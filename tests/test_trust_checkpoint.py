@@ -18,7 +18,7 @@ from mmfm.checkpoint import checksums
 from mmfm.checkpoint import manager as ckpt_module
 from mmfm.checkpoint.manager import model_state, optim_state
 from mmfm.checkpoint.safe_read import read_metadata
-from mmfm.config.validate import ConfigError
+from mmfm.errors import ConfigError
 from mmfm.data.synth import build_synth_dataset
 from mmfm.errors import MmfmError
 from mmfm.train.trainer import Trainer

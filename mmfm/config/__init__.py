@@ -2,6 +2,7 @@
 
 from mmfm.config.load import config_dir, load_config, to_job_config
 from mmfm.config.schema import JobConfig
-from mmfm.config.validate import ConfigError, image_tokens, validate
+from mmfm.config.validate import image_tokens, validate
+from mmfm.errors import ConfigError
 
 __all__ = ["ConfigError", "JobConfig", "config_dir", "image_tokens", "load_config", "to_job_config", "validate"]

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mmfm.config.schema import JobConfig
-from mmfm.config.validate import ConfigError
+from mmfm.errors import ConfigError
 
 SCHEMA_NAME = "mmfm_schema"
 

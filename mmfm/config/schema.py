@@ -8,6 +8,7 @@ from typing import Optional
 
 @dataclass
 class VisionConfig:
+    kind: str = "vit"  # the vision family (mmfm.models.spec.VISION)
     image_size: int = 32
     patch_size: int = 4
     num_channels: int = 3
@@ -20,7 +21,13 @@ class VisionConfig:
 
 
 @dataclass
+class ProjectorConfig:
+    kind: str = "mlp2x_gelu"  # mmfm.models.spec.PROJECTORS
+
+
+@dataclass
 class LanguageConfig:
+    kind: str = "llama"  # the language family (mmfm.models.spec.LANGUAGE)
     vocab_size: int = 512
     hidden_size: int = 128
     num_layers: int = 4
@@ -35,8 +42,9 @@ class LanguageConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "vlm"
+    name: str = "vlm"  # the model that composes the parts (mmfm.models.spec.MODEL_REGISTRY)
     vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     image_token_id: int = 3
     init_std: float = 0.02

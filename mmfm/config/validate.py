@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from mmfm.errors import MmfmError
+from mmfm.config.checks import positive as _positive
+from mmfm.config.checks import require as _require
+from mmfm.errors import ConfigError
 
 from mmfm.config.schema import JobConfig
 
@@ -20,17 +22,6 @@ PRECISIONS = ("fp32", "bf16")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
-class ConfigError(MmfmError, ValueError):
-    """A config value that cannot work; the message names the field and the fix."""
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _positive(name: str, value: float) -> None:
-    _require(value > 0, f"{name}={value} must be > 0")
 
 
 def image_tokens(cfg: JobConfig) -> int:
@@ -40,39 +31,11 @@ def image_tokens(cfg: JobConfig) -> int:
 
 
 def _validate_model(cfg: JobConfig) -> None:
-    from mmfm.models.registry import MODEL_REGISTRY
+    from mmfm.models import MODEL_REGISTRY
 
-    m, v, lm = cfg.model, cfg.model.vision, cfg.model.language
-    _require(m.name in MODEL_REGISTRY,
-             f"model.name={m.name!r} is unknown; choose one of {sorted(MODEL_REGISTRY)}")
-    for prefix, sub in (("model.vision", v), ("model.language", lm)):
-        for key in ("hidden_size", "num_layers", "num_heads"):
-            _positive(f"{prefix}.{key}", getattr(sub, key))
-    _positive("model.vision.patch_size", v.patch_size)
-    _positive("model.language.num_kv_heads", lm.num_kv_heads)
-    _require(v.image_size % v.patch_size == 0,
-             f"model.vision.image_size={v.image_size} is not divisible by model.vision.patch_size="
-             f"{v.patch_size}; pick a patch size that divides the image size")
-    _require(v.stem in ("patch", "conv"), f"model.vision.stem={v.stem!r} is unknown; use 'patch' or 'conv'")
-    _require(v.stem != "conv" or v.patch_size & (v.patch_size - 1) == 0,
-             f"model.vision.stem=conv needs a power-of-two model.vision.patch_size, not {v.patch_size}; "
-             "use stem=patch or patch_size 2, 4, 8, 16")
-    _require(v.hidden_size % v.num_heads == 0,
-             f"model.vision.hidden_size={v.hidden_size} is not divisible by model.vision.num_heads="
-             f"{v.num_heads}; change one so that hidden_size % num_heads == 0")
-    _require(lm.hidden_size % lm.num_heads == 0,
-             f"model.language.hidden_size={lm.hidden_size} is not divisible by "
-             f"model.language.num_heads={lm.num_heads}; change one so that hidden_size % num_heads == 0")
-    _require(lm.num_heads % lm.num_kv_heads == 0,
-             f"model.language.num_kv_heads={lm.num_kv_heads} does not divide model.language.num_heads="
-             f"{lm.num_heads}; grouped-query attention needs num_heads % num_kv_heads == 0")
-    _require((lm.hidden_size // lm.num_heads) % 2 == 0,
-             f"model.language head size {lm.hidden_size // lm.num_heads} is odd; rotary embeddings need an "
-             "even head size (hidden_size / num_heads)")
-    _positive("model.language.intermediate_size", lm.intermediate_size)
-    _require(lm.vocab_size > m.image_token_id >= 0,
-             f"model.image_token_id={m.image_token_id} must lie inside model.language.vocab_size="
-             f"{lm.vocab_size}")
+    _require(cfg.model.name in MODEL_REGISTRY,
+             f"model.name={cfg.model.name!r} is unknown; choose one of {sorted(MODEL_REGISTRY)}")
+    MODEL_REGISTRY[cfg.model.name].validate(cfg.model)
 
 
 def _validate_data(cfg: JobConfig) -> None:

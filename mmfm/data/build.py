@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from mmfm.config import JobConfig, image_tokens
-from mmfm.config.validate import ConfigError
+from mmfm.errors import ConfigError
 from mmfm.data.chat import ChatTemplate, ConversationEncoder
 from mmfm.data.loader import BatchLoader, SampleEncoder, SampleStream, reshard_stream_states
 from mmfm.data.mixing import MixedStream, reshard_mixed_states

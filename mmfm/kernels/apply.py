@@ -6,12 +6,15 @@ that gets a kernel for a subclass whose forward calls it. Parameters, their name
 unchanged, and an op left on `torch` keeps the model's own code. Run it on the meta model, before tensor
 parallelism, FSDP and context parallelism (which replaces the decoder's attention core again).
 
+The kernels replace the op modules of mmfm.models.ops (and the causal CoreAttention) that every family builds
+its blocks from, so no family's attribute names appear here:
+
     op                    modules                        kernel
-    rms_norm              language RMSNorm               mmfm.kernels.rms_norm (Triton)
-    rotary                Attention.rotary               mmfm.kernels.apply_rotary (Triton)
-    swiglu                decoder FeedForward            mmfm.kernels.swiglu (Triton)
-    linear_cross_entropy  LanguageModel.cross_entropy    mmfm.kernels.fused_linear_cross_entropy
-    attention             decoder CoreAttention          mmfm.kernels.packed_attention
+    rms_norm              ops.RMSNorm                    mmfm.kernels.rms_norm (Triton)
+    rotary                ops.Rotary                     mmfm.kernels.apply_rotary (Triton)
+    swiglu                ops.SiluMul                    mmfm.kernels.swiglu (Triton)
+    linear_cross_entropy  ops.LinearCrossEntropy         mmfm.kernels.fused_linear_cross_entropy
+    attention             causal CoreAttention           mmfm.kernels.packed_attention
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from mmfm.kernels.rms_norm import rms_norm
 from mmfm.kernels.rotary import apply_rotary
 from mmfm.kernels.swiglu import swiglu
 from mmfm.models.attention import CoreAttention
-from mmfm.models.language.llama import FeedForward, LinearCrossEntropy, RMSNorm, Rotary
+from mmfm.models.ops import LinearCrossEntropy, RMSNorm, Rotary, SiluMul
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +57,9 @@ class TritonRotary(Rotary):
         return apply_rotary(q, k, cos, sin, positions, backend="triton")
 
 
-class TritonFeedForward(FeedForward):
-    def forward(self, x):
-        return self.w2(swiglu(self.w1(x), self.w3(x), backend="triton"))
+class TritonSiluMul(SiluMul):
+    def forward(self, gate, up):
+        return swiglu(gate, up, backend="triton")
 
 
 class FusedLinearCrossEntropy(LinearCrossEntropy):
@@ -157,13 +160,13 @@ def apply_kernels(model: nn.Module, choices: dict[str, str]) -> dict[str, int]:
     if choices["rotary"] == "triton":
         swapped["rotary"] = _swap(model, Rotary, TritonRotary)
     if choices["swiglu"] == "triton":
-        swapped["swiglu"] = _swap(model, FeedForward, TritonFeedForward)
+        swapped["swiglu"] = _swap(model, SiluMul, TritonSiluMul)
     if choices["linear_cross_entropy"] != "torch":
         backend = "torch" if choices["linear_cross_entropy"] == "chunked" else "triton"
         swapped["linear_cross_entropy"] = _swap(model, LinearCrossEntropy, FusedLinearCrossEntropy, backend=backend)
     if choices["attention"] != "sdpa":
         swapped["attention"] = _swap(model, CoreAttention, PackedCoreAttention,
-                                     where=lambda name, m: m.causal,  # the decoder's, not the ViT's
+                                     where=lambda name, m: m.causal,  # a decoder's, not a vision tower's
                                      backend=choices["attention"])
     log.info("kernels: %s; modules replaced: %s", choices, swapped or "none")
     return swapped

@@ -40,7 +40,7 @@ from mmfm.kernels.rms_norm import rms_norm, rms_norm_reference
 from mmfm.kernels.rotary import apply_rotary, apply_rotary_reference
 from mmfm.kernels.swiglu import swiglu, swiglu_reference
 from mmfm.models.attention import document_mask
-from mmfm.models.language.llama import rotary_tables
+from mmfm.models.ops import rotary_tables
 
 GiB, MiB = 2**30, 2**20
 EPS = 1e-5

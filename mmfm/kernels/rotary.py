@@ -88,7 +88,7 @@ class _RotaryFunction(torch.autograd.Function):
 
 
 def _rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # The same ops, in the same order, as mmfm.models.language.llama.apply_rotary with [B, T, D/2] tables.
+    # The same ops, in the same order, as mmfm.models.ops.apply_rotary with [B, T, D/2] tables.
     x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)

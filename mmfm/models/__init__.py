@@ -1,6 +1,11 @@
-"""Plain PyTorch model code: no parallelism inside, applied from outside by mmfm.parallel."""
+"""Plain PyTorch model code: no parallelism inside, applied from outside by mmfm.parallel.
 
-from mmfm.models.registry import MODEL_REGISTRY, ModelSpec, build_model
+Families (llama, vit, projector) register their parts; models (vlm) compose them (mmfm.models.spec).
+"""
+
+from mmfm.models import llama, projector, vit  # noqa: F401  (register the families)
+from mmfm.models.registry import build_model
+from mmfm.models.spec import MODEL_REGISTRY, ModelSpec, model_spec
 from mmfm.models.vlm import VisionLanguageModel
 
-__all__ = ["MODEL_REGISTRY", "ModelSpec", "VisionLanguageModel", "build_model"]
+__all__ = ["MODEL_REGISTRY", "ModelSpec", "VisionLanguageModel", "build_model", "model_spec"]

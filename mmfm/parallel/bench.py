@@ -233,7 +233,7 @@ def _pipeline_worker(rank: int, world: int, port: int, out: str, schedules: list
 def pipeline_bench(pp: int = 2, microbatches: Sequence[int] = (4, 8), schedules: Sequence[str] = ("all",),
                    t_f: float = 0.02, steps: int = 3, virtual: int = 2) -> list[dict]:
     """One row per (schedule, m): measured idle fraction (mean over ranks), analytic, torch's table."""
-    from mmfm.config.validate import ConfigError
+    from mmfm.errors import ConfigError
     from mmfm.parallel.pipeline_parallel import SCHEDULES
 
     names = list(SCHEDULES) if "all" in schedules else list(schedules)

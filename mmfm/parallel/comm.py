@@ -193,7 +193,7 @@ def fsdp_expected_bytes(model: nn.Module, containers: tuple[str, ...], dp_size: 
 def _sequence_parallel_norm_numel(model: nn.Module) -> int:
     """Elements of the norms' parameters, which SequenceParallel replicates (their gradients are Partial):
     every norm of the model is under the plan (ViT blocks and final norm, decoder layers and final norm)."""
-    from mmfm.models.language.llama import RMSNorm
+    from mmfm.models.ops import RMSNorm
 
     return sum(p.numel() for m in model.modules() if isinstance(m, (nn.LayerNorm, RMSNorm)) for p in m.parameters())
 
@@ -268,14 +268,14 @@ def step_expected_bytes(cfg, model: nn.Module, micro_batches: Sequence[tuple[int
     cfg: the JobConfig; model: this rank's parallelized model; micro_batches as for tp_expected_bytes.
     None for layouts not modelled (pipeline, context parallel, HSDP, bf16 under TP).
     """
-    from mmfm.models import MODEL_REGISTRY
+    from mmfm.models import model_spec
 
     p, world = cfg.parallel, cfg.parallel.dp_replicate * cfg.parallel.dp_shard * cfg.parallel.tp
     if p.pp > 1 or p.cp > 1 or p.dp_replicate > 1 or (p.tp > 1 and cfg.train.precision != "fp32"):
         return None
     if world == 1:
         return {}
-    containers = MODEL_REGISTRY[cfg.model.name].block_containers
+    containers = model_spec(cfg.model).block_containers(cfg.model)
     fsdp_kwargs = {"param_bytes": 2 if cfg.train.precision == "bf16" else 4,
                    "reshard_after_forward": p.reshard_after_forward}
     if p.dp_shard > 1 and p.tp > 1:

@@ -7,7 +7,8 @@ VisionLanguageModel from outside:
   its chunk; keys and values are all-gathered over the cp group (autograd-aware, so backward
   reduce-scatters their gradients) and attention is causal with the mask offset by rank * chunk.
 - Forward pre-hooks on the decoder layers: the first slices the hidden states [B, T, D] to this rank's
-  chunk, every one slices the rotary tables to the chunk's rows so positions stay global.
+  chunk, every one slices the rotary tables of the block context to the chunk's rows so positions stay
+  global.
 - The logits are [B, T / cp, V]: take this rank's targets with `shard_sequence`.
 
 The vision tower, projector and embeddings run on the full sequence on every cp rank (redundant work,
@@ -33,8 +34,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from mmfm.models.attention import CoreAttention
 
 CPGroup = Union[DeviceMesh, dist.ProcessGroup]
-# DecoderBlock.forward(x, cos, sin, attn_mask=None, cache=None, layer=0, document_ids=None)
-_BLOCK_ARGS = ("x", "cos", "sin", "attn_mask", "cache", "layer", "document_ids")
+# A decoder block's forward(x, ctx)
+_BLOCK_ARGS = ("x", "ctx")
 
 
 def _group(cp_mesh: CPGroup) -> dist.ProcessGroup:
@@ -98,30 +99,30 @@ def _slice_layer_inputs(rank: int, size: int, first: bool):
 
     def hook(module, args, kwargs):
         args = list(args)
-        if get(args, kwargs, 4) is not None:
+        ctx = get(args, kwargs, 1)
+        if ctx.cache is not None:
             raise ValueError("KV-cache decoding is not supported under context parallelism")
         x = get(args, kwargs, 0)
         if first:  # full sequence in: keep this rank's chunk from here on
             x = _chunk(x, rank, size, 1)
             put(args, kwargs, 0, x)
         tc = x.shape[1]
-        for i in (1, 2):  # cos, sin: [max_len, D/2] tables or [B, T, D/2] per position
-            t = get(args, kwargs, i)
-            t = t[rank * tc:(rank + 1) * tc] if t.dim() == 2 else _chunk(t, rank, size, 1)
-            put(args, kwargs, i, t)
+        put(args, kwargs, 1, ctx.rotary_rows(rank * tc, tc))
         return tuple(args), kwargs
 
     return hook
 
 
 def apply_context_parallel(model: nn.Module, cp_mesh: CPGroup) -> nn.Module:
-    """Shard the decoder of `model` (a VisionLanguageModel) over cp_mesh in place; return it.
+    """Shard the decoder of `model` (its spec's decoder_layers) over cp_mesh in place; return it.
 
     Works on a meta-device model too, and under FSDP / activation checkpointing (layers may be wrapped).
     """
+    from mmfm.models import model_spec
+
     group = _group(cp_mesh)
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    layers = model.language.layers
+    layers = model_spec(model.cfg).decoder_layers(model)
     for name, module in list(layers.named_modules()):
         if isinstance(module, CoreAttention):
             parent, _, attr = name.rpartition(".")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from mmfm.config.schema import ModelConfig, ParallelConfig
-from mmfm.config.validate import ConfigError
+from mmfm.errors import ConfigError
 
 # Outermost to innermost: tp is innermost so that its frequent collectives stay within a node.
 MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
@@ -50,21 +50,14 @@ class ParallelDims(ParallelConfig):
         for name, size in self.sizes.items():
             if size < 1:
                 raise ConfigError(f"parallel.{name}={size} must be >= 1")
-        lm, v = model.language, model.vision
-        divisible = {
-            "model.language.num_heads": lm.num_heads, "model.language.num_kv_heads": lm.num_kv_heads,
-            "model.language.intermediate_size": lm.intermediate_size, "model.language.vocab_size": lm.vocab_size,
-            "model.vision.num_heads": v.num_heads, "model.vision.hidden_size": v.hidden_size,
-        }
-        for field, value in divisible.items():
+        from mmfm.models import model_spec
+
+        spec = model_spec(model)
+        for field, value in spec.tp_divisible(model).items():
             if value % self.tp:
                 raise ConfigError(f"{field}={value} is not divisible by parallel.tp={self.tp}; choose a tp that "
                                   f"divides it")
-        patches = (v.image_size // v.patch_size) ** 2
-        if patches % self.tp:
-            raise ConfigError(f"the vision tower's {patches} patches are not divisible by parallel.tp={self.tp} "
-                              "(sequence parallelism splits them); change the image or patch size, or tp")
-        self._validate_pipeline(lm.num_layers)
+        self._validate_pipeline(spec.pipeline_layers(model))
         if self.cp > 1 and (self.tp > 1 or self.pp > 1):
             raise ConfigError(f"parallel.cp={self.cp} together with tp or pp is not supported yet; combine context "
                               "parallelism with data parallelism only (parallel.dp_shard / dp_replicate)")

@@ -20,7 +20,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from mmfm.config import JobConfig
 from mmfm.kernels.apply import apply_kernels, resolve_kernels
-from mmfm.models import MODEL_REGISTRY, build_model
+from mmfm.models import build_model, model_spec
 from mmfm.models.init import init_parameters
 from mmfm.parallel.activation_checkpoint import apply_activation_checkpointing
 from mmfm.parallel.data_parallel import apply_fsdp, sharding_units
@@ -64,9 +64,9 @@ class ModelParts:
         """The last stage's copy of a tied embedding (its gradient norm is counted on the first stage)."""
         copies = []
         for stage, part in zip(self.stages, self.parts):
-            lm = part.language
-            if stage == self.num_stages - 1 and stage != 0 and lm.output is None and lm.tok_embeddings is not None:
-                copies.append(lm.tok_embeddings.weight)
+            weight = model_spec(part.cfg).tied_embedding(part)
+            if stage == self.num_stages - 1 and stage != 0 and weight is not None:
+                copies.append(weight)
         return copies
 
     def train(self, mode: bool = True) -> None:
@@ -99,7 +99,7 @@ def compile_blocks(model: nn.Module, containers: tuple[str, ...], backend: str =
 def parallelize(cfg: JobConfig, dims: ParallelDims, device: torch.device, mesh=None,
                 materialize: bool = True) -> ModelParts:
     """This rank's parts; materialize=False leaves them on the meta device (to check 100B+ layouts)."""
-    spec = MODEL_REGISTRY[cfg.model.name]
+    containers = model_spec(cfg.model).block_containers(cfg.model)
     whole = build_model(cfg.model, "meta")
     kernels = resolve_kernels(cfg.kernels, device, dims.tp, dims.pp, dims.cp, cfg.stage.objective, compute_dtype(cfg))
     apply_kernels(whole, kernels)
@@ -115,13 +115,13 @@ def parallelize(cfg: JobConfig, dims: ParallelDims, device: torch.device, mesh=N
     for part in parts:
         if dims.tp > 1:
             apply_tensor_parallel(part, mesh["tp"])
-        apply_activation_checkpointing(part, spec.block_containers, t.activation_checkpoint, t.activation_checkpoint_every)
+        apply_activation_checkpointing(part, containers, t.activation_checkpoint, t.activation_checkpoint_every)
         if t.compile:
-            compile_blocks(part, spec.block_containers, t.compile_backend)
+            compile_blocks(part, containers, t.compile_backend)
         if fsdp_mesh is not None:
             # bf16: parameters gathered and computed in bf16, gradients reduced in fp32
             param_dtype = torch.bfloat16 if t.precision == "bf16" else None
-            apply_fsdp(part, fsdp_mesh, spec.block_containers, param_dtype=param_dtype,
+            apply_fsdp(part, fsdp_mesh, containers, param_dtype=param_dtype,
                        reshard_after_forward=dims.reshard_after_forward)
         if dims.cp > 1:
             from mmfm.parallel.context_parallel import apply_context_parallel

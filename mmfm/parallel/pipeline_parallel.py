@@ -1,8 +1,8 @@
 """Pipeline parallelism with torch.distributed.pipelining, applied to the plain model from outside.
 
-The model is split into stages by a contiguous assignment of decoder layers; the vision tower, the
-projector and the token embedding live on the first stage, the final norm and output projection on the
-last. Each stage is a copy of the model with the parts of other stages removed, so parameter names
+The model is split into stages by a contiguous assignment of decoder layers; the model's spec says what
+else each stage holds (for the VLM: the vision tower, the projector and the token embedding on the first
+stage, the final norm and output projection on the last). Each stage is a copy of the model with the parts of other stages removed, so parameter names
 (and so checkpoints) are those of the whole model. With tied embeddings the last stage keeps its own
 copy of the embedding matrix for the output projection; the two copies receive the sum of both
 gradients (one all-reduce between first and last stage per step), so they stay identical.
@@ -29,20 +29,11 @@ from torch.distributed.pipelining import (
 )
 
 from mmfm.config.schema import ModelConfig
-from mmfm.models import counts
+from mmfm.models import model_spec
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
              "zero_bubble": ScheduleInterleavedZeroBubble}
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zero_bubble")
-
-
-def stage_costs(cfg: ModelConfig, seq_len: int) -> tuple[list[float], float, float]:
-    """Training FLOPs per sample: (each decoder layer, first-stage extras, last-stage extras)."""
-    lm = cfg.language
-    layer = 6.0 * counts.language_layer_matmul_params(lm) * seq_len + 12.0 * lm.hidden_size * seq_len ** 2
-    first = counts.vision_flops_per_image(cfg)
-    last = 6.0 * lm.vocab_size * lm.hidden_size * seq_len
-    return [layer] * lm.num_layers, first, last
 
 
 def balanced_layers(costs: list[float], first: float, last: float, num_stages: int) -> list[int]:
@@ -73,7 +64,7 @@ def layer_assignment(cfg: ModelConfig, seq_len: int, num_stages: int,
                      override: Optional[list[int]] = None) -> list[list[int]]:
     """Decoder layer indices of each stage: `override` (layers per stage, checked by ParallelDims) or
     balanced by cost."""
-    sizes = list(override) if override else balanced_layers(*stage_costs(cfg, seq_len), num_stages)
+    sizes = list(override) if override else balanced_layers(*model_spec(cfg).stage_costs(cfg, seq_len), num_stages)
     starts = [sum(sizes[:i]) for i in range(num_stages)]
     return [list(range(s, s + k)) for s, k in zip(starts, sizes)]
 
@@ -85,17 +76,7 @@ def stage_indices(pp_rank: int, pp: int, virtual: int) -> list[int]:
 def split_stage(model: nn.Module, stage: int, num_stages: int, layers: list[int]) -> nn.Module:
     """A copy of the (meta) model holding only what `stage` computes."""
     part = copy.deepcopy(model)
-    first, last = stage == 0, stage == num_stages - 1
-    lm = part.language
-    for name in list(lm.layers):
-        if int(name) not in layers:
-            del lm.layers[name]
-    if not first:
-        part.vision, part.projector = None, None
-        if not (last and lm.output is None):  # the last stage keeps the tied embedding for the output
-            lm.tok_embeddings = None
-    if not last:
-        lm.norm, lm.output = None, None
+    model_spec(part.cfg).split_stage(part, stage == 0, stage == num_stages - 1, layers)
     return part
 
 
@@ -129,7 +110,7 @@ def sync_tied_embedding(parts: list[nn.Module], group: Optional[dist.ProcessGrou
 
     grads = []
     for part in parts:
-        weight = part.language.tok_embeddings.weight if part.language.tok_embeddings is not None else None
+        weight = model_spec(part.cfg).tied_embedding(part)
         if weight is None or weight.grad is None:
             continue
         if isinstance(weight.grad, DTensor) and weight.grad.placements != weight.placements:

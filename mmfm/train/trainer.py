@@ -25,11 +25,11 @@ from torch.distributed.pipelining import PipelineStage
 
 from mmfm.checkpoint import CheckpointError, CheckpointManager, find_checkpoint
 from mmfm.config import JobConfig, image_tokens, validate
-from mmfm.config.validate import ConfigError
+from mmfm.errors import ConfigError
 from mmfm.data.build import load_tokenizer, loader_summary, reshard_loader_states, train_loader, val_stream
 from mmfm.data.loader import Batch, BatchLoader, EncodedSample, pad_sequence
 from mmfm.data.manifest import TOKENIZER, sha256_file
-from mmfm.models import MODEL_REGISTRY, build_model
+from mmfm.models import build_model, model_spec
 from mmfm.models.generate import generate
 from mmfm.parallel import ParallelDims
 from mmfm.parallel.comm import CommCounter
@@ -145,7 +145,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.record = run_record(cfg)
         self.resume_path = self.preflight_resume()  # refuses a bad resume before anything is written or built
-        self.spec = MODEL_REGISTRY[cfg.model.name]
+        self.spec = model_spec(cfg.model)
         seed_everything(cfg.seed)
         self.parts = parallelize(cfg, dims, self.device, self.mesh)
         self.model = self.parts.parts[0]  # the whole model unless pipelined

@@ -1,4 +1,6 @@
-"""The multimodal model: projected image features spliced into the token sequence at placeholder tokens."""
+"""The vision-language model: a vision tower, a projector and a language model, each chosen by kind
+(model.vision.kind, model.projector.kind, model.language.kind); projected image features are spliced into
+the token sequence at placeholder tokens."""
 
 from __future__ import annotations
 
@@ -8,18 +10,16 @@ import torch
 from torch import nn
 
 from mmfm.config.schema import ModelConfig
-from mmfm.models.language.llama import KVCache, LanguageModel
-from mmfm.models.projector import MLPProjector
-from mmfm.models.vision.vit import VisionTransformer
+from mmfm.models.spec import part_spec
 
 
 class VisionLanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionTransformer(cfg.vision)
-        self.projector = MLPProjector(cfg.vision.hidden_size, cfg.language.hidden_size)
-        self.language = LanguageModel(cfg.language)
+        self.vision = part_spec(cfg, "vision").build(cfg)
+        self.projector = part_spec(cfg, "projector").build(cfg)
+        self.language = part_spec(cfg, "language").build(cfg)
 
     @property
     def tokens_per_image(self) -> int:
@@ -67,7 +67,7 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, document_ids: Optional[torch.Tensor] = None,
+                cache=None, document_ids: Optional[torch.Tensor] = None,
                 targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [B, T, V], or with targets the summed next-token loss (see LanguageModel.forward).
         positions default to 0..T-1 for every row; document_ids [B, T] separates packed documents.
@@ -77,7 +77,5 @@ class VisionLanguageModel(nn.Module):
         h = self.embed(input_ids, pixel_values) if self.vision is not None else input_ids
         return self.language(h, positions, attn_mask, cache, document_ids, targets)
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
-        lm = self.cfg.language
-        return KVCache(lm.num_layers, batch, lm.num_kv_heads, max_len, lm.hidden_size // lm.num_heads,
-                       dtype, device)
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        return self.language.new_cache(batch, max_len, dtype, device)

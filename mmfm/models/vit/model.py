@@ -1,4 +1,4 @@
-"""A ViT image encoder (pre-norm, learned position embeddings, no class token). Plain PyTorch."""
+"""The vit family: a ViT image encoder (pre-norm, learned position embeddings, no class token). Plain PyTorch."""
 
 from __future__ import annotations
 

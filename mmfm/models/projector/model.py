@@ -1,4 +1,4 @@
-"""LLaVA-1.5 style two-layer MLP that maps vision features to the language model's width."""
+"""mlp2x_gelu: the LLaVA-1.5 two-layer MLP that maps vision features to the language model's width."""
 
 from __future__ import annotations
 

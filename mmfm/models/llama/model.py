@@ -10,57 +10,8 @@ from torch import nn
 
 from mmfm.config.schema import LanguageConfig
 from mmfm.models.attention import CoreAttention
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim))
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).type_as(x)
-
-
-def rotary_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape [max_len, head_dim // 2] for rotate-half rotary embeddings."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, D] by per-position angles cos/sin: [B, T, D/2], or [T, D/2] for every row."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    if cos.dim() == 3:
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
-
-
-class Rotary(nn.Module):
-    """Rotary embeddings of q and k as a module, so that a kernel can replace it from outside."""
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-
-class LinearCrossEntropy(nn.Module):
-    """Summed next-token cross-entropy of the output projection (fp32, ignore_index positions skipped),
-    as a module so that a fused kernel can replace it from outside."""
-
-    def __init__(self, ignore_index: int = -100):
-        super().__init__()
-        self.ignore_index = ignore_index
-
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, weight)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=self.ignore_index,
-                               reduction="sum")
+from mmfm.models.context import BlockContext
+from mmfm.models.ops import LinearCrossEntropy, RMSNorm, Rotary, SiluMul, rotary_tables
 
 
 class KVCache:
@@ -84,8 +35,9 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LanguageConfig):
+    def __init__(self, cfg: LanguageConfig, layer_id: int):
         super().__init__()
+        self.layer_id = layer_id
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.wq = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=False)
@@ -95,23 +47,22 @@ class Attention(nn.Module):
         self.rotary = Rotary()
         self.core = CoreAttention(causal=True)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache: Optional[KVCache] = None, layer: int = 0,
-                document_ids=None):
-        """cos/sin: [B, T, D/2] per position, or whole [max_len, D/2] tables for positions 0..T-1."""
+    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         b, t, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        cos, sin = ctx.cos, ctx.sin
         if cos.dim() == 2:
             cos, sin = cos[:t], sin[:t]
         q, k = self.rotary(q, k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_id, k, v)
         repeat = q.shape[1] // k.shape[1]
         if repeat > 1:
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = self.core(q, k, v, attn_mask, document_ids)
+        out = self.core(q, k, v, ctx.attn_mask, ctx.document_ids)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -123,21 +74,22 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.act = SiluMul()
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.act(self.w1(x), self.w3(x)))
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, cfg: LanguageConfig):
+    def __init__(self, cfg: LanguageConfig, layer_id: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0, document_ids=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, layer, document_ids)
+    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), ctx)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -148,7 +100,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg) for i in range(cfg.num_layers)})
+        self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg, i) for i in range(cfg.num_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cross_entropy = LinearCrossEntropy()
@@ -178,6 +130,10 @@ class LanguageModel(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        c = self.cfg
+        return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.hidden_size // c.num_heads, dtype, device)
+
     def forward(self, h: torch.Tensor, positions: Optional[torch.Tensor] = None, attn_mask=None,
                 cache=None, document_ids: Optional[torch.Tensor] = None,
                 targets: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -194,8 +150,9 @@ class LanguageModel(nn.Module):
             cos, sin = self.rope_cos, self.rope_sin
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        for name, block in self.layers.items():
-            h = block(h, cos, sin, attn_mask, cache, int(name), document_ids)
+        ctx = BlockContext(cos, sin, attn_mask, cache, document_ids)
+        for block in self.layers.values():
+            h = block(h, ctx)
         if self.norm is None:
             return h
         if targets is not None:

@@ -1,0 +1,66 @@
+"""The llama family's parallel plans: tensor + sequence parallel (mmfm.parallel.tensor_parallel) and the
+pipeline split (mmfm.parallel.pipeline_parallel)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+
+from mmfm.parallel.tensor_parallel import gather_sequence, scatter_sequence, sharded_sequence_in
+
+# DecoderBlock and Attention take (x, ctx): only x is distributed.
+_BLOCK_ARGS = 2
+
+
+def _block_plan() -> dict:
+    return {
+        "attention_norm": SequenceParallel(),
+        "attention": sharded_sequence_in(_BLOCK_ARGS),
+        "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": sharded_sequence_in(),
+        "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+    }
+
+
+def apply_tensor_parallel(lm: nn.Module, tp_mesh) -> None:
+    """The embedding split by vocabulary (one all-reduce), the blocks Megatron-style with the residual
+    stream split along the sequence, the logits left split over the vocabulary (`loss_parallel`)."""
+    if lm.tok_embeddings is not None:  # also on the last stage when tied: same vocabulary split
+        parallelize_module(lm.tok_embeddings, tp_mesh,
+                           RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+    for block in lm.layers.values():
+        parallelize_module(block, tp_mesh, _block_plan())
+    if "0" in lm.layers:  # the embeddings (with the images spliced in) enter the sequence split here
+        parallelize_module(lm.layers["0"], tp_mesh, scatter_sequence(_BLOCK_ARGS))
+    if lm.norm is not None:
+        parallelize_module(lm.norm, tp_mesh, SequenceParallel())
+        # full sequence, as a DTensor, so that the logits come out split over the vocabulary
+        parallelize_module(lm.norm, tp_mesh, gather_sequence(use_local_output=False))
+    if lm.output is not None:  # used as a weight only (F.linear): split its rows = the vocabulary
+        parallelize_module(lm.output, tp_mesh, ColwiseParallel())
+
+
+def keep_stage(lm: nn.Module, layers: list[int], first: bool, last: bool) -> None:
+    """Drop the layers of other stages; the embedding lives on the first stage (and on the last when tied,
+    for the output projection), the final norm and output on the last."""
+    for name in list(lm.layers):
+        if int(name) not in layers:
+            del lm.layers[name]
+    if not first and not (last and lm.output is None):
+        lm.tok_embeddings = None
+    if not last:
+        lm.norm, lm.output = None, None
+
+
+def tied_embedding(lm: nn.Module) -> Optional[torch.Tensor]:
+    """The embedding weight this module holds when it doubles as the output projection."""
+    if lm.output is None and lm.tok_embeddings is not None:
+        return lm.tok_embeddings.weight
+    return None

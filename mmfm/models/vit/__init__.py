@@ -1,0 +1,40 @@
+"""The vit family: the ViT image encoder of the small models (patchify or convolutional stem)."""
+
+from __future__ import annotations
+
+from mmfm.config.checks import positive, require
+from mmfm.config.schema import ModelConfig
+from mmfm.models.spec import EncoderPartSpec, register_part
+from mmfm.models.vit import counts, parallelize
+from mmfm.models.vit.model import VisionTransformer
+
+
+def validate(cfg: ModelConfig) -> None:
+    v = cfg.vision
+    for key in ("hidden_size", "num_layers", "num_heads", "patch_size"):
+        positive(f"model.vision.{key}", getattr(v, key))
+    require(v.image_size % v.patch_size == 0,
+            f"model.vision.image_size={v.image_size} is not divisible by model.vision.patch_size="
+            f"{v.patch_size}; pick a patch size that divides the image size")
+    require(v.stem in ("patch", "conv"), f"model.vision.stem={v.stem!r} is unknown; use 'patch' or 'conv'")
+    require(v.stem != "conv" or v.patch_size & (v.patch_size - 1) == 0,
+            f"model.vision.stem=conv needs a power-of-two model.vision.patch_size, not {v.patch_size}; "
+            "use stem=patch or patch_size 2, 4, 8, 16")
+    require(v.hidden_size % v.num_heads == 0,
+            f"model.vision.hidden_size={v.hidden_size} is not divisible by model.vision.num_heads="
+            f"{v.num_heads}; change one so that hidden_size % num_heads == 0")
+
+
+def tp_divisible(cfg: ModelConfig) -> dict[str, int]:
+    v = cfg.vision
+    return {"model.vision.num_heads": v.num_heads, "model.vision.hidden_size": v.hidden_size,
+            # sequence parallelism splits the patches
+            "the vision tower's patches ((image_size / patch_size)^2)": (v.image_size // v.patch_size) ** 2}
+
+
+SPEC = register_part("vision", EncoderPartSpec(
+    kind="vit", build=lambda cfg: VisionTransformer(cfg.vision), num_params=counts.num_params,
+    apply_tensor_parallel=parallelize.apply_tensor_parallel, tp_divisible=tp_divisible, validate=validate,
+    block_container="blocks", flops_per_image=counts.flops_per_image))
+
+__all__ = ["SPEC", "VisionTransformer"]
