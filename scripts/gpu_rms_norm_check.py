@@ -1,4 +1,4 @@
-"""Compares the RMSNorm CUDA extension (kernels/rms_norm.cu) with the reference on a GPU.
+"""Compares the RMSNorm CUDA extension (mmfm/kernels/csrc/rms_norm.cu) with the reference on a GPU.
 
     python scripts/gpu_rms_norm_check.py [--out DIR]
 

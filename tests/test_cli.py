@@ -1,8 +1,11 @@
 """End to end through the console script: data synth -> train -> generate, with a damaged sample."""
 
+import argparse
 import hashlib
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -11,8 +14,13 @@ from pathlib import Path
 import pytest
 
 from conftest import SMALL_MODEL
+from mmfm.cli.commands import COMMANDS, TOOLS
+from mmfm.cli.main import main as cli_main
 
 CLI = [sys.executable, "-m", "mmfm.cli.main"]
+REPO = Path(__file__).resolve().parents[1]
+# every command, and every tool of the commands made of tools
+ALL = [[command] for command in COMMANDS] + [[command, tool] for command in TOOLS for tool in TOOLS[command]]
 
 
 def mmfm(*args, cwd):
@@ -20,12 +28,49 @@ def mmfm(*args, cwd):
     return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["data", "synth", "--help"],
-                                  ["train", "--help"]])
-def test_help(args, tmp_path):
-    res = mmfm(*args, cwd=tmp_path)
+def test_help_lists_every_command(tmp_path):
+    res = mmfm("--help", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "usage" in res.stdout.lower() or "== Configuration groups ==" in res.stdout
+    listed = re.findall(r"^ {2,4}([a-z]+(?: [a-z-]+)?)  ", res.stdout, re.M)  # the names in the first column
+    assert sorted(listed) == sorted(" ".join(args) for args in ALL)
+    assert mmfm("nonsense", cwd=tmp_path).returncode == 2
+
+
+@pytest.mark.parametrize("args", ALL, ids=" ".join)
+def test_every_command_has_help(args, tmp_path, capsys):
+    if args == ["train"]:  # a Hydra app, whose --help leaves Hydra's global state set: in its own process
+        res = mmfm("train", "--help", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        assert "mmfm train: train a model" in res.stdout and "== Configuration groups ==" in res.stdout
+        return
+    with pytest.raises(SystemExit) as exit_info:  # through the dispatch of `mmfm`
+        cli_main([*args, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: mmfm {' '.join(args)} ")
+
+
+@pytest.mark.parametrize("command", TOOLS)
+def test_tools_table_matches_the_parsers(command):
+    parser = importlib.import_module(COMMANDS[command][0]).build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert list(sub.choices) == list(TOOLS[command])
+
+
+def test_docs_name_only_real_commands():
+    """Every `mmfm <command> [<tool>]` in the README and docs/ (code spans and code blocks) exists."""
+    found = set()
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        fenced = False
+        for line in doc.read_text().splitlines():
+            fenced ^= line.startswith("```")
+            pattern = r"^\s*(?:[\w./-]*/)?mmfm ([a-z][\w-]*)(?: ([a-z][\w-]*))?" if fenced else \
+                r"`mmfm ([a-z][\w-]*)(?: ([a-z][\w-]*))?"
+            for command, word in re.findall(pattern, line):
+                assert command in COMMANDS, f"{doc.name}: {line.strip()}"
+                if command in TOOLS and word:
+                    assert word in TOOLS[command], f"{doc.name}: {line.strip()}"
+                found.add(command)
+    assert found == set(COMMANDS)
 
 
 def damage_first_png(shard: Path) -> str:

@@ -27,10 +27,13 @@ def test_compile_check_errors(tmp_path, monkeypatch):
     if cuda_ext.find_nvcc() is not None:
         with pytest.raises(RuntimeError, match=r"nvcc failed \(exit [1-9]"):
             cuda_ext.compile_check(tmp_path / "out", source=bad)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(cuda_ext.CudaSourceError, match="missing.cu not found: pass an existing .cu file$"):
         cuda_ext.compile_check(tmp_path, source=tmp_path / "missing.cu")
     monkeypatch.setattr(cuda_ext, "find_nvcc", lambda: None)
     with pytest.raises(FileNotFoundError, match="nvcc not found"):
+        cuda_ext.compile_check(tmp_path)
+    monkeypatch.setattr(cuda_ext, "SOURCE", tmp_path / "gone.cu")  # an install without its package data
+    with pytest.raises(cuda_ext.CudaSourceError, match="gone.cu not found: the mmfm installation is incomplete"):
         cuda_ext.compile_check(tmp_path)
 
 

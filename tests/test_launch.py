@@ -83,7 +83,7 @@ def test_optional_cluster_fields_render(capsys):
 def test_local_dry_run_prints_the_torchrun_command(capsys, tmp_path):
     out = dry_run(capsys, "parallel=fsdp2", f"run_dir={tmp_path}/run")
     assert "-m torch.distributed.run --standalone --nproc-per-node=2 --no-python bash " in out
-    assert f"launch/torchrun_rank.sh {tmp_path}/run/logs " in out
+    assert f"/mmfm/launch/templates/torchrun_rank.sh {tmp_path}/run/logs " in out
     assert out.strip().endswith(f"-m mmfm.cli.main train parallel=fsdp2 run_dir={tmp_path}/run")
     assert not (tmp_path / "run").exists()
 

@@ -1,25 +1,25 @@
 """`mmfm bench <name>`: benchmarks. `parallel`: communication per layout and pipeline bubbles; `kernels`:
-time and memory of each fused kernel against its references."""
+time and memory of each fused kernel against its references; `data`: data loading throughput."""
 
 from __future__ import annotations
 
 import argparse
 
+from mmfm.cli.commands import COMMANDS, add_tool
 from mmfm.cli.errors import one_line_errors
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mmfm bench", description="Benchmarks: parallelism (CPU processes, gloo) "
-                                                               "and kernels (GPU timing, CPU memory).")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmfm bench", description=COMMANDS["bench"][1])
     sub = p.add_subparsers(dest="bench", required=True)
-    s = sub.add_parser(
-        "parallel", help="collective bytes per layout vs analytic; pipeline idle fraction per schedule",
+    s = add_tool(
+        sub, "bench", "parallel",
         description="--layout: spawn the preset's world, run a warm-up and --steps measured Trainer steps under "
                     "CommCounter and print, per collective kind, bytes/step per rank (mean over ranks) measured "
                     "and analytic. --pipeline: each schedule on sleeping synthetic stages (forward t_f, backward "
                     "2 t_f), printing the measured idle fraction (median over steps, mean over ranks) against "
                     "the analytic bubble. Without either: --layout tp2.")
-    s.add_argument("--layout", help="parallel preset (configs/parallel): fsdp2, tp2, fsdp2_tp2, pp2, ...")
+    s.add_argument("--layout", help="parallel preset (config group parallel): fsdp2, tp2, fsdp2_tp2, pp2, ...")
     s.add_argument("--steps", type=int, default=2, help="measured optimizer steps (default: 2)")
     s.add_argument("--data", help="data set folder (default: a small synthetic one in a temp folder)")
     s.add_argument("--batch-size", type=int, default=4, help="samples per data-parallel rank (default: 4)")
@@ -34,21 +34,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--pipeline-steps", type=int, default=3, help="measured steps per schedule (default: 3)")
     from mmfm.kernels.bench import __doc__ as kernels_doc, add_arguments
 
-    k = sub.add_parser("kernels", help="each kernel vs eager / torch.compile / Liger: time and peak memory (GPU); "
-                                       "fused linear cross-entropy memory (CPU)",
-                       description=kernels_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    k = add_tool(sub, "bench", "kernels", description=kernels_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(k)
     from mmfm.data.bench import __doc__ as data_doc
 
-    d = sub.add_parser("data", help="loader samples/s (in-process, 1 and 2 workers) vs raw tar read and vs what "
-                                    "training consumes", description=data_doc,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = add_tool(sub, "bench", "data", description=data_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("--data", help="data set folder (default: the config's data.path)")
     d.add_argument("--samples", type=int, default=2000, help="samples timed per reader (default 2000)")
     d.add_argument("--steps", type=int, default=5, help="timed training steps (default 5)")
     d.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader processes (default 0 1 2)")
     d.add_argument("overrides", nargs="*", help="Hydra overrides on top of experiment=demo, e.g. data.pack=true")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str]) -> int:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from mmfm.cli.commands import COMMANDS, add_tool
 from mmfm.cli.errors import one_line_errors
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mmfm data", description="Data set construction tools.")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmfm data", description=COMMANDS["data"][1])
     sub = p.add_subparsers(dest="tool", required=True)
-    s = sub.add_parser("synth", help="make the synthetic image-caption data set (no download)",
-                       description="Render shape scenes and upscaled scikit-learn digits with captions into "
-                                   "webdataset shards (train/val), train a tokenizer on the caption text and "
-                                   "write manifest.json. Deterministic from --seed; reuses an identical build.")
+    s = add_tool(sub, "data", "synth",
+                 description="Render shape scenes and upscaled scikit-learn digits with captions into "
+                             "webdataset shards (train/val), train a tokenizer on the caption text and "
+                             "write manifest.json. Deterministic from --seed; reuses an identical build.")
     s.add_argument("--out", default="data/synth", help="output folder (default: data/synth)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--train-size", type=int, default=20000)
@@ -29,11 +30,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "or places first in random order ('on the right is a blue square and ...'), which teaches the "
                         "place-to-object binding that the later stages' questions need")
     s.add_argument("--force", action="store_true", help="rebuild a folder built with other parameters")
-    i = sub.add_parser("instruct", help="make instruction (sft) or preference data from the synthetic scenes",
-                       description="Render shape scenes with questions on colour, count, position and shape: "
-                                   "LLaVA-format conversations with their answers (--kind sft; some with a second, "
-                                   "text-only turn), or a question with the right answer (chosen) and a plausible "
-                                   "wrong one (rejected) (--kind preference). Deterministic from --seed.")
+    i = add_tool(sub, "data", "instruct",
+                 description="Render shape scenes with questions on colour, count, position and shape: "
+                             "LLaVA-format conversations with their answers (--kind sft; some with a second, "
+                             "text-only turn), or a question with the right answer (chosen) and a plausible "
+                             "wrong one (rejected) (--kind preference). Deterministic from --seed.")
     i.add_argument("--kind", choices=("sft", "preference"), default="sft")
     i.add_argument("--out", required=True, help="output folder")
     i.add_argument("--tokenizer", help="tokenizer.json of the pretraining data set (default: train the same one)")
@@ -45,26 +46,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     i.add_argument("--max-turns", type=int, default=3, help="questions per sft conversation: 1 to this many")
     i.add_argument("--pair-fraction", type=float, default=0.5, help="share of two-object scenes")
     i.add_argument("--force", action="store_true", help="rebuild a folder built with other parameters")
-    r = sub.add_parser("reference-logps", help="store a reference model's log-probs with preference pairs",
-                       description="Copy a preference data set, adding to every pair the reference model's summed "
-                                   "log-probs of its chosen and rejected answers (\"reference_logps\"), for "
-                                   "stage.preference.reference=precomputed (no reference model in memory).")
+    r = add_tool(sub, "data", "reference-logps",
+                 description="Copy a preference data set, adding to every pair the reference model's summed "
+                             "log-probs of its chosen and rejected answers (\"reference_logps\"), for "
+                             "stage.preference.reference=precomputed (no reference model in memory).")
     r.add_argument("data", help="preference data set folder")
     r.add_argument("--checkpoint", required=True, help="reference model: a run directory or a step_* folder")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass")
     r.add_argument("--device", default="auto")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    b = sub.add_parser("build", help="build a data set from a recipe (data_pipeline/*.yaml)",
-                       description="Read the recipe's sources, run its stages (decode, filters, PII "
-                                   "de-identification, dedup) and write webdataset shards or a Megatron indexed "
-                                   "dataset with manifest.json. Deterministic; an interrupted build resumes; a "
-                                   "finished one is not redone. See mmfm/data/pipeline.py for the recipe format.")
-    b.add_argument("recipe", help="recipe YAML")
+    b = add_tool(sub, "data", "build",
+                 description="Read the recipe's sources, run its stages (decode, filters, PII "
+                             "de-identification, dedup) and write webdataset shards or a Megatron indexed "
+                             "dataset with manifest.json. Deterministic; an interrupted build resumes; a "
+                             "finished one is not redone. See mmfm/data/pipeline.py for the recipe format.")
+    b.add_argument("recipe", help="recipe YAML file (examples: data_pipeline/*.yaml in the repository)")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--workers", type=int, default=1, help="processes for the per-record stages (default 1)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str]) -> int:

@@ -13,9 +13,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="mmfm launch",
         description="Run `mmfm train` with these overrides on nodes x processes per node: cluster=local starts "
-                    "torchrun here, cluster=slurm renders launch/sbatch.sh (one torchrun per node, rendezvous on "
-                    "the first, checkpoint and requeue before the time limit) and submits it. The run directory "
-                    "(run_dir) is fixed now; rank logs go to <run_dir>/logs/rank_<RANK>.log.",
+                    "torchrun here, cluster=slurm renders the sbatch template (mmfm/launch/templates/sbatch.sh: one "
+                    "torchrun per node, rendezvous on the first, checkpoint and requeue before the time limit) and "
+                    "submits it. The run directory (run_dir) is fixed now; rank logs go to "
+                    "<run_dir>/logs/rank_<RANK>.log.",
         epilog="examples: mmfm launch parallel=fsdp2 | mmfm launch cluster=slurm cluster.nodes=16 "
                "cluster.partition=gpu parallel=fsdp2 parallel.dp_shard=128 | mmfm launch -m parallel=single,fsdp2")
     p.add_argument("--dry-run", action="store_true",

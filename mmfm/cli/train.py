@@ -1,4 +1,4 @@
-"""`mmfm train [overrides]`: a Hydra app over configs/ (so --cfg job, --help, --multirun all work)."""
+"""`mmfm train [overrides]`: a Hydra app over mmfm/configs/ (so --cfg job, --help, --multirun all work)."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from mmfm.config.schema import JobConfig
 from mmfm.errors import ConfigError
 
 SCHEMA_NAME = "mmfm_schema"
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # package data (pyproject.toml)
 
 
 def register_schema() -> None:
@@ -21,15 +22,14 @@ def register_schema() -> None:
 
 
 def config_dir() -> Path:
-    """The `configs/` tree: $MMFM_CONFIG_DIR, else the one beside the installed package."""
+    """The Hydra config tree: $MMFM_CONFIG_DIR when set, else `mmfm/configs/` inside the installed package."""
     env = os.environ.get("MMFM_CONFIG_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "configs")
-    for path in candidates:
-        if (path / "config.yaml").is_file():
-            return path
-    raise ConfigError(f"no Hydra config tree found at {[str(p) for p in candidates]}; install mmfm from its "
-                      "repository with `pip install -e .` or set MMFM_CONFIG_DIR to the configs/ folder")
+    path = Path(env) if env else PACKAGE_CONFIGS
+    if not (path / "config.yaml").is_file():
+        fix = ("point MMFM_CONFIG_DIR at a folder with config.yaml (a copy of mmfm/configs/) or unset it" if env
+               else "the mmfm installation is incomplete; reinstall mmfm")
+        raise ConfigError(f"no config.yaml in {path}: {fix}")
+    return path
 
 
 def to_job_config(cfg: DictConfig) -> JobConfig:
@@ -43,7 +43,7 @@ def to_job_config(cfg: DictConfig) -> JobConfig:
 
 
 def load_config(overrides: Sequence[str] = ()) -> JobConfig:
-    """Compose `configs/config.yaml` with Hydra overrides (as on the command line), without running a job."""
+    """Compose `config.yaml` of config_dir() with Hydra overrides (as on the command line), without running a job."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 

@@ -1,4 +1,4 @@
-"""The typed config schema: one dataclass tree, composed by Hydra from `configs/`."""
+"""The typed config schema: one dataclass tree, composed by Hydra from `mmfm/configs/`."""
 
 from __future__ import annotations
 
@@ -225,8 +225,8 @@ class LoggerConfig:
 
 @dataclass
 class ClusterConfig:
-    """Where `mmfm launch` runs the job (mmfm.launch, templates in launch/): `local` (torchrun on this machine)
-    or `slurm` (an sbatch script that starts one torchrun per node)."""
+    """Where `mmfm launch` runs the job (mmfm.launch, templates in mmfm/launch/templates/): `local` (torchrun on
+    this machine) or `slurm` (an sbatch script that starts one torchrun per node)."""
     kind: str = "local"
     job_name: str = "mmfm"
     nodes: int = 1

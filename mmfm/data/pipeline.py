@@ -1,4 +1,4 @@
-"""Offline data construction: `mmfm data build <recipe>` (recipes live in `data_pipeline/`).
+"""Offline data construction: `mmfm data build <recipe.yaml>` (example recipes: `data_pipeline/` in the repository).
 
 A recipe (YAML) names its sources, an ordered list of stages and the output:
 
@@ -192,7 +192,7 @@ class Recipe:
     def load(cls, path: str | Path) -> "Recipe":
         path = Path(path)
         if not path.is_file():
-            raise RecipeError(f"recipe {path} does not exist; recipes live in data_pipeline/")
+            raise RecipeError(f"recipe {path} does not exist; pass the path of a recipe YAML file")
         raw = _read_recipe(path)
         unknown = set(raw) - {"name", "sources", "stages", "output"}
         if unknown:

@@ -1,4 +1,4 @@
-"""The RMSNorm CUDA extension (kernels/rms_norm.cu): a JIT build for GPU machines, a compile check for CI.
+"""The RMSNorm CUDA extension (mmfm/kernels/csrc/rms_norm.cu): a JIT build for GPU machines, a compile check for CI.
 
 `load_rms_norm_extension()` builds the source with `torch.utils.cpp_extension.load` on first use (cached in
 TORCH_EXTENSIONS_DIR) and returns its ops, `torch.ops.mmfm_rms_norm.forward / .backward`; it needs a CUDA
@@ -19,18 +19,23 @@ from typing import Optional, Sequence
 
 import torch
 
-# kernels/ sits at the repository root, beside mmfm/: a source checkout (pip install -e .) is needed.
-SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "rms_norm.cu"
+from mmfm.errors import MmfmError
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "rms_norm.cu"  # package data (pyproject.toml)
 NAMESPACE = "mmfm_rms_norm"  # the TORCH_LIBRARY namespace in rms_norm.cu, also the extension's name
 COMPILE_ARCHS = ("80", "90")  # A100 and H100/H200
 CUDA_CFLAGS = ["-O3"]
 
 
+class CudaSourceError(MmfmError, FileNotFoundError):
+    """The CUDA source to build or compile-check is missing."""
+
+
 def _source(source: Optional[Path] = None) -> Path:
     path = Path(source) if source is not None else SOURCE
     if not path.is_file():
-        raise FileNotFoundError(f"CUDA source {path} not found: kernels/ is in the repository, not in the "
-                                "installed package; use a source checkout (pip install -e .)")
+        fix = "pass an existing .cu file" if source is not None else "the mmfm installation is incomplete; reinstall it"
+        raise CudaSourceError(f"CUDA source {path} not found: {fix}")
     return path
 
 

@@ -1,4 +1,4 @@
-"""Slurm: render launch/sbatch.sh for a job (one torchrun per node, preemption and requeue) and submit it."""
+"""Slurm: render templates/sbatch.sh for a job (one torchrun per node, preemption and requeue) and submit it."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _srun_flags(job: Job) -> list[str]:
 
 
 def sbatch_values(job: Job) -> dict[str, str]:
-    """The values of launch/sbatch.sh's placeholders ("" leaves an optional directive out)."""
+    """The values of sbatch.sh's placeholders ("" leaves an optional directive out)."""
     c, q = job.cfg.cluster, shlex.quote
     for name, path in (("run_dir", str(job.run_dir)), ("the working directory", os.getcwd())):
         if any(ch.isspace() for ch in path):

@@ -1,4 +1,4 @@
-"""The files in `launch/` and the `{{ name }}` placeholders of its templates."""
+"""The launch templates (`mmfm/launch/templates/`: sbatch script, rank wrapper) and their `{{ name }}` placeholders."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ from pathlib import Path
 from mmfm.launch.job import LaunchError
 
 PLACEHOLDER = re.compile(r"\{\{ (\w+) \}\}")
+TEMPLATES = Path(__file__).resolve().parent / "templates"  # package data (pyproject.toml)
 
 
 def launch_dir() -> Path:
-    """The `launch/` folder (sbatch template, rank wrapper): $MMFM_LAUNCH_DIR, else the one beside the package."""
+    """The folder of sbatch.sh and torchrun_rank.sh: $MMFM_LAUNCH_DIR when set, else `mmfm/launch/templates/`."""
     env = os.environ.get("MMFM_LAUNCH_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "launch"
+    path = Path(env) if env else TEMPLATES
     if not (path / "sbatch.sh").is_file():
-        raise LaunchError(f"no launch templates at {path}; install mmfm from its repository with `pip install -e .` "
-                          "or set MMFM_LAUNCH_DIR to the launch/ folder")
+        fix = ("point MMFM_LAUNCH_DIR at a folder with sbatch.sh and torchrun_rank.sh (a copy of "
+               "mmfm/launch/templates/) or unset it" if env else "the mmfm installation is incomplete; reinstall mmfm")
+        raise LaunchError(f"no sbatch.sh in {path}: {fix}")
     return path
 
 

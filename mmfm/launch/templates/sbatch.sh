@@ -16,8 +16,9 @@
 #SBATCH --chdir={{ workdir }}
 {{ sbatch_flags }}
 
-# Rendered by `mmfm launch` from launch/sbatch.sh: one torchrun per node starts that node's ranks, which meet
-# at a rendezvous on the first node. Rank logs: <run dir>/logs/rank_<RANK>.log; this script's: slurm-<job>.out.
+# Rendered by `mmfm launch` from mmfm/launch/templates/sbatch.sh: one torchrun per node starts that node's
+# ranks, which meet at a rendezvous on the first node. Rank logs: <run dir>/logs/rank_<RANK>.log; this
+# script's: slurm-<job>.out.
 {{ setup }}
 {{ env }}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS={{ omp_threads }}

@@ -1,0 +1,55 @@
+"""The `mmfm` command tree in one place: the dispatch of `mmfm <command>` (mmfm.cli.main), the `mmfm --help` text
+and the one-line help of the tools of `mmfm data` and `mmfm bench` all read these tables, so none can miss one."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+# command -> (module whose main(argv) runs it, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("mmfm.cli.train", "train a model: `mmfm train [hydra overrides]` (e.g. experiment=demo); --cfg job "
+                                "prints the resolved config, --help lists config groups, --multirun sweeps"),
+    "launch": ("mmfm.cli.launch", "run a training job with torchrun here or through Slurm: `mmfm launch [--dry-run] "
+                                  "[-m] [overrides]` (e.g. cluster=slurm cluster.nodes=16)"),
+    "generate": ("mmfm.cli.generate", "caption or answer for image files from a checkpoint (greedy or sampled, "
+                                      "KV-cached)"),
+    "data": ("mmfm.cli.data", "data set tools: synthetic, instruction and preference data, recipe builds"),
+    "bench": ("mmfm.cli.bench", "benchmarks: parallelism (CPU processes, gloo), kernels (GPU timing, CPU memory), "
+                                "data loading"),
+}
+
+# command -> {tool: one-line description} for the commands made of argparse subcommands
+TOOLS: dict[str, dict[str, str]] = {
+    "data": {
+        "synth": "make the synthetic image-caption data set (no download)",
+        "instruct": "make instruction (sft) or preference data from the synthetic scenes",
+        "reference-logps": "store a reference model's log-probs with preference pairs",
+        "build": "build a data set from a recipe YAML (examples: data_pipeline/ in the repository)",
+    },
+    "bench": {
+        "parallel": "collective bytes per layout vs analytic; pipeline idle fraction per schedule",
+        "kernels": "each kernel vs eager / torch.compile / Liger: time and peak memory (GPU); fused linear "
+                   "cross-entropy memory (CPU)",
+        "data": "loader samples/s (in-process, 1 and 2 workers) vs raw tar read and vs what training consumes",
+    },
+}
+
+
+def add_tool(sub, command: str, tool: str, **kwargs) -> argparse.ArgumentParser:
+    """The argparse subcommand `mmfm <command> <tool>`, its help from TOOLS (a KeyError: add it there)."""
+    return sub.add_parser(tool, help=TOOLS[command][tool], **kwargs)
+
+
+def usage() -> str:
+    """The `mmfm --help` text: every command and tool of the tables above."""
+    rows = []  # (indent + name, description)
+    for command, (_, description) in COMMANDS.items():
+        rows.append((f"  {command}", description))
+        rows += [(f"    {command} {tool}", text) for tool, text in TOOLS.get(command, {}).items()]
+    column = max(len(name) for name, _ in rows) + 2
+    lines = ["usage: mmfm <command> [args]", "", "commands:"]
+    for name, text in rows:
+        lines += textwrap.wrap(text, width=116, initial_indent=name.ljust(column), subsequent_indent=" " * column)
+    lines += ["", "`mmfm <command> --help` (or `mmfm <command> <tool> --help`) describes each one."]
+    return "\n".join(lines) + "\n"
