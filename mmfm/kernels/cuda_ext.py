@@ -74,7 +74,7 @@ class _RMSNormCUDA(torch.autograd.Function):
 
 
 def rms_norm_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension (as mmfm.models.language.llama.RMSNorm) with the CUDA kernels.
+    """RMSNorm over the last dimension (as mmfm.models.ops.RMSNorm) with the CUDA kernels.
 
     x: float32, float16 or bfloat16 on a GPU; weight: x's dtype or float32. Output in x's dtype.
     """
