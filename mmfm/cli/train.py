@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mmfm.cli.errors import one_line_errors
-from mmfm.config import config_dir, to_job_config, validate
+from mmfm.config import config_dir, preflight, to_job_config
 from mmfm.config.load import register_schema
 
 
@@ -73,10 +73,11 @@ def log_held_until_accepted():
 
 def task(cfg: DictConfig) -> None:
     with one_line_errors("mmfm train"), log_held_until_accepted() as accept:
-        job = validate(to_job_config(cfg))
+        checked = preflight(to_job_config(cfg))
         from mmfm.train.trainer import Trainer  # heavy imports only once the config is known to be good
 
-        trainer = Trainer(job, HydraConfig.get().runtime.output_dir)  # refuses a bad resume before writing
+        # refuses a bad resume before writing
+        trainer = Trainer(checked.cfg, HydraConfig.get().runtime.output_dir, checked)
         accept(trainer.run_dir)
         if trainer.main:
             write_hydra_record(cfg, trainer.run_dir)

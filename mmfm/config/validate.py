@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mmfm.config.checks import positive as _positive
 from mmfm.config.checks import require as _require
+from mmfm.config.schema import JobConfig
 from mmfm.errors import ConfigError
 
-from mmfm.config.schema import JobConfig
+if TYPE_CHECKING:
+    from mmfm.parallel.dims import ParallelDims
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -160,9 +164,8 @@ def _validate_run(cfg: JobConfig) -> None:
     _positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
 
 
-def _validate_parallel(cfg: JobConfig) -> None:
+def _validate_parallel(cfg: JobConfig) -> ParallelDims:
     from mmfm.parallel.dims import ParallelDims
-
     from mmfm.parallel.distributed import env_world_size
 
     dims = ParallelDims.from_config(cfg.parallel)
@@ -173,27 +176,28 @@ def _validate_parallel(cfg: JobConfig) -> None:
              f"parallel dims {dims.sizes} ask for {dims.world_size} processes but this job has {world} "
              f"(WORLD_SIZE); launch with `torchrun --nproc_per_node={dims.world_size} -m mmfm.cli.main train ...` "
              "or change parallel.*")
+    return dims
 
 
-def _validate_device(cfg: JobConfig) -> None:
+def _validate_device(cfg: JobConfig) -> torch.device:
     if cfg.device == "auto":
-        return
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(cfg.device)
     except RuntimeError:
         raise ConfigError(f"device={cfg.device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         _require(torch.cuda.is_available(), f"device={cfg.device!r} but no CUDA device is visible; use device=cpu")
+    return dev
 
 
-def _validate_kernels(cfg: JobConfig) -> None:
+def _validate_kernels(cfg: JobConfig, device: torch.device) -> dict[str, str]:
     from mmfm.kernels.apply import resolve_kernels
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     p = cfg.parallel
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     try:
-        resolve_kernels(cfg.kernels, torch.device(device), p.tp, p.pp, p.cp, cfg.stage.objective, dtype)
+        return resolve_kernels(cfg.kernels, device, p.tp, p.pp, p.cp, cfg.stage.objective, dtype)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -291,15 +295,31 @@ def _validate_cluster(cfg: JobConfig) -> None:
              f"parallel dims {dims.sizes} ask for {dims.world_size}; change cluster.nodes, cluster.{key} or parallel.*")
 
 
-def validate(cfg: JobConfig) -> JobConfig:
-    """Raise ConfigError on the first inconsistent value; return cfg unchanged otherwise."""
+@dataclass(frozen=True)
+class Preflight:
+    """What validation resolved, handed to the trainer so that nothing is checked or resolved twice: the
+    parallel dims, the device and the kernel of each op (mmfm.kernels.apply)."""
+
+    cfg: JobConfig
+    dims: ParallelDims
+    device: torch.device
+    kernels: dict[str, str]
+
+
+def preflight(cfg: JobConfig) -> Preflight:
+    """Raise ConfigError on the first inconsistent value; return what the run will use otherwise. Needs no
+    process group: the world size comes from the launcher's environment (WORLD_SIZE)."""
     _validate_model(cfg)
     _validate_data(cfg)
     _validate_train(cfg)
     _validate_stage(cfg)
     _validate_run(cfg)
-    _validate_parallel(cfg)
+    dims = _validate_parallel(cfg)
     _validate_cluster(cfg)
-    _validate_device(cfg)
-    _validate_kernels(cfg)
-    return cfg
+    device = _validate_device(cfg)
+    return Preflight(cfg, dims, device, _validate_kernels(cfg, device))
+
+
+def validate(cfg: JobConfig) -> JobConfig:
+    """Raise ConfigError on the first inconsistent value; return cfg unchanged otherwise."""
+    return preflight(cfg).cfg

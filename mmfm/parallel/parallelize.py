@@ -97,11 +97,14 @@ def compile_blocks(model: nn.Module, containers: tuple[str, ...], backend: str =
 
 
 def parallelize(cfg: JobConfig, dims: ParallelDims, device: torch.device, mesh=None,
-                materialize: bool = True) -> ModelParts:
-    """This rank's parts; materialize=False leaves them on the meta device (to check 100B+ layouts)."""
+                materialize: bool = True, kernels: Optional[dict[str, str]] = None) -> ModelParts:
+    """This rank's parts; materialize=False leaves them on the meta device (to check 100B+ layouts).
+    kernels: the preflight's choice per op (resolved here when not given)."""
     containers = model_spec(cfg.model).block_containers(cfg.model)
     whole = build_model(cfg.model, "meta")
-    kernels = resolve_kernels(cfg.kernels, device, dims.tp, dims.pp, dims.cp, cfg.stage.objective, compute_dtype(cfg))
+    if kernels is None:
+        kernels = resolve_kernels(cfg.kernels, device, dims.tp, dims.pp, dims.cp, cfg.stage.objective,
+                                  compute_dtype(cfg))
     apply_kernels(whole, kernels)
     stages, layers = [0], []
     parts = [whole]

@@ -24,14 +24,13 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage
 
 from mmfm.checkpoint import CheckpointError, CheckpointManager, find_checkpoint
-from mmfm.config import JobConfig, image_tokens, validate
+from mmfm.config import JobConfig, Preflight, image_tokens, preflight
 from mmfm.errors import ConfigError
 from mmfm.data.build import load_tokenizer, loader_summary, reshard_loader_states, train_loader, val_stream
 from mmfm.data.loader import Batch, BatchLoader, EncodedSample, pad_sequence
 from mmfm.data.manifest import TOKENIZER, sha256_file
 from mmfm.models import build_model, model_spec
 from mmfm.models.generate import generate
-from mmfm.parallel import ParallelDims
 from mmfm.parallel.comm import CommCounter
 from mmfm.parallel.distributed import all_reduce_sums, barrier, gather_objects, init_distributed
 from mmfm.parallel.grad_norm import clip_grad_norm
@@ -131,14 +130,16 @@ def stage_checkpoint(spec: str) -> Path:
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig, run_dir: str | Path):
-        self.cfg = validate(cfg)
-        self.device = pick_device(cfg.device)
+    def __init__(self, cfg: JobConfig, run_dir: str | Path, checked: Optional[Preflight] = None):
+        """checked: the config's preflight when the caller ran it (validation runs once)."""
+        checked = checked if checked is not None and checked.cfg is cfg else preflight(cfg)
+        self.cfg = cfg
+        self.device = checked.device
         self.rank, self.world = init_distributed(self.device, cfg.faults.collective_timeout_s)
         # One run directory for all ranks: rank 0's (a timestamped default may differ across ranks).
         self.run_dir = Path(gather_objects(str(run_dir))[0])
         ensure_writable(self.run_dir)
-        self.dims = dims = ParallelDims.from_config(cfg.parallel)  # validated against the world size above
+        self.dims = dims = checked.dims  # validated against the world size
         self.mesh = dims.build_mesh(self.device.type) if self.world > 1 else None
         self.main = self.rank == 0
         self.tokenizer = load_tokenizer(cfg)
@@ -147,7 +148,7 @@ class Trainer:
         self.resume_path = self.preflight_resume()  # refuses a bad resume before anything is written or built
         self.spec = model_spec(cfg.model)
         seed_everything(cfg.seed)
-        self.parts = parallelize(cfg, dims, self.device, self.mesh)
+        self.parts = parallelize(cfg, dims, self.device, self.mesh, kernels=checked.kernels)
         self.model = self.parts.parts[0]  # the whole model unless pipelined
         freeze(self.parts.parts, cfg.stage.freeze)
         self.optimizers = [build_optimizer(part, cfg.train) for part in self.parts.parts]
