@@ -38,6 +38,16 @@ class LanguageConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    # Each head's width; 0: hidden_size / num_heads (Qwen3 sets it apart from the width).
+    head_dim: int = 0
+    qkv_bias: bool = False  # biases on the q, k and v projections (kind qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's q and k before the rotary embedding (kind qwen3)
+    # Rotary frequencies: none, or llama3 (Llama 3.1's long-context rescaling, by the four rope_* fields below).
+    rope_scaling: str = "none"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
 
 
 @dataclass

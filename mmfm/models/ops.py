@@ -23,9 +23,17 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.float()).type_as(x)
 
 
-def rotary_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape [max_len, head_dim // 2] for rotate-half rotary embeddings."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+def rotary_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """The [head_dim // 2] inverse frequencies theta^(-2i / head_dim) of rotary embeddings."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+
+
+def rotary_tables(head_dim: int, max_len: int, theta: float, device=None,
+                  inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape [max_len, head_dim // 2] for rotate-half rotary embeddings; inv_freq: rescaled
+    frequencies (e.g. Llama 3.1's) instead of rotary_frequencies(head_dim, theta)."""
+    if inv_freq is None:
+        inv_freq = rotary_frequencies(head_dim, theta, device)
     angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 

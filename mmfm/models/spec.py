@@ -27,6 +27,8 @@ class PartSpec:
     tp_divisible(cfg): {what: size} for every size that tensor parallelism splits (tp must divide each).
     validate(cfg): raise ConfigError, naming the field and the fix, on a shape the part cannot build.
     block_container: the child of the part holding its repeated blocks (FSDP, checkpointing, compile units).
+    hf: the kind's Hugging Face adapter (parameter names and config.json mapping, as
+        mmfm.models.llama.state_dict_adapter), or None when it has none (mmfm.checkpoint.hf uses it).
     """
 
     kind: str
@@ -36,6 +38,7 @@ class PartSpec:
     tp_divisible: Callable[[ModelConfig], dict[str, int]]
     validate: Callable[[ModelConfig], None]
     block_container: Optional[str] = None
+    hf: Optional[object] = None
 
 
 @dataclass(frozen=True)

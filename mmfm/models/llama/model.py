@@ -1,7 +1,11 @@
-"""A Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU. Plain PyTorch."""
+"""A Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU. Plain PyTorch.
+
+Options of the same code path (model.language): head_dim apart from the width, biases on q/k/v (Qwen2),
+RMSNorm over each head's q and k (Qwen3), Llama 3.1's rescaled rotary frequencies."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -11,7 +15,31 @@ from torch import nn
 from mmfm.config.schema import LanguageConfig
 from mmfm.models.attention import CoreAttention
 from mmfm.models.context import BlockContext
-from mmfm.models.ops import LinearCrossEntropy, RMSNorm, Rotary, SiluMul, rotary_tables
+from mmfm.models.ops import LinearCrossEntropy, RMSNorm, Rotary, SiluMul, rotary_frequencies, rotary_tables
+
+
+def head_dim(cfg: LanguageConfig) -> int:
+    """Each attention head's width: model.language.head_dim, or hidden_size / num_heads when 0."""
+    return cfg.head_dim or cfg.hidden_size // cfg.num_heads
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, cfg: LanguageConfig) -> torch.Tensor:
+    """Llama 3.1's rescaling (as transformers' _compute_llama3_parameters): wavelengths above
+    original_max_positions / low_freq_factor slow down by `factor`, those below original_max_positions /
+    high_freq_factor stay, those between blend smoothly."""
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_positions
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_frequencies(cfg: LanguageConfig, device=None) -> torch.Tensor:
+    inv_freq = rotary_frequencies(head_dim(cfg), cfg.rope_theta, device)
+    return llama3_frequencies(inv_freq, cfg) if cfg.rope_scaling == "llama3" else inv_freq
 
 
 class KVCache:
@@ -39,20 +67,26 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
-        self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.wq = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
+        self.head_dim = head_dim(cfg)
+        self.wq = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        # per-head norms of q and k (one weight of head_dim shared by all heads); absent without qk_norm
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.rotary = Rotary()
         self.core = CoreAttention(causal=True)
 
     def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         b, t, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
-        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(b, t, -1, self.head_dim)
+        k = self.wk(x).view(b, t, -1, self.head_dim)
         v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = ctx.cos, ctx.sin
         if cos.dim() == 2:
             cos, sin = cos[:t], sin[:t]
@@ -104,22 +138,24 @@ class LanguageModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cross_entropy = LinearCrossEntropy()
-        head_dim = cfg.hidden_size // cfg.num_heads
-        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, head_dim // 2), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, head_dim // 2), persistent=False)
+        half = head_dim(cfg) // 2
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, half), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, half), persistent=False)
 
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> None:
         """Initialize the full tensor of parameter `name` (relative to this module)."""
-        if name.endswith("norm.weight"):
+        if name.endswith("norm.weight"):  # also the per-head q_norm / k_norm
             nn.init.ones_(tensor)
+        elif name.endswith(".bias"):  # q/k/v biases
+            nn.init.zeros_(tensor)
         elif name.endswith(("wo.weight", "w2.weight")):  # residual-branch outputs scaled down with depth
             nn.init.normal_(tensor, std=std / (2 * self.cfg.num_layers) ** 0.5, generator=generator)
         else:  # embeddings, output, q/k/v and w1/w3
             nn.init.normal_(tensor, std=std, generator=generator)
 
     def init_buffers(self) -> None:
-        head_dim = self.cfg.hidden_size // self.cfg.num_heads
-        cos, sin = rotary_tables(head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope_cos.device)
+        c, device = self.cfg, self.rope_cos.device
+        cos, sin = rotary_tables(head_dim(c), c.max_seq_len, c.rope_theta, device, rope_frequencies(c, device))
         with torch.no_grad():
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
@@ -132,7 +168,7 @@ class LanguageModel(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         c = self.cfg
-        return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.hidden_size // c.num_heads, dtype, device)
+        return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, head_dim(c), dtype, device)
 
     def forward(self, h: torch.Tensor, positions: Optional[torch.Tensor] = None, attn_mask=None,
                 cache=None, document_ids: Optional[torch.Tensor] = None,

@@ -16,8 +16,8 @@ from mmfm.parallel.tensor_parallel import gather_sequence, scatter_sequence, sha
 _BLOCK_ARGS = 2
 
 
-def _block_plan() -> dict:
-    return {
+def _block_plan(block: nn.Module) -> dict:
+    plan = {
         "attention_norm": SequenceParallel(),
         "attention": sharded_sequence_in(_BLOCK_ARGS),
         "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
@@ -27,16 +27,23 @@ def _block_plan() -> dict:
         "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
         "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
     }
+    if block.attention.q_norm is not None:
+        # q and k [B, T, heads, head_dim] arrive split by heads (dim 2); the norm weight is replicated, and its
+        # gradient, a partial sum over each rank's heads, is all-reduced (DTensor does it)
+        for norm in ("attention.q_norm", "attention.k_norm"):
+            plan[norm] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    return plan
 
 
 def apply_tensor_parallel(lm: nn.Module, tp_mesh) -> None:
     """The embedding split by vocabulary (one all-reduce), the blocks Megatron-style with the residual
-    stream split along the sequence, the logits left split over the vocabulary (`loss_parallel`)."""
+    stream split along the sequence, the logits left split over the vocabulary (`loss_parallel`). The q/k/v
+    biases are split with their projections' outputs (ColwiseParallel), the q/k norms replicated."""
     if lm.tok_embeddings is not None:  # also on the last stage when tied: same vocabulary split
         parallelize_module(lm.tok_embeddings, tp_mesh,
                            RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
     for block in lm.layers.values():
-        parallelize_module(block, tp_mesh, _block_plan())
+        parallelize_module(block, tp_mesh, _block_plan(block))
     if "0" in lm.layers:  # the embeddings (with the images spliced in) enter the sequence split here
         parallelize_module(lm.layers["0"], tp_mesh, scatter_sequence(_BLOCK_ARGS))
     if lm.norm is not None:
