@@ -17,7 +17,16 @@ class VisionConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
-    stem: str = "patch"
+    stem: str = "patch"  # kind=vit: patch or conv (the others patchify)
+    # The MLP's width; 0: hidden_size * mlp_ratio (SigLIP-so400m's 4304 is no round ratio of its 1152).
+    intermediate_size: int = 0
+    # The MLP's activation: gelu (erf), gelu_tanh or quick_gelu; "": the kind's own (vit gelu, siglip
+    # gelu_tanh, clip quick_gelu).
+    act: str = ""
+    # Which layer's output the tower returns, indexed as transformers' hidden_states (1..num_layers, or
+    # negative from the end; 0, the embeddings, is refused): LLaVA takes -2. Later layers are not built.
+    # kind=vit: -1 only (it returns its last layer, normed).
+    feature_layer: int = -1
 
 
 @dataclass

@@ -6,7 +6,9 @@ from mmfm.config.checks import positive, require
 from mmfm.config.schema import ModelConfig
 from mmfm.models.spec import EncoderPartSpec, register_part
 from mmfm.models.vit import counts, parallelize
-from mmfm.models.vit.model import VisionTransformer
+from mmfm.models.vit.model import VisionTransformer, mlp_width
+
+MLP_WIDTH = "the vision MLP's width (model.vision.intermediate_size, or hidden_size * mlp_ratio)"
 
 
 def validate(cfg: ModelConfig) -> None:
@@ -20,6 +22,12 @@ def validate(cfg: ModelConfig) -> None:
     require(v.stem != "conv" or v.patch_size & (v.patch_size - 1) == 0,
             f"model.vision.stem=conv needs a power-of-two model.vision.patch_size, not {v.patch_size}; "
             "use stem=patch or patch_size 2, 4, 8, 16")
+    require(v.intermediate_size >= 0, f"model.vision.intermediate_size={v.intermediate_size} must be >= 0 "
+            "(0: hidden_size * mlp_ratio)")
+    require(v.act in ("", "gelu"), f"model.vision.act={v.act!r} is not supported by model.vision.kind=vit "
+            "(its MLP uses gelu); leave act empty or use kind=siglip / clip")
+    require(v.feature_layer == -1, f"model.vision.feature_layer={v.feature_layer} is not supported by "
+            "model.vision.kind=vit (it returns its last layer, normed); use -1 or kind=siglip / clip")
     require(v.hidden_size % v.num_heads == 0,
             f"model.vision.hidden_size={v.hidden_size} is not divisible by model.vision.num_heads="
             f"{v.num_heads}; change one so that hidden_size % num_heads == 0")
@@ -28,6 +36,7 @@ def validate(cfg: ModelConfig) -> None:
 def tp_divisible(cfg: ModelConfig) -> dict[str, int]:
     v = cfg.vision
     return {"model.vision.num_heads": v.num_heads, "model.vision.hidden_size": v.hidden_size,
+            MLP_WIDTH: mlp_width(v),
             # sequence parallelism splits the patches
             "the vision tower's patches ((image_size / patch_size)^2)": (v.image_size // v.patch_size) ** 2}
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from mmfm.config.schema import ModelConfig, VisionConfig
+from mmfm.models.vit.model import mlp_width
 
 
 def _layer_params(v: VisionConfig) -> int:
-    d, m = v.hidden_size, int(v.hidden_size * v.mlp_ratio)
+    d, m = v.hidden_size, mlp_width(v)
     return 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)
 
 
@@ -35,7 +36,7 @@ def flops_per_image(cfg: ModelConfig) -> float:
     """Training FLOPs (forward + backward) of the tower for one image."""
     v = cfg.vision
     p = (v.image_size // v.patch_size) ** 2
-    d, m = v.hidden_size, int(v.hidden_size * v.mlp_ratio)
+    d, m = v.hidden_size, mlp_width(v)
     stem = sum(cin * cout * k * k * side * side for cin, cout, k, side in stem_convs(v))
     matmul_per_patch = v.num_layers * (4 * d * d + 2 * d * m)
     attention = 12 * v.num_layers * d * p * p

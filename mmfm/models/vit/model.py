@@ -27,6 +27,11 @@ class VisionAttention(nn.Module):
         return self.proj(self.core(q, k, v).transpose(1, 2).reshape(b, t, -1))
 
 
+def mlp_width(cfg: VisionConfig) -> int:
+    """The MLP's hidden width: model.vision.intermediate_size, or hidden_size * mlp_ratio when it is 0."""
+    return cfg.intermediate_size or int(cfg.hidden_size * cfg.mlp_ratio)
+
+
 class VisionMLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -43,7 +48,7 @@ class VisionBlock(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.attn = VisionAttention(cfg.hidden_size, cfg.num_heads)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.mlp = VisionMLP(cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio))
+        self.mlp = VisionMLP(cfg.hidden_size, mlp_width(cfg))
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))

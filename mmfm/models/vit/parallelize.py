@@ -9,7 +9,8 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from mmfm.parallel.tensor_parallel import gather_sequence, scatter_sequence, sharded_sequence_in
 
 
-def _block_plan() -> dict:
+def block_plan() -> dict:
+    """One block, Megatron-style, its residual stream split along the sequence (also the clip family's)."""
     return {
         "norm1": SequenceParallel(),
         "attn": sharded_sequence_in(),
@@ -26,7 +27,7 @@ def apply_tensor_parallel(tower: nn.Module, tp_mesh) -> None:
     """Blocks Megatron-style with the patches split along the sequence; the output gathered whole."""
     blocks = tower.blocks
     for block in blocks.values():
-        parallelize_module(block, tp_mesh, _block_plan())
+        parallelize_module(block, tp_mesh, block_plan())
     parallelize_module(blocks[next(iter(blocks))], tp_mesh, scatter_sequence(1))
     parallelize_module(tower.norm, tp_mesh, SequenceParallel())
     parallelize_module(tower.norm, tp_mesh, gather_sequence(use_local_output=True))
