@@ -14,6 +14,11 @@ from torch import nn
 from mmfm.config.schema import ModelConfig
 from mmfm.errors import ConfigError
 
+class UnsupportedConfig(ValueError):
+    """A Hugging Face config.json a kind cannot express; the message names the key (mmfm.checkpoint.hf adds the
+    file)."""
+
+
 # A part's hooks take the whole ModelConfig: a projector needs both widths, a tower the image size.
 Build = Callable[[ModelConfig], nn.Module]
 Count = Callable[[ModelConfig], int]

@@ -7,6 +7,7 @@ from mmfm.config.checks import positive, require
 from mmfm.config.schema import ModelConfig
 from mmfm.models.clip import counts, parallelize
 from mmfm.models.clip.model import ACTIVATIONS, LAYOUTS, ClipVisionTower
+from mmfm.models.clip.state_dict_adapter import ADAPTERS
 from mmfm.models.spec import EncoderPartSpec, register_part
 from mmfm.models.vit import MLP_WIDTH
 from mmfm.models.vit.model import mlp_width
@@ -47,7 +48,7 @@ def _spec(kind: str) -> EncoderPartSpec:
     return register_part("vision", EncoderPartSpec(
         kind=kind, build=lambda cfg: ClipVisionTower(cfg.vision), num_params=counts.num_params,
         apply_tensor_parallel=parallelize.apply_tensor_parallel, tp_divisible=tp_divisible, validate=validate,
-        block_container="blocks", flops_per_image=counts.flops_per_image))
+        block_container="blocks", hf=ADAPTERS[kind], flops_per_image=counts.flops_per_image))
 
 
 CLIP_SPEC, SIGLIP_SPEC = _spec("clip"), _spec("siglip")

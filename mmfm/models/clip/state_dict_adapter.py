@@ -27,6 +27,7 @@ from typing import Any, Iterable, Optional
 
 from mmfm.config.schema import VisionConfig
 from mmfm.models.clip.model import LAYOUTS, activation, kept_layers
+from mmfm.models.spec import UnsupportedConfig
 from mmfm.models.vit.model import mlp_width
 
 PREFIXES = ("", "vision_model.", "vision_tower.vision_model.", "vision_tower.", "model.vision_tower.",
@@ -42,10 +43,6 @@ LAYER_NAMES = {
 # hidden_act -> model.vision.act (gelu_new is the same tanh formula as gelu_pytorch_tanh, written out).
 ACTS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
 HF_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
-
-
-class UnsupportedConfig(ValueError):
-    """A config.json this kind cannot express; the message names the key (mmfm.checkpoint.hf adds the file)."""
 
 
 class UnexpectedTensors(ValueError):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmfm.config.schema import LanguageConfig
+from mmfm.models.spec import UnsupportedConfig
 
 ROPE_DEFAULT_THETA = 10000.0  # transformers' default_theta
 
@@ -43,10 +44,6 @@ ARCH_FIELDS = ("kind", "vocab_size", "hidden_size", "num_layers", "num_heads", "
 LLAMA3_FIELDS = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_positions")
 LLAMA3_KEYS = dict(zip(LLAMA3_FIELDS, ("factor", "low_freq_factor", "high_freq_factor",
                                        "original_max_position_embeddings")))
-
-
-class UnsupportedConfig(ValueError):
-    """A config.json this kind cannot express; the message names the key (mmfm.checkpoint.hf adds the file)."""
 
 
 _REQUIRED = object()
