@@ -161,7 +161,8 @@ def saved_run(tmp_path, cfg):
     model = imported(cfg) if cfg.pretrained.vlm else build_model(cfg, "cpu")
     run_dir.mkdir()
     OmegaConf.save(OmegaConf.structured(job), run_dir / "config.yaml")
-    CheckpointManager(run_dir / "checkpoints").save(1, model, torch.optim.AdamW(model.parameters()), {})
+    CheckpointManager(run_dir / "checkpoints").save(1, model, torch.optim.AdamW(model.parameters()),
+                                                    {"scheduler": {}, "data": []})
     return run_dir
 
 
