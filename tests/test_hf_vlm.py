@@ -132,6 +132,12 @@ def test_vlm_logits_equal_transformers(llavas, case):
     with torch.no_grad():
         blind = model.language(model.language.embed(ids))
     assert (blind - mmfm_logits(model))[:, 3 + PER_IMAGE:].abs().max() > 100 * ATOL
+    # and a mapping error there shows: linear_1 and linear_2 swapped (both 32 x 32 here)
+    with torch.no_grad():
+        a, b = model.projector.fc1.weight.clone(), model.projector.fc2.weight.clone()
+        model.projector.fc1.weight.copy_(b)
+        model.projector.fc2.weight.copy_(a)
+    assert (mmfm_logits(model) - hf_logits(hf)).abs().max() > 100 * ATOL
 
 
 def test_parts_import_equals_vlm_import(llavas, tmp_path):
