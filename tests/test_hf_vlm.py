@@ -236,3 +236,15 @@ def test_vit_tower_export_is_refused(tmp_path):
     one_line(HFCheckpointError, lambda: run(parse_args([str(run_dir), "--format", "hf", "--out", str(out)])),
              "model.vision.kind=vit has no Hugging Face form", "--language-only")
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_parallelize_loads_pretrained(llavas):
+    """The hook where the model is materialized: parallelize (one process, no mesh) fills model.pretrained."""
+    from mmfm.parallel.dims import ParallelDims
+    from mmfm.parallel.parallelize import parallelize
+
+    folder, hf = llavas["clip-llama"]
+    job = JobConfig(model=vlm_config(folder))
+    parts = parallelize(job, ParallelDims(), torch.device("cpu"))
+    diff = (mmfm_logits(parts.parts[0].eval()) - hf_logits(hf)).abs().max().item()
+    assert diff <= ATOL
