@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                   "[-m] [overrides]` (e.g. cluster=slurm cluster.nodes=16)"),
     "generate": ("mmfm.cli.generate", "caption or answer for image files from a checkpoint (greedy or sampled, "
                                       "KV-cached)"),
+    "export": ("mmfm.cli.export", "a checkpoint as a Hugging Face folder: `mmfm export RUN --format hf --out DIR "
+                                  "[--language-only]` (LLaVA, or the language model's *ForCausalLM)"),
     "data": ("mmfm.cli.data", "data set tools: synthetic, instruction and preference data, recipe builds"),
     "bench": ("mmfm.cli.bench", "benchmarks: parallelism (CPU processes, gloo), kernels (GPU timing, CPU memory), "
                                 "data loading"),

@@ -60,6 +60,17 @@ class LanguageConfig:
 
 
 @dataclass
+class PretrainedConfig:
+    """Hugging Face folders (config.json + safetensors) whose weights replace the seeded initialization: the whole
+    VLM from a LlavaForConditionalGeneration folder (vlm), or parts from their own folders (vision: a CLIP /
+    SigLIP model; language: a *ForCausalLM), the projector then staying freshly initialized. A checkpoint resume
+    or stage.init_from loads over them. "": none."""
+    vlm: str = ""
+    vision: str = ""
+    language: str = ""
+
+
+@dataclass
 class ModelConfig:
     name: str = "vlm"  # the model that composes the parts (mmfm.models.spec.MODEL_REGISTRY)
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -67,6 +78,7 @@ class ModelConfig:
     language: LanguageConfig = field(default_factory=LanguageConfig)
     image_token_id: int = 3
     init_std: float = 0.02
+    pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
 
 
 @dataclass

@@ -40,6 +40,21 @@ def _validate_model(cfg: JobConfig) -> None:
     _require(cfg.model.name in MODEL_REGISTRY,
              f"model.name={cfg.model.name!r} is unknown; choose one of {sorted(MODEL_REGISTRY)}")
     MODEL_REGISTRY[cfg.model.name].validate(cfg.model)
+    _validate_pretrained(cfg)
+
+
+def _validate_pretrained(cfg: JobConfig) -> None:
+    """model.pretrained's folders exist, hold config.json, and describe the model of model.*."""
+    p = cfg.model.pretrained
+    if not (p.vlm or p.vision or p.language):
+        return
+    from mmfm.checkpoint.hf import HFCheckpointError
+    from mmfm.checkpoint.hf_vlm import check_pretrained
+
+    try:
+        check_pretrained(cfg.model)
+    except HFCheckpointError as exc:
+        raise ConfigError(f"model.pretrained: {exc}") from None
 
 
 def _validate_data(cfg: JobConfig) -> None:

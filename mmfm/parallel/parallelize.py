@@ -2,6 +2,7 @@
 
     meta model -> kernels -> pipeline stages -> tensor/sequence parallel -> activation checkpointing -> compile
     -> FSDP2/HSDP -> context parallel -> materialize this rank's shards only -> seeded initialization
+    -> model.pretrained's Hugging Face weights (this rank's slices; mmfm.checkpoint.hf_vlm)
 
 No rank ever materializes the full model: parameters are created on the meta device, sharded there,
 and each rank allocates and initializes only its own shards (mmfm.models.init).
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from mmfm.checkpoint.hf_vlm import load_pretrained
 from mmfm.config import JobConfig
 from mmfm.kernels.apply import apply_kernels, resolve_kernels
 from mmfm.models import build_model, model_spec
@@ -133,6 +135,7 @@ def parallelize(cfg: JobConfig, dims: ParallelDims, device: torch.device, mesh=N
     for part in parts if materialize else ():
         part.to_empty(device=device)
         init_parameters(part, cfg.seed)
+        load_pretrained(part, cfg.model)  # model.pretrained's weights, this rank's slices (a resume loads over them)
     tied = None
     if dims.pp > 1 and cfg.model.language.tie_embeddings:
         tied = tied_embedding_groups(mesh, dims.pp)
