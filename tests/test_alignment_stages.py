@@ -28,7 +28,8 @@ MODEL = [*SMALL_MODEL, "model.vision.image_size=32", "model.vision.patch_size=8"
          "model.language.max_seq_len=96", "data.seq_len=80"]
 QUIET = ["logger.wandb.enabled=false", "logger.progress_bar=false", "train.val_every=0", "eval.num_samples=0",
          f"seed={TEST_SEED}"]
-pytestmark = pytest.mark.convergence
+# The first test's fixtures train the captioner and the SFT model (~6 min on 2 idle cores): room for a slower machine.
+pytestmark = [pytest.mark.convergence, pytest.mark.timeout(1800)]
 
 
 def run(run_dir, data, *overrides) -> dict:
