@@ -84,3 +84,14 @@ def make_cfg(synth_dir):
         return load_config(base + (SMALL_MODEL if small else []) + list(overrides))
 
     return make
+
+
+def one_line(exc_type, call, *fragments) -> str:
+    """call() raises exc_type with a one-line message holding every fragment; returns the message."""
+    with pytest.raises(exc_type) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message

@@ -27,6 +27,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCa
                           Qwen3ForCausalLM)
 from transformers.modeling_rope_utils import _compute_llama3_parameters
 
+from conftest import one_line
 from mmfm.checkpoint.hf import (HFCheckpointError, export_language, language_config_from_hf, language_model_from_hf,
                                 load_language)
 from mmfm.config.schema import LanguageConfig, ModelConfig
@@ -108,13 +109,7 @@ def damaged_copy(folder, tmp_path, edit_config=None):
 
 
 def one_line_error(call, *fragments) -> str:
-    with pytest.raises(HFCheckpointError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
+    return one_line(HFCheckpointError, call, *fragments)
 
 
 def built(cfg: LanguageConfig):

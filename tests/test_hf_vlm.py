@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig,
                           LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig)
 
+from conftest import one_line
 from mmfm.checkpoint import CheckpointManager
 from mmfm.checkpoint.hf import HFCheckpointError
 from mmfm.checkpoint.hf_vlm import load_pretrained, model_config_from_hf
@@ -102,16 +103,6 @@ def vlm_config(folder):
     cfg = model_config_from_hf(folder)
     cfg.pretrained.vlm = str(folder)
     return cfg
-
-
-def one_line(exc_type, call, *fragments):
-    with pytest.raises(exc_type) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 # ---------------------------------------------------------------- equal to transformers
