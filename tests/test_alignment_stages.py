@@ -28,7 +28,7 @@ MODEL = [*SMALL_MODEL, "model.vision.image_size=32", "model.vision.patch_size=8"
          "model.language.max_seq_len=96", "data.seq_len=80"]
 QUIET = ["logger.wandb.enabled=false", "logger.progress_bar=false", "train.val_every=0", "eval.num_samples=0",
          f"seed={TEST_SEED}"]
-# The first test's fixtures train the captioner and the SFT model (~6 min on 2 idle cores): room for a slower machine.
+# The first test's fixtures train the captioner and the SFT model (~8 min on 2 idle cores): room for a slower machine.
 pytestmark = [pytest.mark.convergence, pytest.mark.timeout(1800)]
 
 
@@ -74,9 +74,10 @@ def pretrained(scenes, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sft(pretrained, scenes, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft")
-    summary = run(out, scenes / "sft", "stage=sft", f"stage.init_from={pretrained}", "train.max_steps=1000",
+    # 2000 steps: at 1000 the scalar path's seed 1 stalled at 0.853 and DPO from it failed (docs/results.md)
+    summary = run(out, scenes / "sft", "stage=sft", f"stage.init_from={pretrained}", "train.max_steps=2000",
                   "train.optim.lr=2e-3", "train.schedule.warmup_steps=20", "checkpoint.every=100",
-                  "checkpoint.keep_last=10", "eval.num_samples=300")
+                  "checkpoint.keep_last=20", "eval.num_samples=300")
     return out, summary
 
 
