@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="two-object captions: objects first, left/top one first ('a red circle on the left and ...'), "
                         "or places first in random order ('on the right is a blue square and ...'), which teaches the "
                         "place-to-object binding that the later stages' questions need")
+    s.add_argument("--tokenizer", help="a pretrained model's Hugging Face folder (or a tokenizer.json) whose tokenizer to "
+                   "copy instead of training one (<image> added if it lacks one)")
     s.add_argument("--force", action="store_true", help="rebuild a folder built with other parameters")
     i = add_tool(sub, "data", "instruct",
                  description="Render shape scenes with questions on colour, count, position and shape: "
@@ -37,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "wrong one (rejected) (--kind preference). Deterministic from --seed.")
     i.add_argument("--kind", choices=("sft", "preference"), default="sft")
     i.add_argument("--out", required=True, help="output folder")
-    i.add_argument("--tokenizer", help="tokenizer.json of the pretraining data set (default: train the same one)")
+    i.add_argument("--tokenizer", help="tokenizer.json of the pretraining data set, or a pretrained model's Hugging Face "
+                   "folder (its tokenizer, special tokens and chat template; <image> added if it lacks one) "
+                   "(default: train the same one as `mmfm data synth --instruct-text`)")
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--train-size", type=int, default=8000)
     i.add_argument("--val-size", type=int, default=500)
@@ -86,7 +90,8 @@ def main(argv: list[str]) -> int:
         m = build_synth_dataset(args.out, seed=args.seed, train_size=args.train_size, val_size=args.val_size,
                                 image_size=args.image_size, shard_size=args.shard_size,
                                 digit_fraction=args.digit_fraction, pair_fraction=args.pair_fraction,
-                                instruct_text=args.instruct_text, pair_captions=args.pair_captions, force=args.force)
+                                instruct_text=args.instruct_text, pair_captions=args.pair_captions, force=args.force,
+                                tokenizer=args.tokenizer)
     report(args.out, m)
     return 0
 

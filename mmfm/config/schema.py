@@ -89,7 +89,10 @@ class MixSource:
 
 @dataclass
 class ChatConfig:
-    """The chat template of conversation stages (mmfm.data.chat.ChatTemplate)."""
+    """The chat template of conversation stages (mmfm.data.chat.ChatTemplate): `markers` (the strings below),
+    `tokenizer` (a pretrained tokenizer's own chat template) or `auto` (the tokenizer's for a pretrained
+    tokenizer, else the markers)."""
+    template: str = "auto"
     system: str = "system: "
     user: str = "user: "
     assistant: str = "assistant: "

@@ -7,8 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 from mmfm.config import JobConfig, image_tokens
-from mmfm.errors import ConfigError
-from mmfm.data.chat import ChatTemplate, ConversationEncoder
+from mmfm.errors import ConfigError, MmfmError
+from mmfm.data.chat import TEMPLATES, ChatTemplate, ConversationEncoder
+from mmfm.data.chat_template import template_segments
 from mmfm.data.loader import BatchLoader, SampleEncoder, SampleStream, reshard_stream_states
 from mmfm.data.mixing import MixedStream, reshard_mixed_states
 from mmfm.data.packing import PackedBatchLoader
@@ -25,7 +26,35 @@ def load_tokenizer(cfg: JobConfig) -> TextTokenizer:
     if tok.image_id != cfg.model.image_token_id:
         raise ConfigError(f"model.image_token_id={cfg.model.image_token_id} but the tokenizer's <image> id is "
                           f"{tok.image_id}; set model.image_token_id={tok.image_id}")
+    _check_chat_template(cfg, tok)
     return tok
+
+
+def _check_chat_template(cfg: JobConfig, tok: TextTokenizer) -> None:
+    """A conversation stage on a pretrained tokenizer needs its chat template (or data.chat.template=markers)."""
+    choice = cfg.data.chat.template
+    if choice not in TEMPLATES:
+        raise ConfigError(f"data.chat.template={choice!r} is unknown; use one of {list(TEMPLATES)}")
+    if cfg.stage.objective == "pretrain":
+        return
+    uses_template = choice == "tokenizer" or (choice == "auto" and tok.pretrained)
+    if uses_template and tok.chat_template:
+        _probe_template(tok)
+    elif uses_template:
+        raise ConfigError(f"stage={cfg.stage.objective} formats conversations with the tokenizer's chat template, but "
+                          f"{tok.source} has none (no chat_template.jinja or tokenizer_config.json chat_template); "
+                          "use the instruct model's tokenizer, or set data.chat.template=markers for mmfm's role "
+                          "markers")
+
+
+def _probe_template(tok: TextTokenizer) -> None:
+    """The chat template renders a two-round conversation and only appends turns (else: one line, before the run)."""
+    probe = [{"from": "human", "value": "<image>\nq1"}, {"from": "gpt", "value": "a1"},
+             {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}]
+    try:
+        template_segments(tok.chat_template, probe, tok.special_token_strings())
+    except (ValueError, MmfmError) as exc:
+        raise ConfigError(f"the chat template of {tok.source} is unusable: {exc}") from None
 
 
 def sample_encoder(cfg: JobConfig, tokenizer: TextTokenizer) -> SampleEncoder | ConversationEncoder:

@@ -1,14 +1,17 @@
-"""A chat template for supervised fine-tuning on LLaVA-format conversations.
+"""Chat templates for conversation stages (sft, dpo, grpo) on LLaVA-format conversations.
 
-A conversation [{"from": "system"|"human"|"gpt", "value": ...}, ...] becomes
-
-    <bos> (role marker, turn text, turn_end) per turn, <eos>
-
-where each image placeholder in a turn's text becomes tokens_per_image <image> tokens (images in order).
-Every turn ends with turn_end; <eos> comes after the final turn's turn_end, so the model always closes an
-answer the same way and then learns to stop. Loss only on the assistant turns' text and turn_end, and on
-the closing <eos>: never on bos, role markers, system/user text or image tokens. Segments (marker, text
-pieces, turn_end) are tokenized separately, so a marker's tokens never merge with the text after it.
+data.chat.template picks one:
+  markers    mmfm's role markers (data.chat's strings); a conversation [{"from": "system"|"human"|"gpt",
+             "value": ...}, ...] becomes  <bos> (role marker, turn text, turn_end) per turn, <eos>.
+             Every turn ends with turn_end; <eos> follows the final turn's turn_end, so the model always closes
+             an answer the same way and then learns to stop.
+  tokenizer  the pretrained tokenizer's own (Jinja) chat template (mmfm.data.chat_template); <bos> only where
+             the template writes it, <eos> after the last answer unless the answer already holds it.
+  auto       the tokenizer's template for a pretrained tokenizer, the markers for mmfm's own.
+Each image placeholder in a turn's text becomes tokens_per_image image tokens (images in order). Loss only on
+the assistant answers (and what the template closes them with) and on the closing <eos>: never on bos, role
+markers, system/user text or image tokens. Pieces (marker, text, turn_end; or the template's prompt and answer
+pieces) are tokenized separately, so a marker's tokens never merge with the text after it.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from mmfm.config.schema import ChatConfig
+from mmfm.data.chat_template import ROLES, template_segments
 from mmfm.data.loader import IGNORE_INDEX, EncodedSample, SkipSample, read_images, read_meta
 from mmfm.data.tokenizer import TextTokenizer
 
-ROLES = {"system": "system", "human": "user", "gpt": "assistant"}  # LLaVA "from" -> template field
+TEMPLATES = ("auto", "markers", "tokenizer")
 
 
 @dataclass
@@ -33,15 +37,31 @@ class ChatTemplate(ChatConfig):
             raise ValueError(f"unknown turn role {role!r}; expected one of {sorted(ROLES)}")
         return getattr(self, ROLES[role])
 
+    def uses_tokenizer(self, tokenizer: TextTokenizer) -> bool:
+        """Whether conversations go through the tokenizer's own template (data.chat.template, resolved)."""
+        return self.template == "tokenizer" or (self.template == "auto" and tokenizer.pretrained)
 
-def _turn_ids(text: str, tokenizer: TextTokenizer, template: ChatTemplate, tokens_per_image: int) -> list[int]:
-    """The turn text's tokens, each placeholder replaced by tokens_per_image image tokens."""
+    def segments(self, turns: list[dict], tokenizer: TextTokenizer) -> tuple[list[tuple[str, bool]], int]:
+        """(text, carries_loss) pieces of the conversation and the index of the last answer's first piece."""
+        if self.uses_tokenizer(tokenizer):
+            return template_segments(tokenizer.chat_template, turns, tokenizer.special_token_strings())
+        pieces, answer_start = [], 0
+        for turn in turns:
+            is_answer = turn.get("from") == "gpt"
+            pieces.append((self.marker(turn.get("from")), False))
+            answer_start = len(pieces) if is_answer else answer_start
+            pieces += [(str(turn.get("value", "")), is_answer), (self.turn_end, is_answer)]
+        return pieces, answer_start
+
+
+def _piece_ids(text: str, tokenizer: TextTokenizer, placeholder: str, tokens_per_image: int) -> list[int]:
+    """The piece's tokens, each image placeholder replaced by tokens_per_image image tokens."""
     ids: list[int] = []
-    for i, piece in enumerate(text.split(template.image_placeholder)):
+    for i, part in enumerate(text.split(placeholder)):
         if i > 0:
             ids += [tokenizer.image_id] * tokens_per_image
-        if piece:
-            ids += tokenizer.encode(piece)
+        if part:
+            ids += tokenizer.encode(part)
     return ids
 
 
@@ -50,25 +70,28 @@ def encode_conversation(turns: list[dict], images: list[torch.Tensor], tokenizer
                         key: str = "") -> EncodedSample:
     """The conversation as an EncodedSample (targets as the loader's: targets[i] = input_ids[i + 1] where that
     token carries loss). caption = the last assistant answer. ValueError: unknown role, no assistant turn
-    last, or placeholders != len(images); SkipSample("too_long"): more than seq_len tokens."""
+    last, placeholders != len(images), or a template that fails; SkipSample("too_long"): more than seq_len
+    tokens."""
     if not turns or turns[-1].get("from") != "gpt":
         raise ValueError("a conversation must end with an assistant ('gpt') turn")
     placeholders = sum(str(t.get("value", "")).count(template.image_placeholder) for t in turns)
     if placeholders != len(images):
         raise ValueError(f"{placeholders} image placeholder(s) in the turns but {len(images)} image(s)")
-    ids, loss = [tokenizer.bos_id], [False]
-    end_ids = tokenizer.encode(template.turn_end) if template.turn_end else []
-    for turn in turns:
-        role, text = turn.get("from"), str(turn.get("value", ""))
-        marker = tokenizer.encode(template.marker(role))
-        body = _turn_ids(text, tokenizer, template, tokens_per_image) + end_ids
-        is_answer = role == "gpt"
-        ids += marker
-        prompt_len = len(ids)  # of the last turn: generation is prompted up to its role marker
-        ids += body
-        loss += [False] * len(marker) + [is_answer and t != tokenizer.image_id for t in body]
-    ids.append(tokenizer.eos_id)
-    loss.append(True)
+    own = template.uses_tokenizer(tokenizer)
+    pieces, answer_start = template.segments(turns, tokenizer)
+    ids = [] if own else tokenizer.bos()
+    loss = [False] * len(ids)
+    prompt_len = 0
+    for i, (text, carries) in enumerate(pieces):
+        if i == answer_start:
+            prompt_len = len(ids)  # generation is prompted up to the last answer
+        piece = _piece_ids(text, tokenizer, template.image_placeholder, tokens_per_image)
+        ids += piece
+        loss += [carries and t != tokenizer.image_id for t in piece]
+    last_answer = ids[prompt_len:]
+    if not own or tokenizer.eos_id not in last_answer:
+        ids.append(tokenizer.eos_id)
+        loss.append(True)
     if len(ids) > seq_len:
         raise SkipSample("too_long", f"{len(ids)} tokens > data.seq_len={seq_len}")
     targets = [nxt if carries else IGNORE_INDEX for nxt, carries in zip(ids[1:], loss[1:])] + [IGNORE_INDEX]

@@ -133,8 +133,8 @@ class SampleEncoder:
         """The tokens before the caption: what generation is prompted with."""
         t = self.tokenizer
         if num_images == 0:
-            return [t.bos_id]
-        return [t.bos_id] + [t.image_id] * (self.tokens_per_image * num_images) + self.prompt_ids
+            return t.bos()
+        return t.bos() + [t.image_id] * (self.tokens_per_image * num_images) + self.prompt_ids
 
     def images_of(self, raw: dict) -> list[torch.Tensor]:
         return read_images(raw, self.image_size)

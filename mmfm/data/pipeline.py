@@ -40,7 +40,6 @@ import logging
 import multiprocessing as mp
 import os
 import re
-import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -504,16 +503,17 @@ def _shard_texts(out: Path, shards: list[dict]) -> Iterator[str]:
 
 
 def _tokenizer(out: Path, spec: dict, texts, base: Path) -> dict:
-    from mmfm.data.tokenizer import train_tokenizer
+    """output.tokenizer: {file: tokenizer.json or a Hugging Face model folder} (copied; a pretrained one gets
+    <image> when it lacks it) or {vocab_size: N} (trained on the kept texts)."""
+    from mmfm.data.tokenizer import install_tokenizer, train_tokenizer
 
     target = out / mf.TOKENIZER
     if "file" in spec:
         src = Path(spec["file"]) if os.path.isabs(spec["file"]) else base / spec["file"]
-        if not src.is_file():
+        if not src.exists():
             raise RecipeError(f"output.tokenizer.file {src} does not exist")
-        shutil.copyfile(src, target)
-    else:
-        train_tokenizer(texts, int(spec.get("vocab_size", 512))).save(str(target))
+        return install_tokenizer(src, out)
+    train_tokenizer(texts, int(spec.get("vocab_size", 512))).save(str(target))
     vocab = json.loads(target.read_text())["model"]["vocab"]
     return {"file": mf.TOKENIZER, "vocab_size": len(vocab), "sha256": mf.sha256_file(target)}
 

@@ -11,7 +11,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -169,19 +169,21 @@ def build_synth_dataset(out: str | Path, seed: int = 0, train_size: int = 20000,
                         pair_fraction: float = 0.45,
                         vocab_size: int = 512, prompt: str = "describe the image.", num_examples: int = 8,
                         instruct_text: bool = False, pair_captions: str = "ordered", force: bool = False,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, tokenizer: Optional[str | Path] = None) -> dict:
     """Write train/val shards, tokenizer.json, examples/ and manifest.json (last, atomically) under `out`.
 
     An existing data set built with the same parameters is reused; different parameters need force=True.
     instruct_text: train the tokenizer on the instruction data's text too (questions, answers, chat markers), for
     a model that goes on to the sft/dpo/grpo stages with `mmfm data instruct` data.
     pair_captions: "ordered" or "shuffled" two-object captions (see pair_caption); the later stages need "shuffled".
+    tokenizer: a pretrained tokenizer (a Hugging Face folder, or a tokenizer.json) to copy instead of training one
+    (mmfm.data.tokenizer.install_tokenizer; vocab_size and instruct_text then do not apply).
     """
     from tqdm import tqdm
 
     from mmfm import __version__
     from mmfm.data import manifest as mf
-    from mmfm.data.tokenizer import train_tokenizer
+    from mmfm.data.tokenizer import install_tokenizer, tokenizer_digest, train_tokenizer
 
     for name, value in (("train_size", train_size), ("val_size", val_size), ("image_size", image_size),
                         ("shard_size", shard_size)):
@@ -196,7 +198,8 @@ def build_synth_dataset(out: str | Path, seed: int = 0, train_size: int = 20000,
     params = dict(seed=seed, train_size=train_size, val_size=val_size, image_size=image_size,
                   shard_size=shard_size, digit_fraction=digit_fraction, pair_fraction=pair_fraction,
                   vocab_size=vocab_size, prompt=prompt, **({"instruct_text": True} if instruct_text else {}),
-                  **({"pair_captions": pair_captions} if pair_captions != "ordered" else {}))
+                  **({"pair_captions": pair_captions} if pair_captions != "ordered" else {}),
+                  **({"tokenizer": tokenizer_digest(Path(tokenizer))} if tokenizer else {}))
     existing = mf.existing_build(out, params, force)
     if existing is not None:
         return existing
@@ -213,14 +216,17 @@ def build_synth_dataset(out: str | Path, seed: int = 0, train_size: int = 20000,
 
     from mmfm.data.synth_instruct import tokenizer_texts
 
-    texts = tokenizer_texts(prompt, pair_captions) if instruct_text else all_caption_texts(prompt, pair_captions)
-    tokenizer = train_tokenizer(texts, vocab_size)
-    tokenizer.save(str(out / mf.TOKENIZER))
+    if tokenizer:
+        tokenizer_entry = install_tokenizer(tokenizer, out)
+    else:
+        texts = tokenizer_texts(prompt, pair_captions) if instruct_text else all_caption_texts(prompt, pair_captions)
+        trained = train_tokenizer(texts, vocab_size)
+        trained.save(str(out / mf.TOKENIZER))
+        tokenizer_entry = {"file": mf.TOKENIZER, "vocab_size": trained.get_vocab_size(),
+                           "sha256": mf.sha256_file(out / mf.TOKENIZER)}
     manifest = {
         "format": mf.FORMAT, "generator": "mmfm data synth", "mmfm_version": __version__, "params": params,
-        "splits": splits, "sources": sources, "licences": LICENCES,
-        "tokenizer": {"file": mf.TOKENIZER, "vocab_size": tokenizer.get_vocab_size(),
-                      "sha256": mf.sha256_file(out / mf.TOKENIZER)},
+        "splits": splits, "sources": sources, "licences": LICENCES, "tokenizer": tokenizer_entry,
     }
     mf.write_json_atomic(out / mf.MANIFEST, manifest)
     return manifest

@@ -8,7 +8,6 @@ import itertools
 import json
 import logging
 import random
-import shutil
 import tempfile
 import time
 from functools import partial
@@ -29,6 +28,7 @@ from mmfm.errors import ConfigError
 from mmfm.data.build import load_tokenizer, loader_summary, reshard_loader_states, train_loader, val_stream
 from mmfm.data.loader import Batch, BatchLoader, EncodedSample, pad_sequence
 from mmfm.data.manifest import TOKENIZER, sha256_file
+from mmfm.data.tokenizer import copy_tokenizer
 from mmfm.models import build_model, model_spec
 from mmfm.models.generate import generate
 from mmfm.parallel.comm import CommCounter
@@ -136,13 +136,13 @@ class Trainer:
         self.cfg = cfg
         self.device = checked.device
         self.rank, self.world = init_distributed(self.device, cfg.faults.collective_timeout_s)
+        self.tokenizer = load_tokenizer(cfg)  # before the run directory is made: a bad tokenizer writes nothing
         # One run directory for all ranks: rank 0's (a timestamped default may differ across ranks).
         self.run_dir = Path(gather_objects(str(run_dir))[0])
         ensure_writable(self.run_dir)
         self.dims = dims = checked.dims  # validated against the world size
         self.mesh = dims.build_mesh(self.device.type) if self.world > 1 else None
         self.main = self.rank == 0
-        self.tokenizer = load_tokenizer(cfg)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.record = run_record(cfg)
         self.resume_path = self.preflight_resume()  # refuses a bad resume before anything is written or built
@@ -418,7 +418,7 @@ class Trainer:
         self.resume()  # first: a checkpoint that does not load leaves the run directory as it was
         if self.main:
             write_resolved_config(self.cfg, self.run_dir)
-            shutil.copyfile(Path(self.cfg.data.path) / TOKENIZER, self.run_dir / TOKENIZER)
+            copy_tokenizer(Path(self.cfg.data.path), self.run_dir)
         self.model.train()
         metrics = MetricsLogger(self.cfg, self.run_dir, self.step, enabled=self.main)
         t = self.cfg.train
