@@ -39,6 +39,7 @@ from mmfm.parallel.distributed import free_port
 
 ATOL = 1e-4
 VOCAB, B, T = 128, 2, 16
+GROWN = 130  # a vocabulary with two added tokens
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6)
 # Llama 3.1's scaling with original_max_position_embeddings=32 puts the 8 frequencies of a 16-wide head in all
@@ -373,8 +374,8 @@ WORLD = 2
 SHARDED_KINDS = ("qwen2", "qwen3")  # biases split with their projections; q/k norms replicated
 
 
-def sharded_model(folder, mesh, layout: str):
-    cfg = ModelConfig(language=language_config_from_hf(folder))
+def sharded_model(folder, mesh, layout: str, **overrides):
+    cfg = ModelConfig(language=language_config_from_hf(folder, **overrides))
     spec = part_spec(cfg, "language")
     with torch.device("meta"):
         lm = spec.build(cfg)
@@ -422,6 +423,8 @@ def sharded_worker(rank: int, port: int, folders: dict, out: str, exports: str) 
         mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=(layout,))
         result[layout] = {kind: sharded_check(folder, mesh, layout, f"{exports}/{layout}-{kind}")
                           for kind, folder in folders.items()}
+        grown = sharded_model(folders["qwen2"], mesh, layout, vocab_size=GROWN)
+        result[layout]["grown"] = grown.tok_embeddings.weight.to_local().detach().clone()
     torch.save(result, f"{out}.{rank}")
     dist.barrier()  # no rank tears its gloo group down while the other is still in a collective
     dist.destroy_process_group()
@@ -458,6 +461,38 @@ def test_sharded_load_reads_each_ranks_slice(hf_models, sharded, kind, layout):
         assert "layers.0.attention.q_norm.weight" not in split
     else:
         assert split == set(full)  # FSDP splits every parameter
+
+
+def grown_embedding(folder) -> torch.Tensor:
+    """The checkpoint's embedding with GROWN - VOCAB rows of its mean appended (tokens added to the tokenizer)."""
+    embedding = load_file(str(folder / "model.safetensors"))["model.embed_tokens.weight"]
+    mean = embedding.double().mean(0).float()
+    return torch.cat([embedding, mean.expand(GROWN - VOCAB, -1)])
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_grown_vocabulary_keeps_the_checkpoint_rows_and_fills_the_mean(hf_models, kind):
+    """Tokens added to a pretrained tokenizer (<image>) grow the embedding: model.language.vocab_size above the
+    checkpoint's loads, the new rows at the mean of the old; logits over the old vocabulary are unchanged."""
+    folder, model = hf_models[kind]
+    lm = language_model_from_hf(folder, vocab_size=GROWN)
+    want = grown_embedding(folder)
+    assert torch.equal(lm.tok_embeddings.weight.detach(), want)
+    if kind == "llama":  # untied: the output layer grows the same way
+        output = load_file(str(folder / "model.safetensors"))["lm_head.weight"]
+        assert torch.equal(lm.output.weight.detach()[:VOCAB], output)
+        torch.testing.assert_close(lm.output.weight.detach()[VOCAB:], output.double().mean(0).float().expand(2, -1))
+    diff = (mmfm_logits(lm)[..., :VOCAB] - hf_logits(model)).abs().max().item()
+    assert diff <= ATOL
+    smaller = replace(language_config_from_hf(folder), vocab_size=VOCAB - 8)  # shrinking is refused
+    one_line_error(lambda: load_language(built(smaller), folder), "vocab_size=120 (checkpoint: 128)")
+
+
+@pytest.mark.parametrize("layout", ["tp", "fsdp"])
+def test_grown_vocabulary_loads_each_ranks_rows(hf_models, sharded, layout):
+    """Rank 1's vocabulary shard holds checkpoint rows and new ones (tp: rows 65..129 of 130)."""
+    got = torch.cat([r[layout]["grown"] for r in sharded["ranks"]])
+    assert torch.equal(got, grown_embedding(hf_models["qwen2"][0]))
 
 
 @pytest.mark.parametrize("kind", SHARDED_KINDS)

@@ -184,11 +184,13 @@ def _check_names(folder: Path, infos: dict, names: dict[str, str], copies: dict[
 
 
 def _check_shapes(folder: Path, infos: dict, params: dict, names: dict[str, str], copies: dict[str, str],
-                  sized_by: Callable[[str], str]) -> None:
+                  sized_by: Callable[[str], str], grown: frozenset = frozenset()) -> None:
     bad = []
     for ours, param in params.items():
         theirs = names[ours]
         shape = infos[theirs][1]
+        if ours in grown and shape[1:] == tuple(param.shape[1:]) and shape[0] <= param.shape[0]:
+            continue
         if shape != tuple(param.shape):
             bad.append((theirs, shape, tuple(param.shape), ours))
     for copy, original in copies.items():
@@ -224,17 +226,40 @@ def _check_copies(folder: Path, infos: dict, params: dict, names: dict[str, str]
                                     "tie_word_embeddings=false in config.json (and untie the model) to keep both")
 
 
+def _mean_row(f, name: str, rows: int, chunk: int = 4096) -> torch.Tensor:
+    """The mean of a [rows, ...] checkpoint tensor's rows, read a chunk of rows at a time (float64 sum)."""
+    piece = f.get_slice(name)
+    total = None
+    for start in range(0, rows, chunk):
+        part = piece[start:min(start + chunk, rows)].to(torch.float64).sum(0)
+        total = part if total is None else total + part
+    return total / rows
+
+
+def _copy_grown(f, name: str, local: torch.Tensor, box: tuple[slice, ...], rows: int) -> None:
+    """This rank's rows of a tensor the model holds more rows of than the checkpoint (a grown vocabulary): the
+    checkpoint's rows where it has them, their mean in the new ones."""
+    start, stop = box[0].start, box[0].stop
+    held = max(0, min(stop, rows) - start)
+    if held:
+        local[:held].copy_(f.get_slice(name)[(slice(start, start + held),) + box[1:]].to(local.dtype))
+    if held < stop - start:
+        local[held:].copy_(_mean_row(f, name, rows)[box[1:]].to(local.dtype))
+
+
 @torch.no_grad()
 def load_parameters(module: nn.Module, folder: str | Path, names: dict[str, str], *,
                     copies: Optional[dict[str, str]] = None, ignored: Callable[[str], bool] = lambda name: False,
-                    sized_by: Callable[[str], str] = lambda name: "") -> None:
+                    sized_by: Callable[[str], str] = lambda name: "", grown: frozenset = frozenset()) -> None:
     """Fill every parameter of `module` from the safetensors of a Hugging Face folder.
 
     names: the model's parameter name (as module.named_parameters(), wrapper prefixes removed) -> the
     checkpoint's tensor name, for the whole model: a pipeline stage's module may hold only some of them.
     copies: checkpoint tensors that may also be present as copies of another (checked equal, not loaded).
     ignored(name): checkpoint tensors that are not weights. sized_by(name): the config fields that size a
-    tensor, for the shape-mismatch message. Parameters may be DTensors (tensor parallel, FSDP): each rank
+    tensor, for the shape-mismatch message. grown: the model's parameters that may have more rows than the
+    checkpoint's tensor (embedding and output of a vocabulary grown by added tokens): the new rows get the mean
+    of the checkpoint's rows. Parameters may be DTensors (tensor parallel, FSDP): each rank
     reads only its slice. Raises HFCheckpointError before writing anything on missing, unexpected,
     mis-shaped or non-float tensors.
     """
@@ -242,7 +267,7 @@ def load_parameters(module: nn.Module, folder: str | Path, names: dict[str, str]
     params = _model_params(module, names)
     infos = tensor_infos(folder)
     _check_names(folder, infos, names, copies, ignored)
-    _check_shapes(folder, infos, params, names, copies, sized_by)
+    _check_shapes(folder, infos, params, names, copies, sized_by, grown)
     _check_copies(folder, infos, params, names, copies)
     by_file: dict[str, list[str]] = {}
     for ours in params:
@@ -253,6 +278,10 @@ def load_parameters(module: nn.Module, folder: str | Path, names: dict[str, str]
                 param = params[ours]
                 local = param.to_local() if isinstance(param, DTensor) else param
                 if local.numel() == 0:  # an uneven FSDP split can leave a rank nothing of a small tensor
+                    continue
+                rows = infos[names[ours]][1][0] if infos[names[ours]][1] else 0
+                if ours in grown and rows < param.shape[0]:
+                    _copy_grown(f, names[ours], local, local_box(param), rows)
                     continue
                 piece = _read(f, names[ours], local_box(param))
                 if piece.shape != local.shape:
@@ -370,19 +399,29 @@ def _sized_by(lm: LanguageConfig, adapter) -> Callable[[str], str]:
     return describe
 
 
+VOCAB_ROWS = frozenset({"tok_embeddings.weight", "output.weight"})  # a language model's vocabulary-sized parameters
+
+
+def language_mismatches(ours: LanguageConfig, theirs: LanguageConfig) -> list[tuple[str, object, object]]:
+    """(field, ours, checkpoint's) that differ, less a larger vocab_size: tokens added to the tokenizer (e.g.
+    <image>) grow the embedding, whose new rows load_language fills with the mean of the checkpoint's rows."""
+    diffs = _adapter(ours, "compare it with a checkpoint").mismatches(ours, theirs)
+    return [d for d in diffs if not (d[0] == "vocab_size" and d[1] > d[2])]
+
+
 def load_language(lm: nn.Module, folder: str | Path) -> None:
     """Fill a LanguageModel (lm.cfg: model.language), possibly sharded or a pipeline stage, from a Hugging
     Face folder of the same kind and shape. Buffers (the rotary tables) are left as they are: init_buffers."""
     cfg = lm.cfg
     adapter = _adapter(cfg, "load a Hugging Face checkpoint into it")
     theirs = language_config_from_hf(folder)
-    diffs = adapter.mismatches(cfg, theirs)
+    diffs = language_mismatches(cfg, theirs)
     if diffs:
         listed = ", ".join(f"{f}={ours!r} (checkpoint: {want!r})" for f, ours, want in diffs)
         raise HFCheckpointError(f"model.language does not match {Path(folder) / CONFIG}: {listed}; set those "
                                 "fields as the checkpoint has them (language_config_from_hf reads them)")
     load_parameters(lm, folder, adapter.names(cfg), copies=adapter.tied_copies(cfg), ignored=adapter.ignored,
-                    sized_by=_sized_by(cfg, adapter))
+                    sized_by=_sized_by(cfg, adapter), grown=VOCAB_ROWS)
 
 
 def language_model_from_hf(folder: str | Path, device: str | torch.device = "cpu", **overrides) -> nn.Module:

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from mmfm.checkpoint.hf import (CONFIG, DEFAULT_SHARD_BYTES, HFCheckpointError, _few, _gathered, language_config_from_hf,
-                                load_language, load_parameters, read_hf_config, tensor_files, write_hf_folder)
+                                language_mismatches, load_language, load_parameters, read_hf_config, tensor_files,
+                                write_hf_folder)
 from mmfm.config.schema import LanguageConfig, ModelConfig, VisionConfig
 from mmfm.models.clip.state_dict_adapter import ADAPTERS as VISION_ADAPTERS
 from mmfm.models.clip.state_dict_adapter import UnexpectedTensors, adapter_for, find_prefix
 from mmfm.models.init import canonical_name
-from mmfm.models.llama.state_dict_adapter import ADAPTERS as LANGUAGE_ADAPTERS
 from mmfm.models.spec import UnsupportedConfig
 from mmfm.models.vlm import state_dict_adapter as llava
 
@@ -45,7 +45,7 @@ def _differences(ours: ModelConfig, theirs: ModelConfig, roles: tuple[str, ...])
                 for f in VISION_FIELDS if _vision_value(ours.vision, f) != _vision_value(theirs.vision, f)]
     if "language" in roles:
         out += [f"model.language.{f}={a!r} (checkpoint: {b!r})"
-                for f, a, b in LANGUAGE_ADAPTERS[theirs.language.kind].mismatches(ours.language, theirs.language)]
+                for f, a, b in language_mismatches(ours.language, theirs.language)]
     if "vlm" in roles and ours.image_token_id != theirs.image_token_id:
         out.append(f"model.image_token_id={ours.image_token_id} (checkpoint: {theirs.image_token_id})")
     return out
