@@ -19,6 +19,7 @@ import torch
 
 from mmfm.config.schema import ChatConfig
 from mmfm.data.loader import IGNORE_INDEX, EncodedSample, SkipSample, read_images, read_meta
+from mmfm.data.processor import ImageProcessor
 from mmfm.data.tokenizer import TextTokenizer
 
 ROLES = {"system": "system", "human": "user", "gpt": "assistant"}  # LLaVA "from" -> template field
@@ -96,7 +97,7 @@ class ConversationEncoder:
     tokenizer: TextTokenizer
     template: ChatTemplate
     tokens_per_image: int
-    image_size: int
+    processor: ImageProcessor
     seq_len: int
     objective: str = "sft"
     question: str = ""  # prefix(): the user's question (mmfm generate --prompt)
@@ -120,7 +121,7 @@ class ConversationEncoder:
 
     def __call__(self, raw: dict) -> EncodedSample:
         meta, key = read_meta(raw), raw["__key__"]
-        images = read_images(raw, self.image_size)
+        images = read_images(raw, self.processor)
         turns = meta.get("conversations")
         if self.objective == "sft":
             return self.encode(turns, images, key)
