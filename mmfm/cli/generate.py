@@ -26,7 +26,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_images(paths: list[str], size: int):
+def load_images(paths: list[str], processor):
+    """The images' pixels [N, C, H, W], made by `processor` (mmfm.data.processor.ImageProcessor)."""
     import torch
 
     from mmfm.data.loader import load_image
@@ -34,7 +35,7 @@ def load_images(paths: list[str], size: int):
     tensors = []
     for p in paths:
         try:
-            tensors.append(load_image(Path(p).read_bytes(), size))
+            tensors.append(load_image(Path(p).read_bytes(), processor))
         except Exception as exc:
             raise MmfmError(f"cannot read image {p} ({type(exc).__name__}: {exc})") from None
     return torch.stack(tensors)
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     model = build_model(cfg.model, device)
     CheckpointManager.load(ckpt, model)
     model.eval()
-    pixels = load_images(args.images, cfg.model.vision.image_size).to(device)
+    pixels = load_images(args.images, encoder.processor).to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     results = []
     for start in range(0, len(args.images), args.batch_size):

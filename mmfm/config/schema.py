@@ -101,6 +101,23 @@ class ChatConfig:
 
 
 @dataclass
+class ImageConfig:
+    """How the loader turns an image into model.vision.image_size pixels (mmfm.data.processor). The defaults
+    stretch to a square with bicubic and scale to [-1, 1]."""
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per RGB channel, on the [0, 1] scale
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    resample: str = "bicubic"  # bicubic | bilinear | nearest | lanczos
+    # stretch: to image_size x image_size; shortest_edge: the shorter side to image_size (aspect kept), then the
+    # centre image_size x image_size crop (CLIPImageProcessor)
+    resize: str = "stretch"
+    # LLaVA-1.5's expand2square: pad the shorter side to a square with the colour of `mean` before resizing.
+    pad_to_square: bool = False
+    # A Hugging Face folder whose preprocessor_config.json (CLIP / SigLIP image processor) replaces mean, std,
+    # resample and resize, e.g. ${model.pretrained.vision}; "": the fields above.
+    processor: str = ""
+
+
+@dataclass
 class DataConfig:
     path: str = "data/synth"
     prompt: str = "describe the image."
@@ -117,6 +134,7 @@ class DataConfig:
     weight: float = 1.0
     mix: list[MixSource] = field(default_factory=list)
     chat: ChatConfig = field(default_factory=ChatConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
     # Check each shard against the manifest's sha256 when a process first opens it (once per shard and process).
     verify_shards: bool = True
 

@@ -74,10 +74,22 @@ def _validate_data(cfg: JobConfig) -> None:
     for i, w in enumerate([d.weight] + [m.weight for m in d.mix]):
         name = "data.weight" if i == 0 else f"data.mix[{i - 1}].weight"
         _require(math.isfinite(w) and w > 0, f"{name}={w} must be a finite number > 0")
+    _validate_image(cfg)
     p = cfg.parallel
     _require(not d.pack or (p.pp == 1 and p.cp == 1),
              f"data.pack=true is not supported with parallel.pp={p.pp} / parallel.cp={p.cp} (pipeline stages and "
              "context-parallel attention take no document boundaries); use data.pack=false or pp=cp=1")
+
+
+def _validate_image(cfg: JobConfig) -> None:
+    """data.image's fields, and its processor folder read and matched to model.vision.image_size."""
+    from mmfm.checkpoint.errors import CheckpointError
+    from mmfm.data.processor import image_processor
+
+    try:
+        image_processor(cfg.data.image, cfg.model.vision.image_size)
+    except CheckpointError as exc:
+        raise ConfigError(f"data.image.processor: {exc}") from None
 
 
 def _validate_train(cfg: JobConfig) -> None:

@@ -13,6 +13,7 @@ from mmfm.data.chat_template import template_segments
 from mmfm.data.loader import BatchLoader, SampleEncoder, SampleStream, reshard_stream_states
 from mmfm.data.mixing import MixedStream, reshard_mixed_states
 from mmfm.data.packing import PackedBatchLoader
+from mmfm.data.processor import image_processor
 from mmfm.data.manifest import TOKENIZER, ShardChecksums, read_manifest, shard_counts, shard_paths
 from mmfm.data.tokenizer import TextTokenizer
 
@@ -58,12 +59,13 @@ def _probe_template(tok: TextTokenizer) -> None:
 
 
 def sample_encoder(cfg: JobConfig, tokenizer: TextTokenizer) -> SampleEncoder | ConversationEncoder:
-    """Raw samples -> encoded samples for the stage: captions (pretrain) or conversations (sft, dpo, grpo)."""
+    """Raw samples -> encoded samples for the stage: captions (pretrain) or conversations (sft, dpo, grpo); images
+    as data.image says (its processor folder when set)."""
+    processor = image_processor(cfg.data.image, cfg.model.vision.image_size)
     if cfg.stage.objective == "pretrain":
-        return SampleEncoder(tokenizer, cfg.data.prompt, image_tokens(cfg), cfg.model.vision.image_size,
-                             cfg.data.seq_len)
+        return SampleEncoder(tokenizer, cfg.data.prompt, image_tokens(cfg), processor, cfg.data.seq_len)
     return ConversationEncoder(tokenizer, ChatTemplate(**dataclasses.asdict(cfg.data.chat)), image_tokens(cfg),
-                               cfg.model.vision.image_size, cfg.data.seq_len, cfg.stage.objective, cfg.data.prompt)
+                               processor, cfg.data.seq_len, cfg.stage.objective, cfg.data.prompt)
 
 
 def _stream(cfg: JobConfig, path: str, split: str, encoder, **kw) -> SampleStream:

@@ -23,6 +23,7 @@ import torch
 from mmfm.config.schema import ChatConfig
 from mmfm.data.chat_template import ROLES, template_segments
 from mmfm.data.loader import IGNORE_INDEX, EncodedSample, SkipSample, read_images, read_meta
+from mmfm.data.processor import ImageProcessor
 from mmfm.data.tokenizer import TextTokenizer
 
 TEMPLATES = ("auto", "markers", "tokenizer")
@@ -119,7 +120,7 @@ class ConversationEncoder:
     tokenizer: TextTokenizer
     template: ChatTemplate
     tokens_per_image: int
-    image_size: int
+    processor: ImageProcessor
     seq_len: int
     objective: str = "sft"
     question: str = ""  # prefix(): the user's question (mmfm generate --prompt)
@@ -143,7 +144,7 @@ class ConversationEncoder:
 
     def __call__(self, raw: dict) -> EncodedSample:
         meta, key = read_meta(raw), raw["__key__"]
-        images = read_images(raw, self.image_size)
+        images = read_images(raw, self.processor)
         turns = meta.get("conversations")
         if self.objective == "sft":
             return self.encode(turns, images, key)

@@ -22,12 +22,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 
 from mmfm.data.manifest import DataError, ShardChecksums
+from mmfm.data.processor import ImageProcessor
 from mmfm.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -86,22 +86,18 @@ class Batch:
                                    extras={k: v.to(device) for k, v in self.extras.items()})
 
 
-def load_image(data: bytes, size: int) -> torch.Tensor:
-    """Decode and fully verify an image; RGB, resized to size x size, scaled to [-1, 1], [C, H, W]."""
+def load_image(data: bytes, processor: ImageProcessor) -> torch.Tensor:
+    """Decode and fully verify an image; the processor's pixels (data.image), [C, H, W]."""
     img = Image.open(io.BytesIO(data))
     img.load()  # raises on truncated or corrupt data
-    img = img.convert("RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return processor(img)
 
 
-def read_images(raw: dict, size: int) -> list[torch.Tensor]:
+def read_images(raw: dict, processor: ImageProcessor) -> list[torch.Tensor]:
     """A sample's images in member-name order, decoded (SkipSample "bad_image" if one is unreadable)."""
     names = sorted(k for k in raw if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
     try:
-        return [load_image(raw[name], size) for name in names]
+        return [load_image(raw[name], processor) for name in names]
     except Exception as exc:
         raise SkipSample("bad_image", f"{type(exc).__name__}: {exc}") from None
 
@@ -122,7 +118,7 @@ class SampleEncoder:
     tokenizer: TextTokenizer
     prompt: str
     tokens_per_image: int
-    image_size: int
+    processor: ImageProcessor
     seq_len: int
     prompt_ids: list[int] = field(init=False)
 
@@ -137,7 +133,7 @@ class SampleEncoder:
         return t.bos() + [t.image_id] * (self.tokens_per_image * num_images) + self.prompt_ids
 
     def images_of(self, raw: dict) -> list[torch.Tensor]:
-        return read_images(raw, self.image_size)
+        return read_images(raw, self.processor)
 
     def caption_of(self, raw: dict) -> str:
         caption = read_meta(raw).get("caption")
