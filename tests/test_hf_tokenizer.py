@@ -207,3 +207,22 @@ def test_sft_without_a_chat_template_fails_in_one_line_and_writes_nothing(instru
     assert not run_dir.exists()
     # The role markers instead, when asked for
     assert Trainer(sft_config(instruct_data["base"], "data.chat.template=markers"), run_dir).fit()["step"] == 2
+
+
+def test_mmfm_tokenizer_exports_with_its_markers_as_a_chat_template(tmp_path):
+    """`mmfm export` writes mmfm's own tokenizer with a tokenizer_config.json and data.chat's markers as a Jinja
+    template: transformers renders the text mmfm's markers make (quotes and braces in a marker stay text)."""
+    from mmfm.config.schema import ChatConfig
+    from mmfm.data.tokenizer import export_tokenizer, train_tokenizer
+
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    run_dir.mkdir()
+    out.mkdir()
+    train_tokenizer(all_caption_texts("describe the image."), 300).save(str(run_dir / "tokenizer.json"))
+    chat = ChatConfig(user='user {{ "q" }}: ')
+    export_tokenizer(run_dir, out, chat)
+    hf = transformers.AutoTokenizer.from_pretrained(out)
+    assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2)
+    turns = [{"role": "system", "content": "be brief."}, {"role": "user", "content": "<image>\nwhat is it?"}]
+    text = hf.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    assert text == '<bos>system: be brief.\nuser {{ "q" }}: <image>\nwhat is it?\nassistant: '

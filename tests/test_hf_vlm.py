@@ -21,8 +21,9 @@ import shutil
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig,
-                          LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig)
+from transformers import (AutoImageProcessor, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
+                          LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast,
+                          Qwen2Config, SiglipVisionConfig)
 
 from conftest import one_line
 from mmfm.checkpoint import CheckpointManager
@@ -151,12 +152,29 @@ def test_parts_import_equals_vlm_import(llavas, tmp_path):
     assert not torch.equal(parts.projector.fc1.weight, whole.projector.fc1.weight)
 
 
+def save_word_tokenizer(folder, image_id: int):
+    """A pretrained-style tokenizer (tokenizer.json + tokenizer_config.json with a ChatML template) whose <image>
+    is image_id: words w0.. below it, then <image>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|im_start|>": 0, "<|im_end|>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, image_id)}}
+    word = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    word.add_special_tokens(["<|im_start|>", "<|im_end|>", "<image>"])
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+    PreTrainedTokenizerFast(tokenizer_object=word, eos_token="<|im_end|>", unk_token="<unk>",
+                            chat_template=template).save_pretrained(folder)
+
+
 def saved_run(tmp_path, cfg):
-    """A run directory as `mmfm train` leaves it: config.yaml and one checkpoint of a model of config cfg."""
+    """A run directory as `mmfm train` leaves it: config.yaml, the tokenizer and one checkpoint of a model of
+    config cfg."""
     run_dir = tmp_path / "run"
     job = JobConfig(model=cfg)
     model = imported(cfg) if cfg.pretrained.vlm else build_model(cfg, "cpu")
     run_dir.mkdir()
+    save_word_tokenizer(run_dir, cfg.image_token_id)
     OmegaConf.save(OmegaConf.structured(job), run_dir / "config.yaml")
     CheckpointManager(run_dir / "checkpoints").save(1, model, torch.optim.AdamW(model.parameters()),
                                                     {"scheduler": {}, "data": []})
@@ -174,6 +192,11 @@ def test_export_round_trip(llavas, tmp_path, case):
     diff = (hf_logits(back) - hf_logits(hf)).abs().max().item()
     print(f"{case}: exported max abs logit diff {diff:.2e}")
     assert diff <= ATOL
+    # The tokenizer (with its chat template) and the image processor come along
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN and tokenizer.chat_template
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert list(processor.image_mean) == [0.5, 0.5, 0.5] and processor.size == {"height": 32, "width": 32}
     lm_out = run(parse_args([str(run_dir), "--format", "hf", "--out", str(tmp_path / "lm"), "--language-only"]))
     lm_config = json.loads((lm_out / "config.json").read_text())
     assert lm_config["num_hidden_layers"] == 2 and lm_config["architectures"][0].endswith("ForCausalLM")

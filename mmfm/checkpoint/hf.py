@@ -332,10 +332,11 @@ def _write_shards(tmp: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_sh
 
 
 def write_hf_folder(out_dir: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], config: dict,
-                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, extras: Optional[Callable[[Path], None]] = None) -> Path:
     """Write config.json and the tensors (name, full tensor; e.g. from `_gathered`) as safetensors shards into
-    out_dir, which must not exist or be empty. The main process writes into a temporary sibling folder that
-    takes out_dir's place at the end, so a failed export leaves nothing behind."""
+    out_dir, which must not exist or be empty; extras(folder) writes more files (tokenizer, processor) there. The
+    main process writes into a temporary sibling folder that takes out_dir's place at the end, so a failed export
+    leaves nothing behind."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise HFCheckpointError(f"{out_dir} exists and is not an empty folder; export into a new folder")
@@ -351,6 +352,8 @@ def write_hf_folder(out_dir: str | Path, tensors: Iterable[tuple[str, torch.Tens
         _write_shards(tmp, tensors, max_shard_bytes)
         with open(tmp / CONFIG, "w") as f:
             json.dump(config, f, indent=2)
+        if extras is not None:
+            extras(tmp)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -437,7 +440,7 @@ def language_model_from_hf(folder: str | Path, device: str | torch.device = "cpu
 
 
 def export_language(lm: nn.Module, out_dir: str | Path, dtype: Optional[torch.dtype] = None,
-                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, extras: Optional[Callable[[Path], None]] = None) -> Path:
     """Write a LanguageModel (lm.cfg: model.language) as the Hugging Face folder its kind's *ForCausalLM
     loads: safetensors shards of at most max_shard_bytes (+ the index when several) and config.json.
     dtype: of the written tensors (default: the parameters'). Under tensor parallelism or FSDP every rank
@@ -453,4 +456,4 @@ def export_language(lm: nn.Module, out_dir: str | Path, dtype: Optional[torch.dt
     written = dtype or next(iter(params.values())).dtype
     config = adapter.config_to_hf(cfg, str(written).removeprefix("torch."))
     tensors = _gathered(((theirs, params[ours]) for ours, theirs in names.items()), dtype)
-    return write_hf_folder(out_dir, tensors, config, max_shard_bytes)
+    return write_hf_folder(out_dir, tensors, config, max_shard_bytes, extras)

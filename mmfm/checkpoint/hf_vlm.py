@@ -11,7 +11,7 @@ preflight's check of the folders' config.json against model.*.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -144,9 +144,10 @@ def load_pretrained(model: nn.Module, cfg: ModelConfig) -> bool:
 
 
 def export_vlm(model: nn.Module, out_dir: str | Path, dtype: Optional[torch.dtype] = None,
-               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES, extras: Optional[Callable[[Path], None]] = None) -> Path:
     """Write a whole VisionLanguageModel as the folder LlavaForConditionalGeneration loads (config.json + shards;
-    no tokenizer or processor files). Every rank calls it under TP / FSDP; a pipeline stage cannot export."""
+    extras(folder) adds the tokenizer and processor files). Every rank calls it under TP / FSDP; a pipeline
+    stage cannot export."""
     cfg = model.cfg
     if cfg.vision.kind not in VISION_ADAPTERS:
         raise HFCheckpointError(f"model.vision.kind={cfg.vision.kind} has no Hugging Face form (LLaVA's tower is "
@@ -161,7 +162,7 @@ def export_vlm(model: nn.Module, out_dir: str | Path, dtype: Optional[torch.dtyp
     written = dtype or next(iter(params.values())).dtype
     config = llava.config_to_hf(cfg, str(written).removeprefix("torch."))
     tensors = _gathered(((theirs, params[ours]) for ours, theirs in names.items()), dtype)
-    return write_hf_folder(out_dir, tensors, config, max_shard_bytes)
+    return write_hf_folder(out_dir, tensors, config, max_shard_bytes, extras)
 
 
 __all__ = ["check_pretrained", "export_vlm", "load_pretrained", "load_vision", "load_vlm", "model_config_from_hf",

@@ -1,4 +1,9 @@
-"""`mmfm generate`: captions (or answers to a prompt) for image files, from a training checkpoint."""
+"""`mmfm generate`: captions (or answers to a prompt) for image files, from a training checkpoint or a Hugging Face
+LLaVA folder.
+
+From a folder (config.json of LlavaForConditionalGeneration, safetensors, the tokenizer with its chat template and
+preprocessor_config.json) the prompt is the chat template's user turn "<image>\n{prompt}" with the generation
+prompt, as transformers' LlavaProcessor builds it; without a chat template, the caption prompt."""
 
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ from mmfm.errors import MmfmError
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mmfm generate", description=__doc__.split(":", 1)[1].strip())
     p.add_argument("--checkpoint", required=True,
-                   help="a run directory (uses its latest checkpoint) or one of its checkpoints/step_* folders")
+                   help="a run directory (uses its latest checkpoint), one of its checkpoints/step_* folders, or a "
+                        "Hugging Face LLaVA folder (as `mmfm export` or save_pretrained writes)")
     p.add_argument("--images", nargs="+", required=True, help="image files (png, jpg, webp)")
     p.add_argument("--prompt", default=None, help="text after the image; default: the prompt the model trained with")
     p.add_argument("--batch-size", type=int, default=16)
@@ -41,26 +47,58 @@ def load_images(paths: list[str], processor):
     return torch.stack(tensors)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    import torch
-
+def from_run(path: Path, prompt, device):
+    """(model, tokenizer, encoder) of a run directory or checkpoint folder."""
     from mmfm.checkpoint import CheckpointManager, find_checkpoint
     from mmfm.config.load import load_run_config
     from mmfm.data.build import sample_encoder
     from mmfm.data.tokenizer import TextTokenizer
     from mmfm.models import build_model
+
+    run_dir, ckpt = find_checkpoint(path)
+    cfg = load_run_config(run_dir / "config.yaml")
+    if prompt is not None:
+        cfg.data.prompt = prompt
+    tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
+    model = build_model(cfg.model, device)
+    CheckpointManager.load(ckpt, model)
+    return model, tokenizer, sample_encoder(cfg, tokenizer)
+
+
+def from_hf_folder(folder: Path, prompt, device):
+    """(model, tokenizer, encoder) of a Hugging Face LLaVA folder: its weights, tokenizer and processor."""
+    from mmfm.checkpoint.hf_vlm import load_vlm, model_config_from_hf
+    from mmfm.config import load_config
+    from mmfm.data.build import sample_encoder
+    from mmfm.data.tokenizer import TextTokenizer
+    from mmfm.models import build_model
+
+    cfg = load_config([])
+    cfg.model = model_config_from_hf(folder)
+    tokenizer = TextTokenizer.load(folder / "tokenizer.json")
+    if tokenizer.image_id != cfg.model.image_token_id:
+        raise MmfmError(f"{folder}: the tokenizer's <image> is id {tokenizer.image_id} but config.json's "
+                        f"image_token_index is {cfg.model.image_token_id}; they must be the same token")
+    if (folder / "preprocessor_config.json").is_file():
+        cfg.data.image.processor = str(folder)
+    cfg.data.seq_len = cfg.model.language.max_seq_len
+    cfg.stage.objective = "sft" if tokenizer.chat_template else "pretrain"
+    if prompt is not None:
+        cfg.data.prompt = prompt
+    model = build_model(cfg.model, device)
+    load_vlm(model, folder)
+    return model, tokenizer, sample_encoder(cfg, tokenizer)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    import torch
+
     from mmfm.models.generate import generate
     from mmfm.train.trainer import pick_device
 
-    run_dir, ckpt = find_checkpoint(Path(args.checkpoint))
-    cfg = load_run_config(run_dir / "config.yaml")
-    if args.prompt is not None:
-        cfg.data.prompt = args.prompt
-    device = pick_device(args.device)
-    tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
-    encoder = sample_encoder(cfg, tokenizer)
-    model = build_model(cfg.model, device)
-    CheckpointManager.load(ckpt, model)
+    path, device = Path(args.checkpoint), pick_device(args.device)
+    is_hf = (path / "config.json").is_file() and not (path / "config.yaml").is_file()
+    model, tokenizer, encoder = (from_hf_folder if is_hf else from_run)(path, args.prompt, device)
     model.eval()
     pixels = load_images(args.images, encoder.processor).to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -70,7 +108,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         outs = generate(model, [encoder.prefix(1)] * len(names), pixels[start: start + len(names)],
                         args.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, args.temperature, args.top_k,
                         generator)
-        results += [{"image": n, "text": tokenizer.decode(o).strip()} for n, o in zip(names, outs)]
+        results += [{"image": n, "text": tokenizer.decode(o).strip(), "token_ids": list(o)} for n, o in zip(names, outs)]
     return results
 
 
@@ -78,5 +116,5 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     with one_line_errors("mmfm generate"):
         for r in run(args):
-            print(json.dumps(r) if args.json else f"{r['image']}\t{r['text']}")
+            print(json.dumps({"image": r["image"], "text": r["text"]}) if args.json else f"{r['image']}\t{r['text']}")
     return 0

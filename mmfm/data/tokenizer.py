@@ -221,3 +221,34 @@ def install_tokenizer(source: str | Path, out: str | Path) -> dict:
     if pretrained:
         entry.update(pretrained=True, image_token_id=loaded.image_id, added_tokens=added)
     return entry
+
+
+def markers_chat_template(system: str, user: str, assistant: str, turn_end: str) -> str:
+    """data.chat's role markers as a Jinja chat template (for transformers, on export): the same text mmfm's
+    markers make; each string is a quoted literal (json.dumps escapes it), never template code."""
+    import json
+
+    s, u, a, e = (json.dumps(x) for x in (system, user, assistant, turn_end))
+    return ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ " + s + " }}{% elif m['role'] == "
+            "'user' %}{{ " + u + " }}{% else %}{{ " + a + " }}{% endif %}{{ m['content'] }}{{ " + e + " }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ " + a + " }}{% endif %}")
+
+
+def export_tokenizer(src_dir: Path, out_dir: Path, chat) -> None:
+    """A run's tokenizer files as transformers reads them: a pretrained tokenizer's files as they are; mmfm's own
+    tokenizer.json with a tokenizer_config.json naming its special tokens and a chat template of data.chat's
+    markers (chat: ChatConfig)."""
+    import json
+
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    tok = TextTokenizer.load(src_dir / TOKENIZER_FILE)
+    if tok.pretrained:
+        copy_tokenizer(src_dir, out_dir)
+        return
+    shutil.copyfile(src_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
+    pad, bos, eos, _ = SPECIAL_TOKENS
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": pad,
+              "extra_special_tokens": {"image_token": IMAGE_TOKEN}, "model_max_length": 1 << 30}
+    (out_dir / HF_CONFIG).write_text(json.dumps(config, indent=2))
+    (out_dir / CHAT_TEMPLATE_FILE).write_text(markers_chat_template(chat.system, chat.user, chat.assistant,
+                                                                    chat.turn_end))
