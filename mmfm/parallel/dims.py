@@ -55,8 +55,10 @@ class ParallelDims(ParallelConfig):
         spec = model_spec(model)
         for field, value in spec.tp_divisible(model).items():
             if value % self.tp:
+                pad = (f", or pad it to {-(-value // self.tp) * self.tp} (a pretrained checkpoint's embedding grows: "
+                       "the new rows start at the mean of its rows)") if field.endswith("vocab_size") else ""
                 raise ConfigError(f"{field}={value} is not divisible by parallel.tp={self.tp}; choose a tp that "
-                                  f"divides it")
+                                  f"divides it{pad}")
         self._validate_pipeline(spec.pipeline_layers(model))
         if self.cp > 1 and (self.tp > 1 or self.pp > 1):
             raise ConfigError(f"parallel.cp={self.cp} together with tp or pp is not supported yet; combine context "
