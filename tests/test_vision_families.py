@@ -92,6 +92,24 @@ def test_features_equal_transformers_hidden_states(kind, layer):
     assert sum(p.numel() for p in tower.parameters()) == part_spec(cfg, "vision").num_params(cfg)
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_image_size_off_the_patch_grid_drops_the_edge_as_transformers(kind):
+    """SigLIP-so400m's 384 px in 14 px patches: 27 x 27 patches, the last 6 px rows and columns in none. Here 36 px
+    in 8 px patches, 4 px dropped: the same features as transformers'; below one patch is refused."""
+    cfg = tiny_vlm(kind, "model.vision.image_size=36")
+    assert cfg.vision.image_size == 36
+    model_spec(cfg).validate(cfg)
+    tower = tower_from_hf(hf_tower(kind, image_size=36), -1)
+    x = pixels(2, 36)
+    with torch.no_grad():
+        want = hf_tower(kind, image_size=36)(x, output_hidden_states=True).hidden_states[-1][:, int(kind == "clip"):]
+        got = tower(x)
+    assert got.shape == want.shape == (2, 16, 64) and (got - want).abs().max().item() <= ATOL
+    cfg.vision.image_size = 7
+    with pytest.raises(ConfigError, match="image_size=7 is smaller than model.vision.patch_size=8: no patch fits"):
+        model_spec(cfg).validate(cfg)
+
+
 @pytest.mark.parametrize("kind,strategy,layer", [("clip", "default", -2), ("siglip", "full", -1)])
 def test_llava_image_features_equal_mmfm(kind, strategy, layer):
     """LlavaModel.get_image_features (tower, feature layer and strategy, projector) = the VLM's image_features."""

@@ -17,9 +17,11 @@ def validate(cfg: ModelConfig) -> None:
     v = cfg.vision
     for key in ("image_size", "hidden_size", "num_layers", "num_heads", "patch_size"):
         positive(f"model.vision.{key}", getattr(v, key))
-    require(v.image_size % v.patch_size == 0,
-            f"model.vision.image_size={v.image_size} is not divisible by model.vision.patch_size="
-            f"{v.patch_size}; pick a patch size that divides the image size")
+    # As transformers' patch convolution (stride = kernel, no padding), the last image_size % patch_size rows and
+    # columns fall outside every patch: SigLIP-so400m at 384 px sees 27 x 27 patches of 14 px, 378 px.
+    require(v.image_size >= v.patch_size,
+            f"model.vision.image_size={v.image_size} is smaller than model.vision.patch_size={v.patch_size}: "
+            "no patch fits; raise image_size or lower patch_size")
     require(v.stem == "patch", f"model.vision.stem={v.stem!r} is only for kind=vit; kind={v.kind} patchifies: "
             "set model.vision.stem=patch")
     require(v.hidden_size % v.num_heads == 0,
