@@ -113,14 +113,18 @@ def batch(vocab):
     return ids, torch.randn(2, 3, 32, 32, generator=g)
 
 
-def test_export_loads_in_transformers_with_mmfms_logits(path):
+@pytest.mark.parametrize("stage", ["stage1", "sft"])
+def test_export_loads_in_transformers_with_mmfms_logits(path, tmp_path, stage):
+    """The SFT run (one process) and the stage-1 run (trained at tp=2: import -> train -> export round trip)."""
+    folder = path["export"] if stage == "sft" else export(export_args([str(path[stage]), "--format", "hf", "--out",
+                                                                       str(tmp_path / "export")]))
     ids, pixels = batch(path["vocab"])
     with torch.no_grad():
-        ours = mmfm_model(path["sft"], path["model"])(ids, pixels)
-        hf = transformers.LlavaForConditionalGeneration.from_pretrained(path["export"]).eval()
+        ours = mmfm_model(path[stage], path["model"])(ids, pixels)
+        hf = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
         theirs = hf(input_ids=ids, pixel_values=pixels).logits
     diff = (ours - theirs).abs().max().item()
-    print(f"exported SFT model: max abs logit diff {diff:.2e}")
+    print(f"exported {stage} model: max abs logit diff {diff:.2e}")
     assert diff <= ATOL
 
 
@@ -147,3 +151,18 @@ def test_generation_is_the_same_in_mmfm_and_transformers(path):
     eos = transformers.AutoTokenizer.from_pretrained(path["export"]).eos_token_id
     assert runs[0] == runs[1] and runs[0]  # mmfm stops before eos; transformers keeps it
     assert theirs == runs[0] + ([eos] if len(runs[0]) < NEW_TOKENS else [])
+
+
+@pytest.mark.parametrize("bad,fragment", [
+    ("model.pretrained.language={root}", "no config.json"),  # not a Hugging Face model folder
+    ("model.pretrained.language={tower}", "model_type='siglip_vision_model' is not a language model"),
+    ("model.language.num_layers=3", "model.language.num_layers=3 (checkpoint: 2)"),  # shapes differ
+])
+def test_bad_pretrained_folders_fail_in_one_line_and_write_nothing(path, tmp_path, bad, fragment):
+    from conftest import one_line
+    from mmfm.errors import MmfmError
+
+    overrides = [f"data.path={path['root'] / 'captions'}", *path["model"], f"model.pretrained.language={path['lm']}",
+                 bad.format(root=path["root"], tower=path["tower"])]
+    one_line(MmfmError, lambda: Trainer(load_config(overrides), tmp_path / "run"), fragment)
+    assert not (tmp_path / "run").exists()
