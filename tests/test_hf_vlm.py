@@ -21,7 +21,7 @@ import shutil
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import (AutoImageProcessor, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
+from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
                           LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast,
                           Qwen2Config, SiglipVisionConfig)
 
@@ -262,3 +262,34 @@ def test_parallelize_loads_pretrained(llavas):
     parts = parallelize(job, ParallelDims(), torch.device("cpu"))
     diff = (mmfm_logits(parts.parts[0].eval()) - hf_logits(hf)).abs().max().item()
     assert diff <= ATOL
+
+
+@pytest.mark.parametrize("tower", ["siglip", "vit"])
+def test_model_trained_from_scratch_exports_to_transformers(synth_dir, tmp_path, tower):
+    """The demo's model trained from scratch on the synthetic data (3 steps), exported with its own tokenizer: with
+    a SigLIP tower as LLaVA (mmfm's tokenizer and markers template included), with the demo's own `vit` tower (no
+    transformers class) as the language model alone. transformers' logits equal mmfm's."""
+    from mmfm.config import load_config
+    from mmfm.train.trainer import Trainer, stage_checkpoint
+    from conftest import SMALL_MODEL, STEPS
+
+    towers = {"siglip": ["model.vision.kind=siglip", "model.vision.stem=patch"], "vit": []}
+    overrides = [f"data.path={synth_dir}", *SMALL_MODEL, *towers[tower], *STEPS, "model.vision.image_size=32", "model.vision.patch_size=8"]
+    Trainer(load_config(overrides), tmp_path / "run").fit()
+    cfg = load_config(overrides).model
+    model = build_model(cfg, "cpu")
+    CheckpointManager.load(stage_checkpoint(str(tmp_path / "run")), model, no_dist=True)
+    ids, pixels = batch()
+    ids = torch.where(ids == IMAGE_TOKEN, cfg.image_token_id, ids.clamp(min=4))  # text ids past the specials
+    args = [str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "out")]
+    with torch.no_grad():
+        if tower == "vit":
+            out = run(parse_args([*args, "--language-only"]))
+            ours = model.language(model.language.embed(ids))
+            theirs = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
+        else:
+            out = run(parse_args(args))
+            ours = model.eval()(ids, pixels)
+            theirs = LlavaForConditionalGeneration.from_pretrained(out).eval()(input_ids=ids, pixel_values=pixels).logits
+    assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<image>") == cfg.image_token_id
+    assert (ours - theirs).abs().max().item() <= ATOL
