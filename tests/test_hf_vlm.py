@@ -62,16 +62,19 @@ def hf_llava(case: str):
     return randomize(LlavaForConditionalGeneration(config))
 
 
-@pytest.fixture(scope="module")
-def llavas(tmp_path_factory):
+def save_llavas(root) -> dict:
     """case -> (folder, transformers model), saved by save_pretrained in fp32."""
-    root = tmp_path_factory.mktemp("llava")
     out = {}
     for case in CASES:
         model = hf_llava(case)
         model.save_pretrained(root / case)
         out[case] = (root / case, model)
     return out
+
+
+@pytest.fixture(scope="module")
+def llavas(tmp_path_factory):
+    return save_llavas(tmp_path_factory.mktemp("llava"))
 
 
 def batch():

@@ -19,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from mmfm.parallel.distributed import free_port
-from test_hf_vlm import ATOL, CASES, batch, hf_llava, hf_logits, imported, vlm_config
+from test_hf_vlm import ATOL, CASES, batch, hf_logits, imported, save_llavas, vlm_config
 from vlm_parallel_runs import LAYOUTS, WORLD, worker
 
 
@@ -27,11 +27,7 @@ from vlm_parallel_runs import LAYOUTS, WORLD, worker
 def parallel(tmp_path_factory):
     """case -> (folder, transformers model), and every rank's results of vlm_parallel_runs.layout_run."""
     root = tmp_path_factory.mktemp("llava_parallel")
-    llavas = {}
-    for case in CASES:
-        model = hf_llava(case)
-        model.save_pretrained(root / case)
-        llavas[case] = (root / case, model)
+    llavas = save_llavas(root)
     out = str(root / "result.pt")
     ids, pixels = batch()
     mp.start_processes(worker, args=(free_port(), {c: str(f) for c, (f, _) in llavas.items()}, ids, pixels, out),
