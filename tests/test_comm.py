@@ -119,3 +119,20 @@ def test_fsdp_expected_bytes_pads_dim0_per_parameter():
     assert got == {"all_gather": 3 * (2 * block + root) * 2, "reduce_scatter": (block + root) * 4}
     assert fsdp_expected_bytes(model, ("blocks",), dp_size=1, micro_steps=3) == {}
     assert EXPECTATIONS["fsdp"] is fsdp_expected_bytes
+
+
+def test_tp_expectation_comes_from_each_part_and_is_none_where_a_part_has_none():
+    """The TP plan's bytes are the sum of the parts' own tp_comm_bytes hooks (vit + projector + llama here:
+    test_bench measures them against gloo); a clip / siglip tower models none, so the step is not modelled."""
+    from mmfm.models.spec import part_spec
+
+    cfg = load_config(SMALL_MODEL).model
+    micro = [(2, 16, 2), (2, 16, 0)]
+    total = EXPECTATIONS["tp"](cfg, micro)
+    by_part = [part_spec(cfg, r).tp_comm_bytes(cfg, b, t, n, 4) for r in ("vision", "projector", "language")
+               for b, t, n in micro]
+    for kind in ("all_gather", "reduce_scatter"):
+        assert total[kind] == sum(p.get(kind, 0) for p in by_part) > 0
+    assert total["all_reduce"] > sum(p.get("all_reduce", 0) for p in by_part)  # + the replicated norms
+    cfg.vision.kind, cfg.vision.stem = "siglip", "patch"
+    assert EXPECTATIONS["tp"](cfg, micro) is None

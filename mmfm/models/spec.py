@@ -34,6 +34,8 @@ class PartSpec:
     block_container: the child of the part holding its repeated blocks (FSDP, checkpointing, compile units).
     hf: the kind's Hugging Face adapter (parameter names and config.json mapping, as
         mmfm.models.llama.state_dict_adapter), or None when it has none (mmfm.checkpoint.hf uses it).
+    tp_comm_bytes(cfg, batch, seq_len, images, act_bytes): {collective: bytes} its tensor-parallel plan moves per
+        rank for one micro-batch, forward and backward (mmfm.parallel.comm), or None where not modelled.
     """
 
     kind: str
@@ -44,6 +46,7 @@ class PartSpec:
     validate: Callable[[ModelConfig], None]
     block_container: Optional[str] = None
     hf: Optional[object] = None
+    tp_comm_bytes: Optional[Callable[[ModelConfig, int, int, int, int], dict[str, int]]] = None
 
 
 @dataclass(frozen=True)

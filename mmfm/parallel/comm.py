@@ -198,52 +198,43 @@ def _sequence_parallel_norm_numel(model: nn.Module) -> int:
     return sum(p.numel() for m in model.modules() if isinstance(m, (nn.LayerNorm, RMSNorm)) for p in m.parameters())
 
 
-def tp_expected_bytes(model_cfg, micro_batches: Sequence[tuple[int, int, int]], act_bytes: int = 4) -> dict[str, int]:
-    """Bytes per rank and optimizer step of the TP + sequence-parallel plan of `apply_tensor_parallel`.
+def tp_expected_bytes(model_cfg, micro_batches: Sequence[tuple[int, int, int]],
+                      act_bytes: int = 4) -> Optional[dict[str, int]]:
+    """Bytes per rank and optimizer step of the TP + sequence-parallel plan of `apply_tensor_parallel`, or None
+    when a part does not model its own (its spec's tp_comm_bytes; clip / siglip towers, whose sequence stays
+    whole when tp does not divide it, do not).
 
     model_cfg: a ModelConfig; micro_batches: (B, T, images) of each micro-batch this rank runs, T padded
-    to a multiple of tp (images=0 runs one blank image). Activations of act_bytes (fp32: 4). With
-    a = [B, T, D] (decoder) or [N, P, Dv] (ViT, N images of P patches), per micro-batch, as measured on
-    gloo, torch 2.13 (the payloads are full-size whatever tp is):
-      each decoder layer / ViT block, forward: all-gather a into attention and into the MLP, reduce-scatter
-        a out of each (row-parallel output Shard(1));
-      backward: all-gather a for each row-parallel output, reduce-scatter a out of attention and out of
-        the MLP (the column-parallel projections' input gradients add up as one partial sum);
-      first decoder layer / ViT block (Replicate -> Shard(1) is a slice): all-gather a in backward;
-      vocabulary-parallel embedding: all-reduce [B, T, D] forward (backward: none);
-      vision norm gather (Shard(1) -> Replicate): all-gather [N, P, Dv] forward, backward a slice;
-      projector: all-reduce [N, P, D] forward (fc2 output), all-reduce [N, P, Dv] backward (fc1 input);
-      final norm gather: all-gather [B, T, D] forward, reduce-scatter [B, T, D] backward (the grad of the
-        vocabulary-split logits' input is Partial);
-      loss_parallel: 3 all-reduces of B*T fp32 (max logit, sum of exps, target logit), backward none.
-    Per step, the norms' weights and biases (replicated by SequenceParallel, gradients Partial(sum)):
-      all-reduced once (under tp alone clip_grad_norm lays them out like their weights; under FSDP x TP
-      FSDP does, in backward, before its reduce-scatter).
+    to a multiple of tp (images=0 runs one blank image). Activations of act_bytes (fp32: 4). Each part's
+    tp_comm_bytes gives one micro-batch's collectives, as measured on gloo, torch 2.13 (the payloads are
+    full-size whatever tp is). Per step, the norms' weights and biases (replicated by SequenceParallel,
+    gradients Partial(sum)) are all-reduced once (under tp alone clip_grad_norm lays them out like their
+    weights; under FSDP x TP FSDP does, in backward, before its reduce-scatter).
     Not here: the gradient-norm all-reduce and the loop's sums (see `step_expected_bytes`).
     """
     from mmfm.models import build_model
+    from mmfm.models.spec import part_spec
 
-    model = build_model(model_cfg, "meta")
-    lm, v = model_cfg.language, model_cfg.vision
-    layers, blocks = lm.num_layers, v.num_layers
-    patches = (v.image_size // v.patch_size) ** 2
+    hooks = [part_spec(model_cfg, role).tp_comm_bytes for role in ("vision", "projector", "language")]
+    if any(hook is None for hook in hooks):
+        return None
     out = defaultdict(int)
     for b, t, images in micro_batches:
-        n = max(images, 1)
-        tok = b * t * lm.hidden_size * act_bytes
-        img = n * patches * v.hidden_size * act_bytes
-        out["all_gather"] += (4 * layers + 2) * tok + (4 * blocks + 2) * img
-        out["reduce_scatter"] += (4 * layers + 1) * tok + 4 * blocks * img
-        out["all_reduce"] += tok + img + n * patches * lm.hidden_size * act_bytes + 3 * b * t * 4
-    out["all_reduce"] += _sequence_parallel_norm_numel(model) * 4
+        for hook in hooks:
+            for kind, n in hook(model_cfg, b, t, images, act_bytes).items():
+                out[kind] += n
+    out["all_reduce"] += _sequence_parallel_norm_numel(build_model(model_cfg, "meta")) * 4
     return dict(out)
 
 
 def fsdp_tp_expected_bytes(model: nn.Module, model_cfg, containers: tuple[str, ...], dp_size: int,
-                           micro_batches: Sequence[tuple[int, int, int]], **fsdp_kwargs) -> dict[str, int]:
+                           micro_batches: Sequence[tuple[int, int, int]], **fsdp_kwargs) -> Optional[dict[str, int]]:
     """FSDP2 on the dp mesh over the TP shards of the tensor-parallelized `model`, plus TP."""
+    tp = tp_expected_bytes(model_cfg, micro_batches)
+    if tp is None:
+        return None
     out = defaultdict(int, fsdp_expected_bytes(model, containers, dp_size, len(micro_batches), **fsdp_kwargs))
-    for kind, n in tp_expected_bytes(model_cfg, micro_batches).items():
+    for kind, n in tp.items():
         out[kind] += n
     return dict(out)
 
@@ -266,7 +257,7 @@ def step_expected_bytes(cfg, model: nn.Module, micro_batches: Sequence[tuple[int
     """All that `Trainer.train_step` issues on one rank: layout + gradient norm + the loop's sums.
 
     cfg: the JobConfig; model: this rank's parallelized model; micro_batches as for tp_expected_bytes.
-    None for layouts not modelled (pipeline, context parallel, HSDP, bf16 under TP).
+    None for layouts not modelled (pipeline, context parallel, HSDP, bf16 under TP, a part without tp_comm_bytes).
     """
     from mmfm.models import model_spec
 
@@ -284,6 +275,8 @@ def step_expected_bytes(cfg, model: nn.Module, micro_batches: Sequence[tuple[int
         parts = [tp_expected_bytes(cfg.model, micro_batches)]
     else:
         parts = [fsdp_expected_bytes(model, containers, p.dp_shard, len(micro_batches), **fsdp_kwargs)]
+    if parts[0] is None:
+        return None
     out = defaultdict(int)
     for part in (*parts, grad_norm_bytes(model), LOOP_BYTES):
         for kind, n in part.items():

@@ -69,12 +69,25 @@ def tp_divisible(cfg: ModelConfig) -> dict[str, int]:
             "model.language.intermediate_size": lm.intermediate_size, "model.language.vocab_size": lm.vocab_size}
 
 
+def tp_comm_bytes(cfg: ModelConfig, batch: int, seq_len: int, images: int, act_bytes: int) -> dict[str, int]:
+    """With a = [B, T, D], per layer: forward all-gather a into attention and into the MLP, reduce-scatter a
+    out of each; backward all-gather a for each row-parallel output, reduce-scatter a out of attention and the
+    MLP. The first layer's input (Replicate -> Shard(1), a slice) all-gathers a in backward; the
+    vocabulary-parallel embedding all-reduces a forward; the final norm gathers a forward and reduce-scatters
+    it backward; loss_parallel all-reduces 3 x B*T fp32 (max logit, sum of exps, target logit)."""
+    lm = cfg.language
+    a = batch * seq_len * lm.hidden_size * act_bytes
+    return {"all_gather": (4 * lm.num_layers + 2) * a, "reduce_scatter": (4 * lm.num_layers + 1) * a,
+            "all_reduce": a + 3 * batch * seq_len * 4}
+
+
 SPEC = register_part("language", LanguagePartSpec(
     kind="llama", build=lambda cfg: LanguageModel(cfg.language), num_params=counts.num_params,
     apply_tensor_parallel=parallelize.apply_tensor_parallel, tp_divisible=tp_divisible, validate=validate,
     block_container="layers", hf=ADAPTERS["llama"], flops_per_token=counts.flops_per_token,
     layer_flops=counts.layer_flops, head_flops=counts.head_flops, keep_stage=parallelize.keep_stage,
-    tied_embedding=parallelize.tied_embedding, num_layers=lambda cfg: cfg.language.num_layers))
+    tied_embedding=parallelize.tied_embedding, num_layers=lambda cfg: cfg.language.num_layers,
+    tp_comm_bytes=tp_comm_bytes))
 QWEN2 = register_part("language", dataclasses.replace(SPEC, kind="qwen2", hf=ADAPTERS["qwen2"]))
 QWEN3 = register_part("language", dataclasses.replace(SPEC, kind="qwen3", hf=ADAPTERS["qwen3"]))
 

@@ -41,9 +41,18 @@ def tp_divisible(cfg: ModelConfig) -> dict[str, int]:
             "the vision tower's patches ((image_size / patch_size)^2)": (v.image_size // v.patch_size) ** 2}
 
 
+def tp_comm_bytes(cfg: ModelConfig, batch: int, seq_len: int, images: int, act_bytes: int) -> dict[str, int]:
+    """Per block, as the decoder's (mmfm.models.llama.tp_comm_bytes) on a = [N, P, Dv] (N images of P patches):
+    all-gather 4a, reduce-scatter 4a; plus the first block's backward all-gather and the final norm's gather
+    (Shard(1) -> Replicate) forward."""
+    v = cfg.vision
+    a = max(images, 1) * (v.image_size // v.patch_size) ** 2 * v.hidden_size * act_bytes
+    return {"all_gather": (4 * v.num_layers + 2) * a, "reduce_scatter": 4 * v.num_layers * a}
+
+
 SPEC = register_part("vision", EncoderPartSpec(
     kind="vit", build=lambda cfg: VisionTransformer(cfg.vision), num_params=counts.num_params,
     apply_tensor_parallel=parallelize.apply_tensor_parallel, tp_divisible=tp_divisible, validate=validate,
-    block_container="blocks", flops_per_image=counts.flops_per_image))
+    block_container="blocks", flops_per_image=counts.flops_per_image, tp_comm_bytes=tp_comm_bytes))
 
 __all__ = ["SPEC", "VisionTransformer"]
