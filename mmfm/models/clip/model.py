@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfm.config.schema import VisionConfig
-from mmfm.models.vit.model import VisionAttention, mlp_width
+from mmfm.models.vit.model import VisionBlock
 
 
 @dataclass(frozen=True)
@@ -73,30 +73,10 @@ def num_positions(cfg: VisionConfig) -> int:
     return (cfg.image_size // cfg.patch_size) ** 2 + int(layout(cfg).class_token)
 
 
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, act: str):
-        super().__init__()
-        self.act = act
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
-
-
-class Block(nn.Module):
-    """transformers' CLIPEncoderLayer / SiglipEncoderLayer (layer_norm1, self_attn, layer_norm2, mlp)."""
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.attn = VisionAttention(cfg.hidden_size, cfg.num_heads)
-        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg.hidden_size, mlp_width(cfg), activation(cfg))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+def encoder_layer(cfg: VisionConfig) -> VisionBlock:
+    """transformers' CLIPEncoderLayer / SiglipEncoderLayer (layer_norm1, self_attn, layer_norm2, mlp): vit's block
+    with the kind's activation."""
+    return VisionBlock(cfg, ACTIVATIONS[activation(cfg)])
 
 
 class ClipVisionTower(nn.Module):
@@ -113,7 +93,7 @@ class ClipVisionTower(nn.Module):
         self.pos_embed = nn.Parameter(torch.empty(num_positions(cfg), cfg.hidden_size))
         if self.layout.pre_norm:
             self.pre_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(kept_layers(cfg))})
+        self.blocks = nn.ModuleDict({str(i): encoder_layer(cfg) for i in range(kept_layers(cfg))})
 
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> None:
         """Initialize the full tensor of parameter `name` (relative to this module)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,22 +35,25 @@ def mlp_width(cfg: VisionConfig) -> int:
 
 
 class VisionMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, act: Callable[[torch.Tensor], torch.Tensor] = F.gelu):
         super().__init__()
+        self.act = act
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    """A pre-norm transformer block (norm1, attn, norm2, mlp), as transformers' CLIP / SigLIP encoder layers."""
+
+    def __init__(self, cfg: VisionConfig, act: Callable[[torch.Tensor], torch.Tensor] = F.gelu):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.attn = VisionAttention(cfg.hidden_size, cfg.num_heads)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.mlp = VisionMLP(cfg.hidden_size, mlp_width(cfg))
+        self.mlp = VisionMLP(cfg.hidden_size, mlp_width(cfg), act)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
