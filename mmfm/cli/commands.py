@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                   "[--language-only]` (LLaVA, or the language model's *ForCausalLM)"),
     "data": ("mmfm.cli.data", "data set tools: synthetic, instruction and preference data, recipe builds"),
     "bench": ("mmfm.cli.bench", "benchmarks: parallelism (CPU processes, gloo), kernels (GPU timing, CPU memory), "
-                                "data loading"),
+                                "data loading, Hugging Face import memory"),
 }
 
 # command -> {tool: one-line description} for the commands made of argparse subcommands
@@ -34,6 +34,8 @@ TOOLS: dict[str, dict[str, str]] = {
         "kernels": "each kernel vs eager / torch.compile / Liger: time and peak memory (GPU); fused linear "
                    "cross-entropy memory (CPU)",
         "data": "loader samples/s (in-process, 1 and 2 workers) vs raw tar read and vs what training consumes",
+        "hf-load": "each rank's peak private memory while importing a Hugging Face checkpoint at tp=N and fsdp=N, "
+                   "vs the full model's size",
     },
 }
 
