@@ -35,6 +35,8 @@ class ParamRecord:
 class ParamTable:
     records: tuple[ParamRecord, ...]
     num_layers: int
+    by_layer: dict  # decoder layer -> its records
+    extras: dict  # (first, last) -> the records outside the decoder layers that such a stage keeps
 
     @property
     def total(self) -> int:
@@ -81,19 +83,26 @@ def _build_table(cfg: ModelConfig) -> ParamTable:
 
     spec, model = model_spec(cfg), meta_model(cfg)
     decoder = _prefix_of(model, spec.decoder_layers(model)) + "."
-    kept: dict[str, set] = {}
-    for first, last in STAGE_KINDS:
+    kept: dict[str, set] = {name: {(True, True)} for name, _ in model.named_parameters()}
+    # Two copies: a middle stage keeps a subset of what a first stage keeps, so one copy is split twice.
+    for kinds in (((True, False), (False, False)), ((False, True),)):
         part = copy.deepcopy(model)
-        spec.split_stage(part, first, last, [])
-        for name, _ in part.named_parameters():
-            kept.setdefault(name, set()).add((first, last))
+        for first, last in kinds:
+            spec.split_stage(part, first, last, [])
+            for name, _ in part.named_parameters():
+                kept[name].add((first, last))
     containers = spec.block_containers(cfg)
     records = []
     for name, p in model.named_parameters():
         layer = int(name[len(decoder):].split(".")[0]) if name.startswith(decoder) else None
         records.append(ParamRecord(name, tuple(p.shape), layer, frozenset(kept.get(name, ())),
                                    _unit_of(name, containers)))
-    return ParamTable(tuple(records), spec.pipeline_layers(cfg))
+    by_layer: dict[int, list] = {}
+    for r in records:
+        if r.layer is not None:
+            by_layer.setdefault(r.layer, []).append(r)
+    extras = {kind: tuple(r for r in records if r.layer is None and kind in r.kept_by) for kind in STAGE_KINDS}
+    return ParamTable(tuple(records), spec.pipeline_layers(cfg), {k: tuple(v) for k, v in by_layer.items()}, extras)
 
 
 def param_table(cfg: ModelConfig) -> ParamTable:
@@ -135,19 +144,32 @@ def _read_tp_shapes(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, ...]]:
                 for name, p in model.named_parameters()}
 
 
-def tp_shapes(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, ...]]:
-    """Each parameter's shape on one tensor-parallel rank of `tp` (the spec's plan; tp must divide what it splits)."""
+def _derive_tp_shapes(cfg: ModelConfig, probed: dict[str, tuple[int, ...]], probed_tp: int,
+                      tp: int) -> dict[str, tuple[int, ...]]:
+    """The shapes at `tp` from those read at a multiple of it: each dim the plan split (local != global) is the
+    global size / tp (exact: tp divides every size the plan splits whenever a multiple of it does)."""
+    whole = {r.name: r.shape for r in param_table(cfg).records}
+    return {name: tuple(g // tp if l != g else g for g, l in zip(whole[name], shape))
+            for name, shape in probed.items()}
+
+
+def tp_shapes(cfg: ModelConfig, tp: int, probe: bool = False) -> dict[str, tuple[int, ...]]:
+    """Each parameter's shape on one tensor-parallel rank of `tp` (the spec's plan; tp must divide what it splits):
+    read off the plan applied on the meta device, or derived from shapes read at a multiple of tp (probe=True: read
+    it anyway). Cached per config and tp."""
     key = (_config_key(cfg), tp)
     if key not in _SHAPES:
-        _SHAPES[key] = _read_tp_shapes(cfg, tp)
+        larger = [t for (k, t) in _SHAPES if k == key[0] and t > 1 and t % tp == 0 and t != tp]
+        if larger and not probe and tp > 1:
+            _SHAPES[key] = _derive_tp_shapes(cfg, _SHAPES[(key[0], max(larger))], max(larger), tp)
+        else:
+            _SHAPES[key] = _read_tp_shapes(cfg, tp)
     return _SHAPES[key]
 
 
 def stage_records(table: ParamTable, layers: list[int], first: bool, last: bool) -> list[ParamRecord]:
     """The parameters of the pipeline stage holding decoder `layers`, first and/or last."""
-    held = set(layers)
-    return [r for r in table.records
-            if (r.layer in held if r.layer is not None else (first, last) in r.kept_by)]
+    return [r for layer in layers for r in table.by_layer.get(layer, ())] + list(table.extras[(first, last)])
 
 
 def fsdp_chunk_numel(shape: tuple[int, ...], shards: int, index: int = 0) -> int:
@@ -183,10 +205,21 @@ class RankShare:
     block_total: int
 
 
+_SHARES: dict[tuple, RankShare] = {}
+
+
 def rank_share(cfg: ModelConfig, tp: int, shards: int, stages: list[tuple[list[int], bool, bool]],
                shard_index: int = 0) -> RankShare:
     """The parameters a rank holds: its pipeline stages (layers, first, last), each parameter's tp-local shape,
-    FSDP chunk `shard_index` of `shards` (dp_shard x cp)."""
+    FSDP chunk `shard_index` of `shards` (dp_shard x cp). Cached per layout."""
+    key = (_config_key(cfg), tp, shards, shard_index, tuple((tuple(l), f, la) for l, f, la in stages))
+    if key not in _SHARES:
+        _SHARES[key] = _rank_share(cfg, tp, shards, stages, shard_index)
+    return _SHARES[key]
+
+
+def _rank_share(cfg: ModelConfig, tp: int, shards: int, stages: list[tuple[list[int], bool, bool]],
+                shard_index: int) -> RankShare:
     table, shapes = param_table(cfg), tp_shapes(cfg, tp)
     numel = padded = local = root = 0
     blocks: dict[str, int] = {}
