@@ -148,6 +148,11 @@ def test_plan_json_holds_dims_memory_step_time_mfu_and_params(capsys):
     assert mem["total"] == pytest.approx(sum(v for k, v in mem.items() if k != "total"))
     assert mem["total"] <= 0.9 * 80 * 2**30 and mem["params"] == 4 * best["rank_params"]
     assert best["time_s"]["step"] >= best["time_s"]["compute"] > 0 and 0 < best["mfu"] <= 0.5
+    # its overrides compose into a layout that the trainer's own checks accept at 64 processes
+    run = load_config([o for o in best["overrides"] if not o.startswith("cluster")])
+    dims = ParallelDims.from_config(run.parallel).validate(run.model, world_size=64)
+    dims.validate_run(run.data.seq_len, run.train.grad_accum_steps, run.data.batch_size)
+    assert run.data.batch_size * run.train.grad_accum_steps * dims.dp_size == 512
     # MFU and tokens/s/device agree: model FLOPs per token x tokens/s/device = MFU x peak
     from mmfm.models import model_spec
 
