@@ -12,6 +12,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                 "prints the resolved config, --help lists config groups, --multirun sweeps"),
     "launch": ("mmfm.cli.launch", "run a training job with torchrun here or through Slurm: `mmfm launch [--dry-run] "
                                   "[-m] [overrides]` (e.g. cluster=slurm cluster.nodes=16)"),
+    "plan": ("mmfm.cli.plan", "rank every parallel layout of a job by predicted step time, with memory per rank and "
+                              "MFU: `mmfm plan model=vlm_7b hardware=h100 devices=64 global_batch=512 seq_len=4096`"),
     "generate": ("mmfm.cli.generate", "caption or answer for image files from a checkpoint (greedy or sampled, "
                                       "KV-cached)"),
     "export": ("mmfm.cli.export", "a checkpoint as a Hugging Face folder: `mmfm export RUN --format hf --out DIR "

@@ -325,6 +325,22 @@ class FaultsConfig:
 
 
 @dataclass
+class HardwareConfig:
+    """One accelerator and its node, for `mmfm plan` (mmfm.plan) only: nothing in training reads it. Presets in
+    mmfm/configs/hardware/ (hardware=h100 | h200 | a100_80gb | ascend_910b) cite their public spec figures."""
+    name: str = "h100"
+    peak_bf16_flops: float = 989.4e12  # dense (no sparsity), FLOP/s
+    peak_fp8_flops: float = 1978.9e12  # dense; 0: the device has no fp8 tensor cores
+    hbm_bytes: int = 80 * 2**30  # device memory
+    hbm_bandwidth: float = 3.35e12  # bytes/s
+    devices_per_node: int = 8
+    intra_node_bandwidth: float = 450e9  # bytes/s per device and direction (NVLink, HCCS)
+    inter_node_bandwidth: float = 50e9  # bytes/s per device and direction (e.g. one 400 Gb/s InfiniBand port)
+    # Fraction of the peak that training's matmuls reach (model FLOPs); replace by a measured figure.
+    achievable: float = 0.5
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -337,6 +353,7 @@ class JobConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)  # `mmfm plan` only
     experiment_name: str = "default"
     run_dir: str = "runs/default"
     seed: int = 0
