@@ -191,6 +191,14 @@ def test_a_split_left_empty_is_refused_and_nothing_is_left(tmp_path):
 # ---- B. recipes, empty builds, metadata, manifest order -------------------------------------------------------
 
 
+def test_two_sources_of_one_name_are_refused(tmp_path):
+    corpus(tmp_path, 3)
+    (tmp_path / "r.yaml").write_text("sources: [{type: text, path: t.txt, name: t}, {type: text, path: t.txt, name: t}]\n")
+    with pytest.raises(RecipeError, match=r"source name\(s\) \['t'\] used more than once; give each source its own"):
+        build(tmp_path / "r.yaml", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("stage, message", [
     ("{pii: hide}", "pii level 'hide' is unknown; use one of ('keep', 'mask', 'drop')"),
     ("{filter: [decode]}", "stage filter: ['decode'] is not a filter name; write e.g. {filter: decode}"),
@@ -332,3 +340,22 @@ def test_training_on_a_built_val_split_validates_and_evaluates(built, tmp_path):
     assert summary["caption_samples"] == 2 and summary["val_loss"] > 0
     vals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in vals if r["kind"] == "val"] == [1, 2]
+
+
+def test_a_damaged_val_shard_is_found_before_training(built, tmp_path):
+    import shutil
+
+    from mmfm.train.trainer import Trainer
+
+    data = tmp_path / "data"
+    shutil.copytree(built / "val", data)
+    shard = data / "val-000000.tar"
+    data_bytes = bytearray(shard.read_bytes())
+    data_bytes[len(data_bytes) // 3] ^= 0xFF  # one byte changed, same size
+    shard.write_bytes(bytes(data_bytes))
+    with pytest.raises(mf.DataError, match=r"^shard .*/val-000000\.tar does not match the sha256 that "):
+        Trainer(train_cfg(data, "train.val_every=0", "eval.num_samples=0"), tmp_path / "run")
+    shard.unlink()
+    with pytest.raises(mf.DataError, match=r"^1 shard\(s\) listed in .*manifest.json are missing, e.g. .*val-000000"):
+        Trainer(train_cfg(data, "train.val_every=0", "eval.num_samples=0"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

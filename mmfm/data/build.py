@@ -119,9 +119,14 @@ def check_val_split(cfg: JobConfig, validates: bool) -> bool:
     """Whether data.path has a val split. Validation (train.val_every, for objectives with a held-out loss) and the
     end-of-training evaluation (eval.num_samples) need one: a data set without one trains without any validation
     (no final validation either) when both are 0, and is a ConfigError otherwise, raised before anything is
-    written. validates: the objective has a held-out loss."""
+    written. validates: the objective has a held-out loss. The val shards are checked now too (present, and their
+    sha256 with data.verify_shards; each is hashed once per process), so that reading them after training fails
+    for no reason known before it."""
     splits = read_manifest(cfg.data.path)["splits"]
     if splits.get("val", {}).get("shards"):
+        checksums = ShardChecksums.of(cfg.data.path, "val")  # DataError for a missing shard file
+        for shard in checksums.sha256 if cfg.data.verify_shards else ():
+            checksums.check(shard)
         return True
     t, e = cfg.train, cfg.eval
     readers = ([f"train.val_every={t.val_every}"] if t.val_every and validates else []) + \

@@ -248,6 +248,11 @@ class Recipe:
             items = getattr(self, key)
             if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
                 raise RecipeError(f"recipe {path}: {key} must be a list of mappings ({{type: ..., ...}})")
+        names = [spec.get("name") for spec in self.sources]
+        twice = sorted({str(n) for n in names if names.count(n) > 1})
+        if twice:
+            raise RecipeError(f"recipe {path}: source name(s) {twice} used more than once; give each source its own "
+                              "name (it is part of each sample's identity and of the manifest's per-source counts)")
         if not isinstance(self.output, dict):
             raise RecipeError(f"recipe {path}: output must be a mapping (format:, split:, ...)")
         unknown = sorted(set(self.output) - set(OUTPUT_KEYS), key=str)
