@@ -129,9 +129,14 @@ def build_main(args: argparse.Namespace) -> int:
         m = build(args.recipe, args.out, workers=args.workers, progress=not args.no_progress)
     dropped = {f"{stage}/{reason}": n for stage, report in m["stages"].items() if isinstance(report, dict)
                for reason, n in report["dropped"].items()}
-    written = m["stages"]["written"]
-    where = (f"{len(m['splits'][next(iter(m['splits']))]['shards'])} shards" if "splits" in m
-             else f"{m['indexed']['prefix']}.bin/.idx, {m['indexed']['tokens']} tokens")
-    print(f"{args.out}: {written} samples in {where} from {m['records_read']} records read; dropped: "
-          f"{dropped or 'none'}; PII: {m['pii'] or 'none'}")
+    print(f"{args.out}: {m['stages']['written']} samples ({_build_outputs(m)}) from {m['records_read']} records "
+          f"read; dropped: {dropped or 'none'}; PII: {m['pii'] or 'none'}")
     return 0
+
+
+def _build_outputs(m: dict) -> str:
+    """What a build wrote: per split its samples and shards, or per indexed output its files."""
+    if "splits" in m:
+        return ", ".join(f"{split}: {v['samples']} in {len(v['shards'])} shards" for split, v in m["splits"].items())
+    return ", ".join(f"{i['prefix']}.bin/.idx: {i['documents']} documents, {i['tokens']} tokens"
+                     for i in (m["indexed"], m.get("indexed_val")) if i)

@@ -115,6 +115,29 @@ def loader_summary(state: dict) -> tuple[int, Counter]:
     return int(streams[0]["epoch"]), sum((Counter(s.get("skipped", {})) for s in streams), Counter())
 
 
+def check_val_split(cfg: JobConfig, validates: bool) -> bool:
+    """Whether data.path has a val split. Validation (train.val_every, for objectives with a held-out loss) and the
+    end-of-training evaluation (eval.num_samples) need one: a data set without one trains without any validation
+    (no final validation either) when both are 0, and is a ConfigError otherwise, raised before anything is
+    written. validates: the objective has a held-out loss. The val shards are checked now too (present, and their
+    sha256 with data.verify_shards; each is hashed once per process), so that reading them after training fails
+    for no reason known before it."""
+    splits = read_manifest(cfg.data.path)["splits"]
+    if splits.get("val", {}).get("shards"):
+        checksums = ShardChecksums.of(cfg.data.path, "val")  # DataError for a missing shard file
+        for shard in checksums.sha256 if cfg.data.verify_shards else ():
+            checksums.check(shard)
+        return True
+    t, e = cfg.train, cfg.eval
+    readers = ([f"train.val_every={t.val_every}"] if t.val_every and validates else []) + \
+        ([f"eval.num_samples={e.num_samples}"] if e.num_samples else [])
+    if readers:
+        raise ConfigError(f"data.path={cfg.data.path} has no val split, which {' and '.join(readers)} read; build "
+                          "it with output.val_fraction (or output.val_count) in the recipe, or set train.val_every=0 "
+                          "and eval.num_samples=0 to train without validation")
+    return False
+
+
 def val_stream(cfg: JobConfig, tokenizer: TextTokenizer) -> SampleStream:
     """The validation split in file order, once through."""
     return _stream(cfg, cfg.data.path, "val", sample_encoder(cfg, tokenizer), shuffle=False, loop=False)

@@ -56,10 +56,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
+def write_json_atomic(path: Path, payload: dict, sort_keys: bool = True) -> None:
+    """payload as JSON in `path`, written to a temporary file first (a reader never sees half a file)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
+        json.dump(payload, f, indent=2, sort_keys=sort_keys)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

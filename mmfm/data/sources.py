@@ -17,7 +17,8 @@ Formats:
 - llava: the LLaVA JSON list, [{"id", "image" (optional, path or [paths] under image_root),
   "conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}, ...].
 - tar: webdataset / img2dataset shards; members `<key>.<ext>` grouped by key; caption from "txt",
-  "caption", or "json" ({"caption"} / {"text"}); images from `[N.]jpg|jpeg|png|webp`; "json" is meta.
+  "caption", or "json" ({"caption"} / {"text"}); images from `[N.]jpg|jpeg|png|webp`; "json"'s other fields are
+  meta (img2dataset: url, key, status, width, height, original_width, original_height, exif, sha256, ...).
 - text: UTF-8 `*.txt` files; one document per non-empty line, per file, or per paragraph.
 - indexed: a Megatron indexed dataset (`<path>.bin/.idx`), documents decoded with its tokenizer.json.
 """
@@ -340,8 +341,8 @@ class TarShardSource(Source):
     Members `<key>.<ext>` (key: the path up to the first dot of the basename; ext lower-cased) are grouped
     into samples while the key stays the same, as webdataset does; `__*__` members, directories and names
     without a dot are skipped. Caption: "txt", else "caption", else "json"'s "caption"/"text". Images:
-    exts ending in jpg/jpeg/png/webp ("jpg", "0.jpg", "1.png", ...), in natural order. "json" (e.g.
-    img2dataset's url/status/...) is the meta. Other members are ignored. key: "<shard>/<key>", <shard> the
+    exts ending in jpg/jpeg/png/webp ("jpg", "0.jpg", "1.png", ...), in natural order. "json"'s fields other than
+    "caption"/"text" (e.g. img2dataset's url/status/width/...) are the meta. Other members are ignored. key: "<shard>/<key>", <shard> the
     shard's path under the shards' common folder without its tar suffix.
 
     Damage: a shard that cannot be opened -> one unreadable_file; a read error mid-stream, or a stream
@@ -386,6 +387,7 @@ class TarShardSource(Source):
             if text is None:
                 text = _caption_field(meta, ("caption", "text"), f"{where}.json")
             exts = sorted((e for e in members if e.rsplit(".", 1)[-1] in IMAGE_EXTS), key=_natural)
+            meta = {k: v for k, v in meta.items() if k not in ("caption", "text")}  # the caption is the record's
             return self._record(key, text=_caption(text, where), images=[members[e] for e in exts], meta=meta)
         except _Bad as bad:
             return self._drop(key, bad)

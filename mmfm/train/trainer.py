@@ -25,7 +25,8 @@ from torch.distributed.pipelining import PipelineStage
 from mmfm.checkpoint import CheckpointError, CheckpointManager, find_checkpoint
 from mmfm.config import JobConfig, Preflight, image_tokens, preflight
 from mmfm.errors import ConfigError
-from mmfm.data.build import load_tokenizer, loader_summary, reshard_loader_states, train_loader, val_stream
+from mmfm.data.build import (check_val_split, load_tokenizer, loader_summary, reshard_loader_states, train_loader,
+                             val_stream)
 from mmfm.data.loader import Batch, BatchLoader, EncodedSample, pad_sequence
 from mmfm.data.manifest import TOKENIZER, sha256_file
 from mmfm.data.tokenizer import copy_tokenizer
@@ -137,6 +138,9 @@ class Trainer:
         self.device = checked.device
         self.rank, self.world = init_distributed(self.device, cfg.faults.collective_timeout_s)
         self.tokenizer = load_tokenizer(cfg)  # before the run directory is made: a bad tokenizer writes nothing
+        self.objective = build_objective(cfg.stage)
+        # likewise a data set without the val split that validation and evaluation need (False: runs without them)
+        self.has_val = check_val_split(cfg, self.objective.validates)
         # One run directory for all ranks: rank 0's (a timestamped default may differ across ranks).
         self.run_dir = Path(gather_objects(str(run_dir))[0])
         ensure_writable(self.run_dir)
@@ -155,7 +159,6 @@ class Trainer:
         self.schedulers = [build_scheduler(opt, cfg.train) for opt in self.optimizers]
         self.dp_rank = dims.dp_rank(self.mesh) if self.mesh is not None else 0
         self.loader = train_loader(cfg, self.tokenizer, self.dp_rank, dims.dp_size)
-        self.objective = build_objective(cfg.stage)
         # A frozen copy of stage.init_from, sharded like the policy, for objectives that compare with it.
         self.reference = self.build_reference() if self.objective.needs_reference else None
         self.step = 0
@@ -455,7 +458,7 @@ class Trainer:
                         self.save()
                 if preemption.requested(self.device):  # a collective: every rank asks every step
                     return self.stop_for_requeue(preemption, watchdog, saved, losses, grad_norms)
-                if t.val_every and self.step % t.val_every == 0 and self.objective.validates:
+                if t.val_every and self.step % t.val_every == 0 and self.objective.validates and self.has_val:
                     with watchdog.paused():
                         metrics.log(self.step, self.validate_now(), kind="val")
             with watchdog.paused():
@@ -516,9 +519,12 @@ class Trainer:
         return results
 
     def final_eval(self, metrics: MetricsLogger) -> dict:
+        """The final validation and evaluation on the val split (none when the data set has none: then
+        train.val_every=0 and eval.num_samples=0, checked at init), and summary.json."""
         e = self.cfg.eval
-        summary = {"step": self.step, **{f"val_{k}": v for k, v in self.validate_now().items()}}
-        results = self.caption_results() if e.num_samples else None
+        validation = self.validate_now() if self.has_val else {}
+        summary = {"step": self.step, **{f"val_{k}": v for k, v in validation.items()}}
+        results = self.caption_results() if e.num_samples and self.has_val else None
         if results is not None:
             kind = "caption" if self.cfg.stage.objective == "pretrain" else "answer"
             summary[f"{kind}_accuracy"] = evaluate.accuracy(results)
