@@ -41,6 +41,13 @@ BAD = [
     (["stage=sft", "stage.init_from=/no/such/run"], "stage.init_from=/no/such/run: no such run directory"),
     (["logger.wandb.mode=sometimes"], "logger.wandb.mode='sometimes' is unknown"),
     (["data.batch_size=0"], "data.batch_size=0 must be > 0"),
+    (["parallel.tp=-1"], "parallel.tp=-1: only parallel.dp_shard or parallel.dp_replicate may be -1"),
+    (["parallel.dp_shard=-1", "parallel.tp=2"],
+     "parallel.dp_shard=-1 takes the rest of the world, but the world of 1 process(es) (one process: WORLD_SIZE is "
+     "unset) does not divide by the other dims (tp=2 = 2)"),
+    (["train.global_batch=64"], "train.global_batch=64 but data.batch_size=32 x train.grad_accum_steps=1 x 1 "
+                                "data-parallel ranks (parallel.dp_replicate x dp_shard) = 32; change data.batch_size"),
+    (["train.global_batch=-1"], "train.global_batch=-1 must be >= 0"),
 ]
 
 
@@ -59,6 +66,11 @@ def test_bad_config_names_field_and_fix(overrides, message):
     text = str(err.value)
     assert message in text
     assert "\n" not in text
+
+
+def test_minus_one_on_one_process_is_that_process():
+    cfg = validate(load_config(["parallel.dp_shard=-1", "train.global_batch=32"]))
+    assert cfg.parallel.dp_shard == 1 and cfg.train.global_batch == 32
 
 
 def test_type_error_is_one_line():

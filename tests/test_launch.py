@@ -3,6 +3,7 @@ script's preemption logic (with stand-ins for srun and scontrol), and a local sw
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -11,11 +12,12 @@ import pytest
 
 from conftest import SMALL_MODEL
 from mmfm.cli.launch import main as launch
-from mmfm.config import ConfigError
+from mmfm.config import ConfigError, load_config
 from mmfm.config.validate import slurm_time_s
 from mmfm.launch import LaunchError, plan_jobs, render_sbatch, submit
 from mmfm.launch.sweep import expand_sweep
 from mmfm.launch.template import render
+from mmfm.parallel import ParallelDims
 from mmfm.train.metrics import read_metrics
 
 # The example of docs/launching.md: the 7B layout on 16 nodes x 8 GPUs, FSDP over 16 x tensor parallel 8.
@@ -100,10 +102,86 @@ def test_local_dry_run_prints_the_torchrun_command(capsys, tmp_path):
     (["cluster=slurm", "cluster.gpus_per_node=0", "cluster.time=soon"], "cluster.time='soon' is not a Slurm time"),
     (["cluster.kind=pbs"], "cluster.kind='pbs' is unknown"),
     (["cluster.master_port=80"], "cluster.master_port=80 must lie in [1024, 65535]"),
+    (["cluster=slurm", "cluster.nodes=3", "cluster.gpus_per_node=2", "parallel.dp_shard=-1", "parallel.tp=2",
+      "parallel.pp=2"],
+     "parallel.dp_shard=-1 takes the rest of the world, but the world of 6 process(es) (cluster.nodes=3 x "
+     "cluster.gpus_per_node=2) does not divide by the other dims (tp=2 x pp=2 = 4); change parallel.*"),
+    (["parallel.dp_shard=-1"],
+     "parallel.dp_shard=-1 takes the rest of the world, but the world size is unknown: cluster.procs_per_node=0 and "
+     "cluster.gpus_per_node=0; set cluster.procs_per_node=N (processes per node) or, on GPU nodes, "
+     "cluster.gpus_per_node=N"),
+    (["parallel=auto"], "parallel=auto plans for the device count, which is unknown here: cluster.procs_per_node=0"),
+    (["parallel=auto", "parallel.tp=2", "cluster.procs_per_node=2"],
+     "parallel.auto=true chooses every dim, but parallel.tp=2 is fixed; drop that override"),
 ])
 def test_bad_cluster_values_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match="^" + re.escape(message)):
         plan_jobs(overrides)
+
+
+# 16 nodes x 8 H100: 128 processes for parallel=auto and parallel.dp_shard=-1 to resolve.
+NODES_16X8 = ["cluster=slurm", "cluster.nodes=16", "cluster.gpus_per_node=8", "model=vlm_7b", "hardware=h100",
+              "data.seq_len=2048"]
+
+
+def rank_overrides(script: str) -> list[str]:
+    """The overrides the script's torchrun passes to every rank's `mmfm train`, unquoted."""
+    block = script.split("-m mmfm.cli.main train \\\n", 1)[1].split(" &\n", 1)[0]
+    return [shlex.split(line.rstrip(" \\"))[0] for line in block.splitlines()]
+
+
+def test_parallel_auto_pins_the_planners_top_layout_for_128_gpus(capsys, tmp_path):
+    from mmfm.plan.report import layout_overrides
+    from mmfm.plan.search import Workload, search
+
+    assert launch(["--dry-run", *NODES_16X8, "parallel=auto", "data.batch_size=4", f"run_dir={tmp_path}/run"]) == 0
+    out = capsys.readouterr()
+    ranks = rank_overrides(out.out)
+    run = load_config(ranks)  # what every rank composes: no planning left, parallel.auto=false
+    dims = ParallelDims.from_config(run.parallel)
+    assert dims.world_size == 128 and run.parallel.auto is False and run.train.precision == "bf16"
+    assert ranks[-1] == f"run_dir={tmp_path}/run" and "parallel=auto" in ranks and "data.batch_size=4" not in ranks
+    # the global batch: data.batch_size 4 x grad_accum 1 x 128 devices, kept by the plan's micro-batching
+    assert run.train.global_batch == 512 == run.data.batch_size * run.train.grad_accum_steps * dims.dp_size
+    # the layout is `mmfm plan model=vlm_7b hardware=h100 devices=128 global_batch=512 seq_len=2048`'s first
+    best = search(load_config(["model=vlm_7b", "train.precision=bf16"]), Workload(128, 512, 2048)).plans[0]
+    lay = best.layout
+    assert (dims.tp, dims.pp, dims.dp_replicate, dims.dp_shard) == (lay.tp, lay.pp, lay.dp_replicate, lay.dp_shard)
+    assert set(layout_overrides(lay)) <= set(ranks)  # micro-batch, accumulation, checkpointing as the plan says
+    assert "#SBATCH --nodes=16" in out.out and '--nnodes="$SLURM_NNODES" --nproc-per-node=8 \\' in out.out
+    note = out.err.strip().splitlines()
+    assert len(note) == 1 and note[0].startswith(f"mmfm: parallel=auto chose tp={lay.tp} pp={lay.pp} ")
+    assert (f"on 128 x h100 (cluster.nodes=16 x cluster.gpus_per_node=8), global batch 512 x 2048 tokens: predicted "
+            f"step {best.time['step']:.3g} s, MFU {best.mfu:.1%}") in note[0]
+
+
+def test_dp_shard_minus_one_takes_the_rest_of_128_gpus(capsys, tmp_path):
+    script = dry_run(capsys, *NODES_16X8, "parallel.dp_shard=-1", "parallel.tp=8", "train.precision=bf16",
+                     f"run_dir={tmp_path}/run")
+    ranks = rank_overrides(script)
+    assert "parallel.dp_shard=16" in ranks and "parallel.dp_shard=-1" not in ranks and "parallel.tp=8" in ranks
+    dims = ParallelDims.from_config(load_config(ranks).parallel)
+    assert dims.sizes == {"pp": 1, "dp_replicate": 1, "dp_shard": 16, "cp": 1, "tp": 8} and dims.world_size == 128
+    assert capsys.readouterr().err == ""  # a -1 dim is resolved silently
+
+
+def test_parallel_auto_says_in_one_line_when_nothing_fits(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        launch(["--dry-run", "cluster=slurm", "cluster.gpus_per_node=1", "parallel=auto", "model=vlm_7b",
+                "hardware=a100_80gb", "data.seq_len=2048", "data.batch_size=2", f"run_dir={tmp_path}/run"])
+    out = capsys.readouterr()
+    assert exit_info.value.code == 2 and out.out == "" and len(out.err.strip().splitlines()) == 1
+    assert out.err.startswith(
+        "mmfm launch: error: parallel=auto on 1 device(s) (cluster.nodes=1 x cluster.gpus_per_node=1), global batch 2 "
+        "(data.batch_size=2 x train.grad_accum_steps=1 x 1 device(s)) x 2048 tokens: nothing fits in 72.0 GiB per "
+        "device (a100_80gb, 80 GiB less the reserve): the least-memory layout (tp=1 pp=1 dp_replicate=1 dp_shard=1 "
+        "micro-batch=1 ckpt=full) needs 119.7 GiB")
+
+
+def test_local_dp_shard_minus_one_takes_the_processes_per_node(capsys, tmp_path):
+    out = dry_run(capsys, "parallel.dp_shard=-1", "cluster.procs_per_node=2", f"run_dir={tmp_path}/run")
+    assert "--nproc-per-node=2 " in out
+    assert out.strip().endswith(f"train cluster.procs_per_node=2 parallel.dp_shard=2 run_dir={tmp_path}/run")
 
 
 def test_slurm_time_limits():

@@ -173,3 +173,96 @@ def test_plan_refuses_a_missing_job_size(capsys):
     code, _, err = run_plan(capsys, "model=vlm_7b", "devices=64")
     assert code == 2 and err.strip() == ("mmfm plan: error: global_batch= is missing; e.g. mmfm plan model=vlm_7b "
                                          "devices=64 global_batch=512 seq_len=4096")
+
+
+# ---- parallel.dp_shard=-1 (the rest of the world) and parallel=auto (mmfm.config.world, mmfm.plan.auto)
+
+def test_minus_one_takes_the_rest_of_the_world():
+    from mmfm.config.schema import ParallelConfig
+    from mmfm.config.world import World, rest_of_world
+
+    world = World(128, "cluster.nodes=16 x cluster.gpus_per_node=8", 8)
+    assert rest_of_world(ParallelConfig(dp_shard=-1, tp=8), world) == ["parallel.dp_shard=16"]
+    assert rest_of_world(ParallelConfig(dp_replicate=-1, dp_shard=8, tp=2), world) == ["parallel.dp_replicate=8"]
+    assert rest_of_world(ParallelConfig(dp_shard=-1, tp=8, pp=16), world) == ["parallel.dp_shard=1"]
+    assert rest_of_world(ParallelConfig(dp_shard=4), world) == []  # nothing open: nothing to say
+    with pytest.raises(ConfigError, match=r"^parallel.dp_shard=-1 takes the rest of the world, but the world of 128 "
+                                          r"process\(es\) \(cluster.nodes=16 x cluster.gpus_per_node=8\) does not "
+                                          r"divide by the other dims \(tp=8 x pp=3 = 24\)"):
+        rest_of_world(ParallelConfig(dp_shard=-1, tp=8, pp=3), world)
+    with pytest.raises(ConfigError, match="^parallel.pp=-1: only parallel.dp_shard or parallel.dp_replicate may be"):
+        rest_of_world(ParallelConfig(pp=-1), world)
+    with pytest.raises(ConfigError, match="^parallel.dp_replicate=-1 and parallel.dp_shard=-1: only one dim"):
+        rest_of_world(ParallelConfig(dp_replicate=-1, dp_shard=-1), world)
+    with pytest.raises(ConfigError, match="^parallel.dp_shard=0 must be >= 1 "):
+        rest_of_world(ParallelConfig(dp_shard=0), world)
+    with pytest.raises(ConfigError, match="^parallel.dp_shard=-1 takes the rest of the world, but the world size is "
+                                          "unknown: why"):
+        rest_of_world(ParallelConfig(dp_shard=-1), World(None, "why"))
+    with pytest.raises(ConfigError, match=r"^parallel.dp_shard=-1 \(the rest of the world\) is not resolved here"):
+        ParallelDims.from_config(ParallelConfig(dp_shard=-1)).validate(load_config([]).model)
+
+
+def test_the_world_comes_from_the_cluster_or_torchrun(monkeypatch):
+    from mmfm.config.schema import ClusterConfig
+    from mmfm.config.world import World, cluster_world, env_world
+
+    assert cluster_world(ClusterConfig(nodes=16, gpus_per_node=8)) == \
+        World(128, "cluster.nodes=16 x cluster.gpus_per_node=8", 8)
+    assert cluster_world(ClusterConfig(nodes=2, gpus_per_node=8, procs_per_node=4)).size == 8
+    assert cluster_world(ClusterConfig()).size is None
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert env_world().size == 1
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert env_world() == World(8, "WORLD_SIZE=8", 4)
+
+
+def test_preflight_resolves_minus_one_from_world_size(monkeypatch, capsys):
+    from conftest import SMALL_MODEL
+    from mmfm.config import preflight
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    checked = preflight(load_config([*SMALL_MODEL, "parallel.dp_shard=-1", "parallel.tp=2"]))
+    assert checked.dims.sizes == {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 2}
+    assert checked.cfg.parallel.dp_shard == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"^parallel.dp_shard=-1 takes the rest of the world, but the world of 3 "
+                                          r"process\(es\) \(WORLD_SIZE=3\) does not divide by the other dims \(tp=2"):
+        preflight(load_config([*SMALL_MODEL, "parallel.dp_shard=-1", "parallel.tp=2"]))
+
+
+def test_preflight_plans_parallel_auto_and_rank_zero_says_so(monkeypatch, capsys):
+    from conftest import SMALL_MODEL
+    from mmfm.config import preflight
+    from mmfm.plan.search import Workload, search
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    overrides = [*SMALL_MODEL, "parallel=auto", "train.global_batch=16"]
+    checked = preflight(load_config(overrides))
+    assert capsys.readouterr().err == ""  # only rank 0 prints the plan
+    cfg = load_config(overrides)
+    best = search(cfg, Workload(2, 16, cfg.data.seq_len)).plans[0].layout
+    run = checked.cfg
+    assert (checked.dims.tp, checked.dims.pp, checked.dims.dp_replicate, checked.dims.dp_shard) == \
+        (best.tp, best.pp, best.dp_replicate, best.dp_shard)
+    # the run is the config with `mmfm plan`'s overrides of the top plan
+    from mmfm.plan.report import layout_overrides
+
+    expected = load_config(overrides + layout_overrides(best) + ["parallel.auto=false"])
+    assert (run.parallel, run.data, run.train) == (expected.parallel, expected.data, expected.train)
+    assert run.data.batch_size * run.train.grad_accum_steps * checked.dims.dp_size == 16 == run.train.global_batch
+    monkeypatch.setenv("RANK", "0")
+    preflight(load_config(overrides))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("mmfm: parallel=auto chose tp=") and "(WORLD_SIZE=2)" in err[0]
+
+
+def test_auto_global_batch_is_train_global_batch_else_the_configs_own():
+    from mmfm.plan.auto import global_batch
+
+    assert global_batch(load_config(["parallel=auto", "data.batch_size=4", "train.grad_accum_steps=2"]), 128) == \
+        (1024, "data.batch_size=4 x train.grad_accum_steps=2 x 128 device(s)")
+    assert global_batch(load_config(["parallel=auto", "train.global_batch=512"]), 128) == (512, "train.global_batch")
+    assert load_config(["parallel=auto"]).train.precision == "bf16"  # the planner models bf16 only

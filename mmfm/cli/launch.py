@@ -18,7 +18,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "submits it. The run directory (run_dir) is fixed now; rank logs go to "
                     "<run_dir>/logs/rank_<RANK>.log.",
         epilog="examples: mmfm launch parallel=fsdp2 | mmfm launch cluster=slurm cluster.nodes=16 "
-               "cluster.partition=gpu parallel=fsdp2 parallel.dp_shard=128 | mmfm launch -m parallel=single,fsdp2")
+               "cluster.partition=gpu parallel=fsdp2 parallel.dp_shard=128 | mmfm launch cluster=slurm "
+               "cluster.nodes=16 model=vlm_7b hardware=h100 data.seq_len=2048 parallel=auto (the planner's layout; "
+               "parallel.dp_shard=-1: the rest of the world) | mmfm launch -m parallel=single,fsdp2")
     p.add_argument("--dry-run", action="store_true",
                    help="print the sbatch script (Slurm) or the torchrun command (local); start nothing")
     p.add_argument("-m", "--multirun", action="store_true",

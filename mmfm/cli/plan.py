@@ -9,16 +9,10 @@ import json
 import sys
 
 from mmfm.cli.errors import one_line_errors
-from mmfm.errors import ConfigError, MmfmError
+from mmfm.errors import ConfigError
+from mmfm.plan.report import GIB, NothingFits, describe, layout_overrides, nothing_fits
 
 WORKLOAD_KEYS = {"devices": int, "global_batch": int, "seq_len": int, "images_per_sample": int, "reserve": float}
-GIB = 2 ** 30
-STATE_TERMS = ("params", "grads", "optimizer", "buffers")
-ACTIVATION_TERMS = ("activations", "logits")
-
-
-class NothingFits(MmfmError):
-    """No layout of the job fits the device memory."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,19 +53,12 @@ def split_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
 
 def run_overrides(plan, user: list[str], wl, devices_per_node: int) -> list[str]:
     """The Hydra overrides of `mmfm train` / `mmfm launch` that run `plan` (the user's model and kernel choices kept)."""
-    lay = plan.layout
-    kept = [o for o in user if not o.startswith(("hardware", "parallel.", "data.seq_len", "data.batch_size",
-                                                  "train.grad_accum_steps", "train.activation_checkpoint"))]
-    out = kept + [f"parallel.tp={lay.tp}", f"parallel.pp={lay.pp}", f"parallel.dp_replicate={lay.dp_replicate}",
-                  f"parallel.dp_shard={lay.dp_shard}"]
-    if lay.pp > 1:
-        out += [f"parallel.pp_schedule={lay.schedule}", f"parallel.pp_virtual_stages={lay.virtual}",
-                f"parallel.pp_microbatches={lay.microbatches}", f"data.batch_size={lay.micro_batch * lay.microbatches}",
-                "train.grad_accum_steps=1"]
-    else:
-        out += [f"data.batch_size={lay.micro_batch}", f"train.grad_accum_steps={lay.microbatches}"]
+    kept = [o for o in user if not o.startswith(("hardware", "parallel.", "parallel=", "data.seq_len",
+                                                  "data.batch_size", "train.grad_accum_steps",
+                                                  "train.activation_checkpoint", "train.global_batch"))]
+    out = kept + [o for o in layout_overrides(plan.layout) if not o.startswith("train.activation_checkpoint")]
     nodes = max(1, wl.devices // devices_per_node)
-    out += [f"data.seq_len={wl.seq_len}", f"train.activation_checkpoint={lay.checkpoint}"]
+    out += [f"data.seq_len={wl.seq_len}", f"train.activation_checkpoint={plan.layout.checkpoint}"]
     if not any(o.startswith("train.precision=") for o in kept):
         out.append("train.precision=bf16")
     cluster = ["cluster=slurm"] if nodes > 1 and not any(o.startswith("cluster=") for o in kept) else []
@@ -92,31 +79,6 @@ def table_row(i: int, plan) -> str:
     return (f"{i:>3} {lay.tp:>2} {lay.pp:>2} {lay.dp_replicate:>6} {lay.dp_shard:>8} {schedule:>16} "
             f"{lay.micro_batch:>3} {lay.microbatches:>4} {lay.checkpoint:>4} | {gib}     | "
             f"{plan.time['step']:>7.3f} {plan.mfu:>6.1%} {plan.tokens_per_s_per_device:>9.0f}")
-
-
-def describe(layout) -> str:
-    pipe = "" if layout.pp == 1 else f" {layout.schedule} x{layout.virtual}"
-    return (f"tp={layout.tp} pp={layout.pp}{pipe} dp_replicate={layout.dp_replicate} dp_shard={layout.dp_shard} "
-            f"micro-batch={layout.micro_batch} ckpt={layout.checkpoint}")
-
-
-def nothing_fits(result, hw) -> str:
-    """One line: the least-memory layout, its largest term against the usable memory, and what to change."""
-    plan, usable = result.closest, result.usable_bytes
-    state = sum(plan.memory[t] for t in STATE_TERMS)
-    acts = sum(plan.memory[t] for t in ACTIVATION_TERMS)
-    term, value = ("model state (parameters, gradients, AdamW, buffers)", state) if state >= acts else \
-        ("activations", acts)
-    if state >= acts:
-        advice = "add devices (more FSDP shards), raise tp or pp, or use a device with more memory"
-    elif plan.layout.checkpoint != "full":
-        advice = "use activation checkpointing, a smaller micro-batch or seq_len, or larger tp / pp"
-    else:
-        advice = "use a shorter seq_len, larger tp, more pipeline stages or more devices"
-    return (f"nothing fits in {usable / GIB:.1f} GiB per device ({hw.name}, {hw.hbm_bytes / GIB:.0f} GiB less the "
-            f"reserve): the least-memory layout ({describe(plan.layout)}) needs {plan.memory['total'] / GIB:.1f} GiB, "
-            f"{(plan.memory['total'] - usable) / GIB:.1f} GiB over; its largest term, {term}, is {value / GIB:.1f} GiB "
-            f"({value / usable:.2f}x the usable memory): {advice}")
 
 
 def explain(plan, wl, hw) -> str:

@@ -182,6 +182,9 @@ class StageConfig:
 
 @dataclass
 class ParallelConfig:
+    # dp_replicate x dp_shard x cp x tp x pp = the world size. One of dp_shard and dp_replicate may be -1: the rest
+    # of the world (world / the other dims), resolved by `mmfm launch` from the cluster and by `mmfm train` from
+    # WORLD_SIZE (mmfm.config.world).
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
@@ -197,6 +200,10 @@ class ParallelConfig:
     pp_layers: list[int] = field(default_factory=list)
     # FSDP: keep parameters gathered between forward and backward (more memory, fewer all-gathers).
     reshard_after_forward: bool = True
+    # parallel=auto: the dims, pipeline schedule, micro-batch (data.batch_size, train.grad_accum_steps) and
+    # activation checkpointing are those `mmfm plan` ranks first for the model, hardware=, the world size and
+    # train.global_batch (mmfm.plan.auto, docs/planning.md). `mmfm launch` pins the plan (parallel.auto=false).
+    auto: bool = False
 
 
 @dataclass
@@ -231,6 +238,10 @@ class ScheduleConfig:
 class TrainConfig:
     max_steps: int = 500
     grad_accum_steps: int = 1
+    # Samples per optimizer step over all data-parallel ranks (`mmfm plan global_batch=`); 0: not fixed, i.e.
+    # data.batch_size x grad_accum_steps x dp_replicate x dp_shard. Set, the layout must give exactly this;
+    # parallel=auto plans for it.
+    global_batch: int = 0
     grad_clip: float = 1.0
     precision: str = "fp32"
     optim: OptimConfig = field(default_factory=OptimConfig)

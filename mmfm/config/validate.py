@@ -6,7 +6,9 @@ Every failure is one line that names the field and the fix.
 from __future__ import annotations
 
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +18,7 @@ import torch
 from mmfm.config.checks import positive as _positive
 from mmfm.config.checks import require as _require
 from mmfm.config.schema import JobConfig
+from mmfm.config.world import Resolved, World, env_world, resolve_layout
 from mmfm.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -75,8 +78,11 @@ def _validate_data(cfg: JobConfig) -> None:
         name = "data.weight" if i == 0 else f"data.mix[{i - 1}].weight"
         _require(math.isfinite(w) and w > 0, f"{name}={w} must be a finite number > 0")
     _validate_image(cfg)
+
+
+def _validate_packing(cfg: JobConfig) -> None:
     p = cfg.parallel
-    _require(not d.pack or (p.pp == 1 and p.cp == 1),
+    _require(not cfg.data.pack or (p.pp == 1 and p.cp == 1),
              f"data.pack=true is not supported with parallel.pp={p.pp} / parallel.cp={p.cp} (pipeline stages and "
              "context-parallel attention take no document boundaries); use data.pack=false or pp=cp=1")
 
@@ -114,6 +120,7 @@ def _validate_train(cfg: JobConfig) -> None:
              f"train.activation_checkpoint={t.activation_checkpoint!r} is unknown; use one of {MODES}")
     _require(t.activation_checkpoint_every >= 1,
              f"train.activation_checkpoint_every={t.activation_checkpoint_every} must be >= 1")
+    _require(t.global_batch >= 0, f"train.global_batch={t.global_batch} must be >= 0 (0: not fixed)")
 
 
 MODEL_PARTS = ("vision", "projector", "language")
@@ -203,7 +210,18 @@ def _validate_parallel(cfg: JobConfig) -> ParallelDims:
              f"parallel dims {dims.sizes} ask for {dims.world_size} processes but this job has {world} "
              f"(WORLD_SIZE); launch with `torchrun --nproc_per_node={dims.world_size} -m mmfm.cli.main train ...` "
              "or change parallel.*")
+    _validate_global_batch(cfg, dims)
     return dims
+
+
+def _validate_global_batch(cfg: JobConfig, dims: ParallelDims) -> None:
+    """train.global_batch, when set, is what the layout gives: data.batch_size x grad_accum_steps x dp."""
+    want, b, a = cfg.train.global_batch, cfg.data.batch_size, cfg.train.grad_accum_steps
+    got = b * a * dims.dp_size
+    _require(not want or got == want,
+             f"train.global_batch={want} but data.batch_size={b} x train.grad_accum_steps={a} x {dims.dp_size} "
+             f"data-parallel ranks (parallel.dp_replicate x dp_shard) = {got}; change data.batch_size or "
+             f"train.grad_accum_steps so that the product is {want}, or set train.global_batch=0")
 
 
 def _validate_device(cfg: JobConfig) -> torch.device:
@@ -333,12 +351,28 @@ class Preflight:
     kernels: dict[str, str]
 
 
-def preflight(cfg: JobConfig) -> Preflight:
-    """Raise ConfigError on the first inconsistent value; return what the run will use otherwise. Needs no
-    process group: the world size comes from the launcher's environment (WORLD_SIZE)."""
+def validate_before_layout(cfg: JobConfig) -> None:
+    """What needs no parallel layout (model, data, training): checked before the layout is resolved or planned."""
     _validate_model(cfg)
     _validate_data(cfg)
     _validate_train(cfg)
+
+
+def resolve(cfg: JobConfig, world: World) -> Resolved:
+    """cfg's layout on `world`: parallel=auto planned, a -1 dim resolved (mmfm.config.world); the chosen plan's line
+    printed on stderr (once: by rank 0 under torchrun)."""
+    resolved = resolve_layout(cfg, world)
+    if resolved.note and os.environ.get("RANK", "0") == "0":
+        print(f"mmfm: {resolved.note}", file=sys.stderr, flush=True)
+    return resolved
+
+
+def preflight(cfg: JobConfig) -> Preflight:
+    """Raise ConfigError on the first inconsistent value; return what the run will use otherwise, its layout
+    resolved (parallel=auto, a -1 dim) for the launcher's WORLD_SIZE. Needs no process group."""
+    validate_before_layout(cfg)
+    cfg = resolve(cfg, env_world()).cfg
+    _validate_packing(cfg)
     _validate_stage(cfg)
     _validate_run(cfg)
     dims = _validate_parallel(cfg)
@@ -348,5 +382,5 @@ def preflight(cfg: JobConfig) -> Preflight:
 
 
 def validate(cfg: JobConfig) -> JobConfig:
-    """Raise ConfigError on the first inconsistent value; return cfg unchanged otherwise."""
+    """Raise ConfigError on the first inconsistent value; return cfg otherwise (its layout resolved)."""
     return preflight(cfg).cfg

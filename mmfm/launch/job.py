@@ -12,7 +12,8 @@ from pathlib import Path
 
 from mmfm.config import JobConfig, load_config, validate
 from mmfm.config.schema import KernelsConfig
-from mmfm.config.validate import procs_per_node
+from mmfm.config.validate import procs_per_node, resolve, validate_before_layout
+from mmfm.config.world import cluster_world
 from mmfm.errors import MmfmError
 from mmfm.launch.sweep import expand_sweep
 from mmfm.parallel.dims import ParallelDims
@@ -64,13 +65,29 @@ def _world_size(world: int):
             os.environ["WORLD_SIZE"] = old
 
 
-def check(cfg: JobConfig) -> None:
-    """Validate the whole config before anything starts. A Slurm job's device and kernel choices are checked
-    on its nodes (this host may have no GPU)."""
+def check(cfg: JobConfig) -> tuple[str, ...]:
+    """Validate the whole config before anything starts, its layout resolved on the cluster's processes
+    (parallel=auto planned, a -1 dim sized); return the overrides that resolved it (none when nothing was open).
+    A Slurm job's device and kernel choices are checked on its nodes (this host may have no GPU)."""
+    validate_before_layout(cfg)
+    resolved = resolve(cfg, cluster_world(cfg.cluster))
+    cfg = resolved.cfg
     if cfg.cluster.kind == "slurm":
         cfg = dataclasses.replace(cfg, device="auto", kernels=KernelsConfig())
     with _world_size(ParallelDims.from_config(cfg.parallel).world_size):
         validate(cfg)
+    return resolved.overrides
+
+
+def override_key(override: str) -> str:
+    return override.lstrip("+~").partition("=")[0]
+
+
+def pin(overrides: list[str], resolved: tuple[str, ...]) -> list[str]:
+    """The overrides with the resolved values in place of any the user gave for the same keys, so that the ranks
+    run the layout chosen here (and a requeued job keeps it) instead of resolving or planning again."""
+    keys = {override_key(o) for o in resolved}
+    return [o for o in overrides if override_key(o) not in keys] + list(resolved)
 
 
 def _hydra_value(path: Path) -> str:
@@ -84,10 +101,14 @@ def make_job(overrides: list[str], run_dir: Path | None = None) -> Job:
     if run_dir is None:
         run_dir = Path(load_config(overrides).run_dir)
     overrides = [o for o in overrides if not o.startswith("run_dir=")]
-    overrides.append(f"run_dir={_hydra_value(run_dir.resolve())}")
-    job = Job(overrides, load_config(overrides))
-    check(job.cfg)
-    return job
+    run = [f"run_dir={_hydra_value(run_dir.resolve())}"]
+    cfg = load_config(overrides + run)
+    resolved = check(cfg)
+    if resolved:
+        overrides = pin(overrides, resolved)
+        cfg = load_config(overrides + run)
+        check(cfg)  # the ranks' own config: nothing left open
+    return Job(overrides + run, cfg)
 
 
 def sweep_name(swept: list[str]) -> str:

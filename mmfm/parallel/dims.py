@@ -48,6 +48,9 @@ class ParallelDims(ParallelConfig):
     def validate(self, model: ModelConfig, world_size: Optional[int] = None) -> "ParallelDims":
         """Raise ConfigError naming the field and the fix; return self when the layout can work."""
         for name, size in self.sizes.items():
+            if size == -1:
+                raise ConfigError(f"parallel.{name}=-1 (the rest of the world) is not resolved here; give its size, "
+                                  "or run through mmfm train / mmfm launch, which resolve it from the world size")
             if size < 1:
                 raise ConfigError(f"parallel.{name}={size} must be >= 1")
         from mmfm.models import model_spec

@@ -134,7 +134,7 @@ class Trainer:
     def __init__(self, cfg: JobConfig, run_dir: str | Path, checked: Optional[Preflight] = None):
         """checked: the config's preflight when the caller ran it (validation runs once)."""
         checked = checked if checked is not None and checked.cfg is cfg else preflight(cfg)
-        self.cfg = cfg
+        self.cfg = cfg = checked.cfg  # its layout resolved (parallel=auto, a -1 dim)
         self.device = checked.device
         self.rank, self.world = init_distributed(self.device, cfg.faults.collective_timeout_s)
         self.tokenizer = load_tokenizer(cfg)  # before the run directory is made: a bad tokenizer writes nothing
