@@ -27,7 +27,7 @@ for cpu_path in $CPU_PATHS; do
   esac
   for seed in $SEEDS; do
     echo "== $cpu_path, seed $seed"
-    env "${isa[@]}" MMFM_TEST_SEED="$seed" MMFM_FIGURES="$FIGURES" HF_HUB_OFFLINE=1 \
+    env "${isa[@]}" MMFM_TEST_SEED="$seed" MMFM_FIGURES="$FIGURES" MMFM_TEST_TIMEOUT="$TIMEOUT" HF_HUB_OFFLINE=1 \
       "$PY" -m pytest -q -m convergence -p no:cacheprovider --timeout="$TIMEOUT" "$@" > "$OUT/$cpu_path-$seed.log" 2>&1
     rc=$?
     tail -n 1 "$OUT/$cpu_path-$seed.log"
