@@ -20,6 +20,7 @@ from mmfm.config.schema import LoRAConfig
 from mmfm.data.synth import build_synth_dataset
 from mmfm.data.synth_instruct import build_instruct_dataset
 from mmfm.errors import ConfigError
+from mmfm.models import build_model
 from mmfm.models.init import parameter_seed
 from mmfm.models.lora import adapters_disabled, apply_lora, init_adapter, is_adapter, merge_lora
 from mmfm.parallel.parallelize import parallelize
@@ -299,6 +300,28 @@ def one_process(data, pretrained_run, tmp_path_factory):
     return {**trainer.fit(), "params": local_full_params(trainer)}
 
 
+def test_lora_with_activation_checkpointing_matches(one_process, data, pretrained_run, tmp_path):
+    cfg = cfg_of(data / "sft", *LORA, "stage=sft", f"stage.init_from={pretrained_run}", "train.optim.lr=1e-2",
+                 "data.batch_size=4", "train.activation_checkpoint=full")
+    trainer = Trainer(cfg, tmp_path)
+    got = {**trainer.fit(), "params": local_full_params(trainer)}
+    for step, loss in one_process["losses"].items():
+        assert got["losses"][step] == pytest.approx(loss, rel=1e-6), step
+    for name, value in one_process["params"].items():
+        torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_dpo_with_lora_under_fsdp2_matches_one_process(data, pretrained_run, tmp_path):
+    """The reference forward (adapters disabled) runs through the same FSDP-sharded model, no second copy."""
+    overrides = [f"data.path={data / 'pref'}", *SMALL_MODEL, *STEPS, *LORA, "stage=dpo", "stage.preference.beta=0.5",
+                 f"stage.init_from={pretrained_run}", "train.optim.lr=1e-2"]
+    single = Trainer(load_config([*overrides, "data.batch_size=4"]), tmp_path / "one").fit()
+    got = run_layout(2, [*overrides, "data.batch_size=2", "parallel=fsdp2"], tmp_path / "fsdp2")
+    assert abs(single["losses"][3] - single["losses"][1]) > 1e-3
+    for step, loss in single["losses"].items():
+        assert got["losses"][step] == pytest.approx(loss, rel=1e-5), step
+
+
 @pytest.mark.parametrize("layout,world,dp", [("fsdp2", 2, 2), ("tp2", 2, 1)])
 def test_lora_matches_one_process(layout, world, dp, one_process, data, pretrained_run, tmp_path):
     """3 steps of 2 micro-batches: losses within rel 1e-5, grad norms 1e-4, every parameter (adapters trained,
@@ -315,3 +338,30 @@ def test_lora_matches_one_process(layout, world, dp, one_process, data, pretrain
     for name, value in one_process["params"].items():
         torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-5, msg=name)
     assert any(torch.count_nonzero(v) > 0 for n, v in got["params"].items() if n.endswith("lora_B.weight"))
+
+
+def test_adapters_follow_the_tensor_parallel_base(data):
+    """On a tp mesh (one gloo rank here; the tp2 test above runs two): column-parallel base -> A replicated, B split
+    by rows; row-parallel base -> A split by columns, B replicated."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    from mmfm.parallel.distributed import free_port
+    from mmfm.parallel.tensor_parallel import apply_tensor_parallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        model = load_config([f"data.path={data / 'sft'}", *SMALL_MODEL]).model
+        vlm = build_model(model, "meta")
+        apply_tensor_parallel(vlm, init_device_mesh("cpu", (1,), mesh_dim_names=("tp",)))
+        apply_lora(vlm, LoRAConfig(enabled=True, rank=4))
+        attention = vlm.language.layers["0"].attention
+        assert attention.wq.weight.placements == (Shard(0),)
+        assert attention.wq.lora_A.weight.placements == (Replicate(),)
+        assert attention.wq.lora_B.weight.placements == (Shard(0),)
+        assert attention.wo.weight.placements == (Shard(1),)
+        assert attention.wo.lora_A.weight.placements == (Shard(1),)
+        assert attention.wo.lora_B.weight.placements == (Replicate(),)
+    finally:
+        dist.destroy_process_group()
