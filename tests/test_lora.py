@@ -3,7 +3,6 @@ adapters and resume exactly, the merged export and PEFT's adapter folder give mm
 DPO's reference is the policy with its adapters disabled, and tp2 / fsdp2 equal one process."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -194,6 +193,16 @@ def test_lora_trains_only_the_adapters_from_init_from(data, pretrained_run, tmp_
     held = {k for k in read_metadata(tmp_path / "checkpoints" / "step_00000003").state_dict_metadata
             if k.startswith("model.")}
     assert held == {f"model.{n}" for n in params if is_adapter(n)}
+
+
+def test_init_from_a_lora_run_is_refused_in_one_line(data, pretrained_run, tmp_path):
+    from mmfm.checkpoint import CheckpointError
+
+    lora_run = tmp_path / "lora"
+    Trainer(cfg_of(data / "sft", *LORA, "stage=sft", f"stage.init_from={pretrained_run}", "train.max_steps=1"),
+            lora_run).fit()
+    one_line(CheckpointError, lambda: Trainer(cfg_of(data / "pref", *LORA, "stage=dpo", f"stage.init_from={lora_run}"),
+                                              tmp_path / "dpo"), "is a LoRA run", "--merge-lora")
 
 
 class StopsAt(Trainer):

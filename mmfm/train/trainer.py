@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage
 
 from mmfm.checkpoint import CheckpointError, CheckpointManager, find_checkpoint
+from mmfm.checkpoint.manager import read_trainer_state
 from mmfm.checkpoint.run_model import is_base, load_run_model
 from mmfm.config import JobConfig, Preflight, image_tokens, preflight
 from mmfm.errors import ConfigError
@@ -132,6 +133,15 @@ def stage_checkpoint(spec: str) -> Path:
         raise CheckpointError(f"stage.init_from: {exc}; point it at the earlier stage's run directory") from None
 
 
+def refuse_adapter_only(checkpoint: Path, spec: str) -> None:
+    """stage.init_from needs model weights: a LoRA run's checkpoint holds its adapters alone."""
+    record = (read_trainer_state(checkpoint).get("record") or {}).get("model") or {}
+    if (record.get("lora") or {}).get("enabled"):
+        raise CheckpointError(f"stage.init_from={spec} is a LoRA run (its checkpoints hold the adapters alone); start "
+                              f"from a full checkpoint, or merge its adapters first (`mmfm export {spec} --format hf "
+                              "--merge-lora --out DIR`, then model.pretrained.* = DIR)")
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig, run_dir: str | Path, checked: Optional[Preflight] = None):
         """checked: the config's preflight when the caller ran it (validation runs once)."""
@@ -223,6 +233,8 @@ class Trainer:
         source = path or (stage_checkpoint(self.cfg.stage.init_from) if self.cfg.stage.init_from else None)
         if source is None:
             return None
+        if path is None:
+            refuse_adapter_only(source, self.cfg.stage.init_from)
         state = CheckpointManager.inspect(source, self.model_shapes(adapters=self.lora and path is not None),
                                           self.record["model"])
         if path is not None:
