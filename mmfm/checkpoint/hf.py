@@ -35,6 +35,7 @@ from mmfm.checkpoint.safe_read import plain_file_name
 from mmfm.config.schema import LanguageConfig, ModelConfig
 from mmfm.errors import ConfigError
 from mmfm.models.init import canonical_name
+from mmfm.models.lora import is_adapter
 from mmfm.models.spec import LANGUAGE, part_spec
 from mmfm.parallel.distributed import barrier, is_main_process
 
@@ -158,7 +159,8 @@ def _read(f, name: str, box: tuple[slice, ...]) -> torch.Tensor:
 
 
 def _model_params(module: nn.Module, names: dict[str, str]) -> dict[str, torch.Tensor]:
-    params = {canonical_name(n): p for n, p in module.named_parameters()}
+    """The module's parameters by canonical name, less LoRA adapters (a pretrained base has none)."""
+    params = {canonical_name(n): p for n, p in module.named_parameters() if not is_adapter(canonical_name(n))}
     unnamed = [n for n in params if n not in names]
     if unnamed:
         raise HFCheckpointError(f"no checkpoint name for the model's parameters {_few(unnamed)}; the adapter and the "
@@ -291,6 +293,15 @@ def load_parameters(module: nn.Module, folder: str | Path, names: dict[str, str]
 
 
 # ---------------------------------------------------------------- writing a folder
+
+
+def refuse_adapters(module: nn.Module) -> None:
+    """A model with LoRA adapters has no plain Hugging Face form: merge them first (or export them as PEFT's)."""
+    held = [canonical_name(n) for n, _ in module.named_parameters() if is_adapter(canonical_name(n))]
+    if held:
+        raise HFCheckpointError(f"the model holds LoRA adapters ({_few(held)}); merge them into the base weights "
+                                "first (mmfm.models.lora.merge_lora, `mmfm export --merge-lora`) or write them "
+                                "with `mmfm export --format peft`")
 
 
 def _gathered(params: Iterable[tuple[str, torch.Tensor]], dtype: Optional[torch.dtype]):
@@ -448,6 +459,7 @@ def export_language(lm: nn.Module, out_dir: str | Path, dtype: Optional[torch.dt
     cfg = lm.cfg
     adapter = _adapter(cfg, "export it")
     names = adapter.names(cfg)
+    refuse_adapters(lm)
     params = {canonical_name(n): p for n, p in lm.named_parameters()}
     if set(params) != set(names):
         absent = [n for n in names if n not in params] or [n for n in params if n not in names]

@@ -26,7 +26,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -100,9 +100,14 @@ def _parts(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def model_state(parts: list[nn.Module]) -> list[dict]:
-    """One state dict per model part (pipeline stages hold disjoint names, a tied copy aside)."""
-    return [get_model_state_dict(p) for p in parts]
+Select = Optional[Callable[[str], bool]]  # which model-state keys a checkpoint holds (None: all)
+
+
+def model_state(parts: list[nn.Module], select: Select = None) -> list[dict]:
+    """One state dict per model part (pipeline stages hold disjoint names, a tied copy aside); select: only the
+    keys it accepts (e.g. LoRA adapters)."""
+    states = [get_model_state_dict(p) for p in parts]
+    return states if select is None else [{k: v for k, v in s.items() if select(k)} for s in states]
 
 
 def optim_state(parts: list[nn.Module], optimizers: list) -> list[dict]:
@@ -218,8 +223,9 @@ def find_checkpoint(path: Path) -> tuple[Path, Path]:
 
 
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep_last: int = 2):
-        self.root, self.keep_last = Path(root), keep_last
+    def __init__(self, root: str | Path, keep_last: int = 2, select: Select = None):
+        """select: the model-state keys saved (None: all; a LoRA run: its adapters)."""
+        self.root, self.keep_last, self.select = Path(root), keep_last, select
 
     def step_dirs(self) -> list[Path]:
         if not self.root.is_dir():
@@ -285,7 +291,7 @@ class CheckpointManager:
             partial.mkdir(parents=True)
         barrier()
         parts, optimizers = _parts(model), _parts(optimizer)
-        state = {"model": _merged(model_state(parts)), "optim": _merged(optim_state(parts, optimizers)),
+        state = {"model": _merged(model_state(parts, self.select)), "optim": _merged(optim_state(parts, optimizers)),
                  "rng": rng_state()}
         try:
             with _single_process_quietly():
@@ -354,14 +360,16 @@ class CheckpointManager:
         return state
 
     @staticmethod
-    def load(path: Path, model, optimizer=None, no_dist: bool = False) -> dict:
+    def load(path: Path, model, optimizer=None, no_dist: bool = False, select: Select = None) -> dict:
         """Load model (and optimizer, RNG) state in place; return the trainer state saved with them.
 
         Any layout loads a checkpoint of any other (resharded by torch.distributed.checkpoint).
         no_dist: load in this process alone (e.g. rank 0 evaluating an unsharded copy).
+        select: load only these model-state keys, which must be exactly those the checkpoint holds (a LoRA run's
+        adapters; or a full checkpoint's weights into a LoRA model, less its adapters); the others stay as they are.
         """
         parts = _parts(model)
-        models = model_state(parts)
+        models = model_state(parts, select)
         whole = {k: v.shape for k, v in models[0].items()} if len(parts) == 1 else None  # a pipeline stage is a part
         trainer_state = CheckpointManager.inspect(path, whole, no_dist=no_dist)
         state: dict = {"model": _merged(models)}
@@ -381,8 +389,9 @@ class CheckpointManager:
         for part_states, merged in ((models, state["model"]), (optims if optimizer is not None else [], state.get("optim"))):
             for part_state in part_states:
                 part_state.update({k: merged[k] for k in part_state})
+        options = StateDictOptions(strict=select is None)
         for part, part_state in zip(parts, models):
-            set_model_state_dict(part, part_state)
+            set_model_state_dict(part, part_state, options=options)
         if optimizer is not None:
             for part, opt, part_state in zip(parts, _parts(optimizer), optims):
                 set_optimizer_state_dict(part, opt, part_state, options=OPTIM_OPTIONS)

@@ -49,19 +49,18 @@ def load_images(paths: list[str], processor):
 
 def from_run(path: Path, prompt, device):
     """(model, tokenizer, encoder) of a run directory or checkpoint folder."""
-    from mmfm.checkpoint import CheckpointManager, find_checkpoint
+    from mmfm.checkpoint import find_checkpoint
+    from mmfm.checkpoint.run_model import load_run_model
     from mmfm.config.load import load_run_config
     from mmfm.data.build import sample_encoder
     from mmfm.data.tokenizer import TextTokenizer
-    from mmfm.models import build_model
 
     run_dir, ckpt = find_checkpoint(path)
     cfg = load_run_config(run_dir / "config.yaml")
     if prompt is not None:
         cfg.data.prompt = prompt
     tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
-    model = build_model(cfg.model, device)
-    CheckpointManager.load(ckpt, model)
+    model = load_run_model(cfg, ckpt, device)
     return model, tokenizer, sample_encoder(cfg, tokenizer)
 
 

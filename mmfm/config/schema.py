@@ -70,6 +70,23 @@ class PretrainedConfig:
     language: str = ""
 
 
+def _lora_targets() -> list[str]:
+    return ["language.layers.*.attention.w[qkvo]", "language.layers.*.feed_forward.w[123]"]
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (mmfm.models.lora): each targeted nn.Linear computes W x + (alpha / rank) B A dropout(x),
+    its base weight frozen, only A and B trained. targets: fnmatch patterns over the model's module names (e.g.
+    language.layers.*.attention.w[qkvo]; projector.*, vision.blocks.*.attn.qkv)."""
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=_lora_targets)
+    rslora: bool = False  # scale alpha / sqrt(rank) (rank-stabilized LoRA) instead of alpha / rank
+
+
 @dataclass
 class ModelConfig:
     name: str = "vlm"  # the model that composes the parts (mmfm.models.spec.MODEL_REGISTRY)
@@ -79,6 +96,7 @@ class ModelConfig:
     image_token_id: int = 3
     init_std: float = 0.02
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass

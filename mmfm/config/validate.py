@@ -44,6 +44,29 @@ def _validate_model(cfg: JobConfig) -> None:
              f"model.name={cfg.model.name!r} is unknown; choose one of {sorted(MODEL_REGISTRY)}")
     MODEL_REGISTRY[cfg.model.name].validate(cfg.model)
     _validate_pretrained(cfg)
+    _validate_lora(cfg)
+
+
+def _validate_lora(cfg: JobConfig) -> None:
+    """model.lora's numbers, and every target pattern matching at least one nn.Linear of the model (built on the
+    meta device: no memory)."""
+    lora = cfg.model.lora
+    if not lora.enabled:
+        return
+    _require(lora.rank > 0, f"model.lora.rank={lora.rank} must be > 0 (e.g. 8); to train without adapters set "
+             "model.lora.enabled=false")
+    _require(lora.alpha > 0, f"model.lora.alpha={lora.alpha} must be > 0 (the adapter's scale is alpha / rank; "
+             "e.g. alpha = 2 x rank)")
+    _require(0 <= lora.dropout < 1, f"model.lora.dropout={lora.dropout} must lie in [0, 1)")
+    _require(len(lora.targets) > 0, "model.lora.targets is empty; name the linears to adapt, e.g. "
+             "[language.layers.*.attention.w[qkvo],language.layers.*.feed_forward.w[123]]")
+    from mmfm.models import build_model
+    from mmfm.models.lora import unmatched_patterns
+
+    unmatched = unmatched_patterns(build_model(cfg.model, "meta"), list(lora.targets)) or [None]
+    _require(unmatched == [None], f"model.lora.targets pattern {unmatched[0]!r} matches no nn.Linear of the model; "
+             "patterns are fnmatch over module names such as language.layers.0.attention.wq (list them with "
+             "[n for n, m in model.named_modules()])")
 
 
 def _validate_pretrained(cfg: JobConfig) -> None:

@@ -60,10 +60,10 @@ def write_reference_logps(data: str | Path, checkpoint: str | Path, out: str | P
     or a step_* folder: the model of the stage the policy starts from). Same shards, samples and order."""
     from tqdm import tqdm
 
-    from mmfm.checkpoint import CheckpointManager, find_checkpoint
+    from mmfm.checkpoint import find_checkpoint
+    from mmfm.checkpoint.run_model import load_run_model
     from mmfm.config.load import load_run_config
     from mmfm.data.build import load_tokenizer, sample_encoder
-    from mmfm.models import build_model
     from mmfm.train.trainer import pick_device
 
     data, out = Path(data), Path(out)
@@ -74,8 +74,7 @@ def write_reference_logps(data: str | Path, checkpoint: str | Path, out: str | P
     cfg.data.path, cfg.stage.objective = str(data), "dpo"
     tokenizer = load_tokenizer(cfg)  # checks the data set and that its vocabulary fits the model
     encoder, dev = sample_encoder(cfg, tokenizer), pick_device(device)
-    model = build_model(cfg.model, dev)
-    CheckpointManager.load(ckpt, model, no_dist=True)
+    model = load_run_model(cfg, ckpt, dev, no_dist=True)
     model.eval()
     manifest = mf.read_manifest(data)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from mmfm.models.lora import init_adapter, is_adapter
+
 # Name prefixes that wrappers insert and that are not part of a parameter's identity.
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
@@ -40,10 +42,14 @@ def copy_shard(param: torch.Tensor, full: torch.Tensor) -> None:
 @torch.no_grad()
 def init_parameters(model: nn.Module, seed: int) -> None:
     """Initialize every parameter of `model` (materialized, possibly sharded) by `model.init_parameter`
-    rules, then its buffers."""
+    rules (LoRA adapters by mmfm.models.lora's), then its buffers."""
     for name, param in model.named_parameters():
         name = canonical_name(name)
         full = torch.empty(param.shape, dtype=param.dtype)
-        model.init_parameter(name, full, torch.Generator().manual_seed(parameter_seed(seed, name)))
+        generator = torch.Generator().manual_seed(parameter_seed(seed, name))
+        if is_adapter(name):
+            init_adapter(name, full, generator)
+        else:
+            model.init_parameter(name, full, generator)
         copy_shard(param, full)
     model.init_buffers()

@@ -1,6 +1,7 @@
 """Turn the plain model into this rank's parallel model parts, in one place and one order:
 
-    meta model -> kernels -> pipeline stages -> tensor/sequence parallel -> activation checkpointing -> compile
+    meta model -> kernels -> pipeline stages -> tensor/sequence parallel -> LoRA adapters -> activation checkpointing
+    -> compile
     -> FSDP2/HSDP -> context parallel -> materialize this rank's shards only -> seeded initialization
     -> model.pretrained's Hugging Face weights (this rank's slices; mmfm.checkpoint.hf_vlm)
 
@@ -24,6 +25,7 @@ from mmfm.config import JobConfig
 from mmfm.kernels.apply import apply_kernels, resolve_kernels
 from mmfm.models import build_model, model_spec
 from mmfm.models.init import init_parameters
+from mmfm.models.lora import apply_lora
 from mmfm.parallel.activation_checkpoint import apply_activation_checkpointing
 from mmfm.parallel.data_parallel import apply_fsdp, sharding_units
 from mmfm.parallel.dims import ParallelDims
@@ -120,6 +122,9 @@ def parallelize(cfg: JobConfig, dims: ParallelDims, device: torch.device, mesh=N
     for part in parts:
         if dims.tp > 1:
             apply_tensor_parallel(part, mesh["tp"])
+        if cfg.model.lora.enabled:  # after tp: the adapters take their base layer's placements
+            adapted = apply_lora(part, cfg.model.lora)
+            log.info("LoRA rank %d on %d linears; only the adapters train", cfg.model.lora.rank, len(adapted))
         apply_activation_checkpointing(part, containers, t.activation_checkpoint, t.activation_checkpoint_every)
         if t.compile:
             compile_blocks(part, containers, t.compile_backend)

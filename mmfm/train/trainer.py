@@ -23,6 +23,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage
 
 from mmfm.checkpoint import CheckpointError, CheckpointManager, find_checkpoint
+from mmfm.checkpoint.manager import read_trainer_state
+from mmfm.checkpoint.run_model import is_base, load_run_model
 from mmfm.config import JobConfig, Preflight, image_tokens, preflight
 from mmfm.errors import ConfigError
 from mmfm.data.build import (check_val_split, load_tokenizer, loader_summary, reshard_loader_states, train_loader,
@@ -32,6 +34,7 @@ from mmfm.data.manifest import TOKENIZER, sha256_file
 from mmfm.data.tokenizer import copy_tokenizer
 from mmfm.models import build_model, model_spec
 from mmfm.models.generate import generate
+from mmfm.models.lora import adapters_disabled, apply_lora, is_adapter
 from mmfm.parallel.comm import CommCounter
 from mmfm.parallel.distributed import all_reduce_sums, barrier, gather_objects, init_distributed
 from mmfm.parallel.grad_norm import clip_grad_norm
@@ -130,6 +133,15 @@ def stage_checkpoint(spec: str) -> Path:
         raise CheckpointError(f"stage.init_from: {exc}; point it at the earlier stage's run directory") from None
 
 
+def refuse_adapter_only(checkpoint: Path, spec: str) -> None:
+    """stage.init_from needs model weights: a LoRA run's checkpoint holds its adapters alone."""
+    record = (read_trainer_state(checkpoint).get("record") or {}).get("model") or {}
+    if (record.get("lora") or {}).get("enabled"):
+        raise CheckpointError(f"stage.init_from={spec} is a LoRA run (its checkpoints hold the adapters alone); start "
+                              f"from a full checkpoint, or merge its adapters first (`mmfm export {spec} --format hf "
+                              "--merge-lora --out DIR`, then model.pretrained.* = DIR)")
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig, run_dir: str | Path, checked: Optional[Preflight] = None):
         """checked: the config's preflight when the caller ran it (validation runs once)."""
@@ -147,7 +159,10 @@ class Trainer:
         self.dims = dims = checked.dims  # validated against the world size
         self.mesh = dims.build_mesh(self.device.type) if self.world > 1 else None
         self.main = self.rank == 0
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        # LoRA (model.lora): only the adapters train, and the checkpoints hold them alone (the base is rebuilt)
+        self.lora = cfg.model.lora.enabled
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
+                                             select=is_adapter if self.lora else None)
         self.record = run_record(cfg)
         self.resume_path = self.preflight_resume()  # refuses a bad resume before anything is written or built
         self.spec = model_spec(cfg.model)
@@ -159,7 +174,8 @@ class Trainer:
         self.schedulers = [build_scheduler(opt, cfg.train) for opt in self.optimizers]
         self.dp_rank = dims.dp_rank(self.mesh) if self.mesh is not None else 0
         self.loader = train_loader(cfg, self.tokenizer, self.dp_rank, dims.dp_size)
-        # A frozen copy of stage.init_from, sharded like the policy, for objectives that compare with it.
+        # A frozen copy of stage.init_from, sharded like the policy, for objectives that compare with it (LoRA:
+        # none, the policy with its adapters disabled is the reference).
         self.reference = self.build_reference() if self.objective.needs_reference else None
         self.step = 0
         self.peak = peak_flops(self.device, cfg.logger)
@@ -178,6 +194,8 @@ class Trainer:
         self.loss_in_model = self.parts.kernels.get("linear_cross_entropy", "torch") != "torch"
 
     def build_reference(self):
+        if self.lora:
+            return None
         parts = parallelize(self.cfg, self.dims, self.device, self.mesh)
         CheckpointManager.load(stage_checkpoint(self.cfg.stage.init_from), parts.parts)
         parts.train(False)
@@ -200,8 +218,13 @@ class Trainer:
         return contextlib.nullcontext()
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def model_shapes(self) -> dict:
-        return {k: v.shape for k, v in build_model(self.cfg.model, "meta").state_dict().items()}
+    def model_shapes(self, adapters: bool = False) -> dict:
+        """{name: shape} of the model's checkpoint entries; adapters: of a LoRA run's (its adapters alone)."""
+        model = build_model(self.cfg.model, "meta")
+        if not adapters:
+            return {k: v.shape for k, v in model.state_dict().items()}
+        apply_lora(model, self.cfg.model.lora)
+        return {k: v.shape for k, v in model.state_dict().items() if is_adapter(k)}
 
     def preflight_resume(self) -> Optional[Path]:
         """The checkpoint to resume from (None: start afresh), its files verified and its model, stage and
@@ -210,7 +233,10 @@ class Trainer:
         source = path or (stage_checkpoint(self.cfg.stage.init_from) if self.cfg.stage.init_from else None)
         if source is None:
             return None
-        state = CheckpointManager.inspect(source, self.model_shapes(), self.record["model"])
+        if path is None:
+            refuse_adapter_only(source, self.cfg.stage.init_from)
+        state = CheckpointManager.inspect(source, self.model_shapes(adapters=self.lora and path is not None),
+                                          self.record["model"])
         if path is not None:
             check_resume_record(path, state, self.record, self.cfg.data.path)
         elif tokenizer_of(source, state) not in (None, self.record["tokenizer_sha256"]):
@@ -221,11 +247,11 @@ class Trainer:
 
     def resume(self) -> None:
         path = self.resume_path
+        if self.cfg.stage.init_from and (path is None or self.lora):  # a LoRA checkpoint holds no base weights
+            self.init_from(stage_checkpoint(self.cfg.stage.init_from))
         if path is None:
-            if self.cfg.stage.init_from:
-                self.init_from(stage_checkpoint(self.cfg.stage.init_from))
             return
-        state = CheckpointManager.load(path, self.parts.parts, self.optimizers)
+        state = CheckpointManager.load(path, self.parts.parts, self.optimizers, select=self.checkpoints.select)
         for scheduler in self.schedulers:
             scheduler.load_state_dict(state["scheduler"])
         data_states = state["data"]
@@ -238,8 +264,9 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     def init_from(self, path: Path) -> None:
-        """The earlier stage's model weights (any layout); optimizer, step and data start afresh."""
-        CheckpointManager.load(path, self.parts.parts)
+        """The earlier stage's model weights (any layout; under LoRA into the base, the adapters fresh); optimizer,
+        step and data start afresh."""
+        CheckpointManager.load(path, self.parts.parts, select=is_base if self.lora else None)
         log.info("initialized the model from %s (stage.init_from)", path)
 
     def data_states(self) -> list[dict]:
@@ -313,8 +340,20 @@ class Trainer:
             packed = dict(positions=batch.positions, document_ids=batch.document_ids)  # None unless data.pack
             return self.model(batch.input_ids, batch.pixel_values, targets=self.targets_of(batch), **packed), {}
         batch = dataclasses.replace(batch, targets=self.targets_of(batch))
-        reference = partial(logits_of, self.reference) if self.reference is not None else None
-        return self.objective(partial(logits_of, self.model), batch, reference)
+        return self.objective(partial(logits_of, self.model), batch, self.reference_logits())
+
+    def reference_logits(self):
+        """The reference model's logits for objectives that use one: the frozen copy, or under LoRA the policy with
+        its adapters disabled (no second model)."""
+        if self.reference is not None:
+            return partial(logits_of, self.reference)
+        if self.lora and self.objective.needs_reference:
+            return self.base_logits
+        return None
+
+    def base_logits(self, batch: Batch) -> torch.Tensor:
+        with adapters_disabled(self.model):
+            return logits_of(self.model, batch)
 
     def local_steps(self, micro: list[Batch], scale: float) -> tuple[float, dict]:
         """Every micro-batch through the whole model; gradients synchronized after the last."""
@@ -511,8 +550,7 @@ class Trainer:
             return results
         results = None
         if self.main:
-            whole = build_model(self.cfg.model, self.device)
-            CheckpointManager.load(self.checkpoints.latest(), whole, no_dist=True)
+            whole = load_run_model(self.cfg, self.checkpoints.latest(), self.device, no_dist=True)
             results = evaluate.caption_samples(whole, self.tokenizer, samples, self.cfg.data.val_batch_size,
                                                e.max_new_tokens, self.device)
         barrier()
