@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 import shutil
 import tempfile
 from pathlib import Path
@@ -348,29 +349,43 @@ def write_hf_folder(out_dir: str | Path, tensors: Iterable[tuple[str, torch.Tens
     out_dir, which must not exist or be empty; extras(folder) writes more files (tokenizer, processor) there. The
     main process writes into a temporary sibling folder that takes out_dir's place at the end, so a failed export
     leaves nothing behind."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise HFCheckpointError(f"{out_dir} exists and is not an empty folder; export into a new folder")
+    out_dir = new_folder(out_dir)
     if not is_main_process():
         for _ in tensors:  # take part in the gathers
             pass
         barrier()
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the exported folder private
-    try:
+    with staging_folder(out_dir) as tmp:
         _write_shards(tmp, tensors, max_shard_bytes)
         with open(tmp / CONFIG, "w") as f:
             json.dump(config, f, indent=2)
         if extras is not None:
             extras(tmp)
+    barrier()
+    return out_dir
+
+
+def new_folder(out_dir: str | Path) -> Path:
+    """out_dir as a Path, refused when it exists and is not an empty folder (an export never writes over files)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise HFCheckpointError(f"{out_dir} exists and is not an empty folder; export into a new folder")
+    return out_dir
+
+
+@contextmanager
+def staging_folder(out_dir: Path):
+    """A temporary sibling of out_dir to write into; it takes out_dir's place when the block ends, and is removed
+    when the block fails, so a failed export leaves nothing behind."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the exported folder private
+    try:
+        yield tmp
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    barrier()
-    return out_dir
 
 
 # ---------------------------------------------------------------- language models

@@ -12,16 +12,13 @@ mmfm. The language model alone (its *ForCausalLM): the names come from its famil
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from safetensors.torch import save_file
 from torch import nn
 
-from mmfm.checkpoint.hf import HFCheckpointError, _adapter, _gathered
+from mmfm.checkpoint.hf import HFCheckpointError, _adapter, _gathered, new_folder, staging_folder
 from mmfm.config.schema import LoRAConfig
 from mmfm.models.init import canonical_name
 from mmfm.models.lora import lora_modules
@@ -63,23 +60,15 @@ def export_peft(lm: nn.Module, lora: LoRAConfig, out_dir: str | Path, base_model
     if not modules:
         raise HFCheckpointError("the language model has no LoRA adapters to export; train with model.lora.enabled=true"
                                 " and targets in the language model, or export with --format hf")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise HFCheckpointError(f"{out_dir} exists and is not an empty folder; export into a new folder")
+    new_folder(out_dir)
     params = {canonical_name(n): p for n, p in lm.named_parameters()}
     pairs = [(f"{PREFIX}{theirs}.{ab}.weight", params[f"{ours}.{ab}.weight"])
              for ours, theirs in modules.items() for ab in ("lora_A", "lora_B")]
     tensors = dict(_gathered(pairs, None))
     if is_main_process():
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        os.chmod(tmp, 0o755)
-        try:
+        with staging_folder(out_dir) as tmp:
             save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             config = adapter_config(lora, list(modules.values()), base_model)
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-            os.replace(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     barrier()
     return out_dir
