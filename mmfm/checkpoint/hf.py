@@ -465,6 +465,18 @@ def language_model_from_hf(folder: str | Path, device: str | torch.device = "cpu
     return lm
 
 
+def whole_params(module: nn.Module, names: dict[str, str], needs: str) -> dict[str, torch.Tensor]:
+    """The module's parameters by canonical name, refused (one line starting with `needs`) when they are not
+    exactly `names`' keys (a pipeline stage) or hold unmerged LoRA adapters."""
+    refuse_adapters(module)
+    params = {canonical_name(n): p for n, p in module.named_parameters()}
+    if set(params) != set(names):
+        odd = [n for n in names if n not in params] or [n for n in params if n not in names]
+        raise HFCheckpointError(f"{needs} in this process; it lacks or adds {_few(odd)} (a pipeline stage?): "
+                                "export from a layout without pp")
+    return params
+
+
 def export_language(lm: nn.Module, out_dir: str | Path, dtype: Optional[torch.dtype] = None,
                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, extras: Optional[Callable[[Path], None]] = None) -> Path:
     """Write a LanguageModel (lm.cfg: model.language) as the Hugging Face folder its kind's *ForCausalLM
@@ -474,12 +486,7 @@ def export_language(lm: nn.Module, out_dir: str | Path, dtype: Optional[torch.dt
     cfg = lm.cfg
     adapter = _adapter(cfg, "export it")
     names = adapter.names(cfg)
-    refuse_adapters(lm)
-    params = {canonical_name(n): p for n, p in lm.named_parameters()}
-    if set(params) != set(names):
-        absent = [n for n in names if n not in params] or [n for n in params if n not in names]
-        raise HFCheckpointError(f"export_language needs the whole language model in this process; it lacks or "
-                                f"adds {_few(absent)} (a pipeline stage?): export from a layout without pp")
+    params = whole_params(lm, names, "export_language needs the whole language model")
     written = dtype or next(iter(params.values())).dtype
     config = adapter.config_to_hf(cfg, str(written).removeprefix("torch."))
     tensors = _gathered(((theirs, params[ours]) for ours, theirs in names.items()), dtype)

@@ -16,13 +16,12 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from mmfm.checkpoint.hf import (CONFIG, DEFAULT_SHARD_BYTES, HFCheckpointError, _few, _gathered, language_config_from_hf,
-                                language_mismatches, load_language, load_parameters, read_hf_config, refuse_adapters,
-                                tensor_files, write_hf_folder)
+from mmfm.checkpoint.hf import (CONFIG, DEFAULT_SHARD_BYTES, HFCheckpointError, _gathered, language_config_from_hf,
+                                language_mismatches, load_language, load_parameters, read_hf_config, tensor_files,
+                                whole_params, write_hf_folder)
 from mmfm.config.schema import LanguageConfig, ModelConfig, VisionConfig
 from mmfm.models.clip.state_dict_adapter import ADAPTERS as VISION_ADAPTERS
 from mmfm.models.clip.state_dict_adapter import UnexpectedTensors, adapter_for, find_prefix
-from mmfm.models.init import canonical_name
 from mmfm.models.spec import UnsupportedConfig
 from mmfm.models.vlm import state_dict_adapter as llava
 
@@ -154,12 +153,7 @@ def export_vlm(model: nn.Module, out_dir: str | Path, dtype: Optional[torch.dtyp
                                 f"CLIP or SigLIP; the demo's vit has no transformers class): export the language "
                                 "model alone (--language-only) or train with a clip / siglip tower")
     names = llava.names(cfg)
-    refuse_adapters(model)
-    params = {canonical_name(n): p for n, p in model.named_parameters()}
-    if set(params) != set(names):
-        odd = [n for n in names if n not in params] or [n for n in params if n not in names]
-        raise HFCheckpointError(f"export_vlm needs the whole VLM in this process; it lacks or adds {_few(odd)} "
-                                "(a pipeline stage?): export from a layout without pp")
+    params = whole_params(model, names, "export_vlm needs the whole VLM")
     written = dtype or next(iter(params.values())).dtype
     config = llava.config_to_hf(cfg, str(written).removeprefix("torch."))
     tensors = _gathered(((theirs, params[ours]) for ours, theirs in names.items()), dtype)
