@@ -8,7 +8,6 @@ LlavaProcessor builds it: the chat template applied to "<image>\\n{prompt}", the
 image feature (16). SigLIP's processor (mean = std = 0.5) makes bit-identical pixels in both.
 """
 
-import json
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from mmfm.cli.generate import parse_args, run
 from mmfm.data.tokenizer import TextTokenizer, install_tokenizer
 from test_hf_tokenizer import save_tokenizer
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (the dev extra installs it: a missing one fails, never skips)
 NEW_TOKENS, FEATURES = 20, 16
 PROMPT = "what colour is the object on the left?"
 

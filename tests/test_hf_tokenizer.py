@@ -22,7 +22,7 @@ from mmfm.data.tokenizer import TextTokenizer, TokenizerError, install_tokenizer
 from mmfm.errors import ConfigError
 from mmfm.train.trainer import Trainer
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (the dev extra installs it: a missing one fails, never skips)
 
 CHATML = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
           "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"

@@ -26,7 +26,7 @@ from mmfm.parallel.parallelize import parallelize
 from mmfm.train.trainer import Trainer, stage_checkpoint
 from parallel_runs import local_full_params, run_layout
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402  (the dev extra installs it: a missing one fails, never skips)
 
 ATOL = 1e-4
 LORA = ["model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=8"]

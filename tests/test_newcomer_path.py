@@ -30,7 +30,7 @@ from mmfm.train.trainer import Trainer, stage_checkpoint
 from parallel_runs import run_layout
 from test_hf_tokenizer import save_tokenizer
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (the dev extra installs it: a missing one fails, never skips)
 ATOL, NEW_TOKENS = 1e-4, 12
 
 
