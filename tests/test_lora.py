@@ -374,3 +374,21 @@ def test_adapters_follow_the_tensor_parallel_base(data):
         assert attention.wo.lora_B.weight.placements == (Replicate(),)
     finally:
         dist.destroy_process_group()
+
+
+def test_memory_benchmark_counts_the_model_state_of_each_run():
+    """`mmfm bench lora`'s exact figures, in this process (the benchmark runs each in a fresh one for its peaks):
+    LoRA trains a few percent of the weights, its optimizer holds Adam's two fp32 moments of those alone, and its
+    DPO builds no reference copy where full DPO holds one of every weight."""
+    from mmfm.models.lora_bench import measure_run, lora_bench
+
+    got = lora_bench(hidden=64, layers=2, rank=4, batch=2, steps=1, samples=8, runs=("full-dpo", "lora-dpo"),
+                     measure=measure_run)
+    full, lora = got["full-dpo"], got["lora-dpo"]
+    assert full["trainable"] == full["params"] and full["reference_bytes"] == full["param_bytes"]
+    assert lora["reference_bytes"] == 0 and 0 < lora["trainable"] < 0.2 * full["trainable"]
+    assert lora["params"] == full["params"] + lora["trainable"]  # the base, plus the adapters
+    for r in (full, lora):
+        assert r["grad_bytes"] == 4 * r["trainable"]
+        assert 8 * r["trainable"] <= r["optimizer_bytes"] <= 8 * r["trainable"] + 8 * 1024  # + Adam's step counters
+        assert r["peak"] > r["baseline"] > 0

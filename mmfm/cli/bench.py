@@ -1,6 +1,6 @@
 """`mmfm bench <name>`: benchmarks. `parallel`: communication per layout and pipeline bubbles; `kernels`:
 time and memory of each fused kernel against its references; `data`: data loading throughput; `hf-load`: each
-rank's memory while importing a Hugging Face checkpoint sharded."""
+rank's memory while importing a Hugging Face checkpoint sharded; `lora`: memory of LoRA vs full fine-tuning."""
 
 from __future__ import annotations
 
@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     h = add_tool(sub, "bench", "hf-load", description=hf_load_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     hf_load_arguments(h)
+    from mmfm.models.lora_bench import __doc__ as lora_doc, add_arguments as lora_arguments
+
+    lora_arguments(add_tool(sub, "bench", "lora", description=lora_doc,
+                            formatter_class=argparse.RawDescriptionHelpFormatter))
     return p
 
 
@@ -69,6 +73,11 @@ def main(argv: list[str]) -> int:
 
         with one_line_errors("mmfm bench hf-load"):
             return hf_load_bench(args)
+    if args.bench == "lora":
+        from mmfm.models.lora_bench import run as lora_bench
+
+        with one_line_errors("mmfm bench lora"):
+            return lora_bench(args)
     if args.bench == "kernels":
         from mmfm.kernels.bench import run
 

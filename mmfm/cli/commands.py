@@ -38,6 +38,8 @@ TOOLS: dict[str, dict[str, str]] = {
         "data": "loader samples/s (in-process, 1 and 2 workers) vs raw tar read and vs what training consumes",
         "hf-load": "each rank's peak private memory while importing a Hugging Face checkpoint at tp=N and fsdp=N, "
                    "vs the full model's size",
+        "lora": "peak private memory, trainable parameters, optimizer and reference bytes: full fine-tuning vs "
+                "LoRA, for SFT and DPO",
     },
 }
 
