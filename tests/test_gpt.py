@@ -7,15 +7,15 @@ import sys
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
+from gpt_tp_runs import TINY, TP, gpt_run, tp_worker
 from mmfm.config import ConfigError, load_config
 from mmfm.models import build_model, model_spec
 from mmfm.parallel import ParallelDims
+from mmfm.parallel.distributed import free_port
 from mmfm.plan.published import MEGATRON_GPT, paper_params, published_layouts, published_plans, predicted_tflops, \
     run_config
-
-TINY = ["model=gpt", "model.language.vocab_size=96", "model.language.hidden_size=32", "model.language.num_heads=4",
-        "model.language.num_layers=2", "model.language.max_seq_len=16"]
 
 
 def count(module: torch.nn.Module) -> int:
@@ -89,6 +89,20 @@ def test_planner_share_equals_the_meta_device_layout_for_gpt():
         for rank in ranks:
             expected = planner_rank_numel(cfg, dims, rank)
             assert meta_rank_numel(cfg, dims, rank) == expected, (layout, rank)
+
+
+def test_tensor_parallel_gpt_equals_one_process(tmp_path):
+    """tp=2 against one process, fp32: the vocabulary-split embedding and logits, the Megatron-style blocks with their
+    biases (split after column-parallel projections, replicated after row-parallel ones), the sequence-split
+    LayerNorms and the replicated position embeddings give the same logits and gradients to rounding."""
+    out = str(tmp_path / "tp.pt")
+    mp.start_processes(tp_worker, args=(free_port(), out), nprocs=TP, join=True, start_method="spawn")
+    want = gpt_run()
+    scale = max(g.abs().max().item() for g in want["grads"].values())
+    for rank in range(TP):
+        got = torch.load(f"{out}.{rank}", weights_only=True)
+        assert (got["logits"] - want["logits"]).abs().max().item() <= 1e-5
+        assert max((got["grads"][n] - g).abs().max().item() for n, g in want["grads"].items()) <= 1e-5 * scale
 
 
 def run_cli(*args, cwd):
