@@ -95,3 +95,23 @@ def published_plans(run: PublishedRun) -> list:
 def predicted_tflops(run: PublishedRun, plan) -> float:
     """TFLOP/s per GPU as the paper counts them (Eq. 3) at the planner's predicted step time."""
     return paper_flops(run) / (plan.time["step"] * run.gpus) / 1e12
+
+
+def comparison_table() -> str:
+    """docs/planning.md's table: each row's published layout, whether it fits, the predicted and published TFLOP/s
+    per GPU and their ratio, and the plan predicted (schedule, micro-batch, data-parallel split)."""
+    from mmfm.models import model_spec
+
+    lines = ["| row | parameters (mmfm) | tp, pp, dp | fits | predicted TFLOP/s/GPU | published | ratio | plan predicted |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in MEGATRON_GPT:
+        cfg = run_config(run).model
+        plans = published_plans(run)
+        lay = plans[0].layout if plans else None
+        predicted = predicted_tflops(run, plans[0]) if plans else float("nan")
+        schedule = "-" if not lay or lay.pp == 1 else f"{lay.schedule} x{lay.virtual}"
+        plan = f"{schedule}, micro-batch {lay.micro_batch}, dp {lay.dp_replicate} x {lay.dp_shard}" if lay else "-"
+        lines.append(f"| {run.params_b:g}B | {model_spec(cfg).num_params(cfg):,} | {run.tp}, {run.pp}, {run.dp} | "
+                     f"{'yes' if plans else 'no'} | {predicted:.1f} | {run.tflops:g} | {predicted / run.tflops:.2f} | "
+                     f"{plan} |")
+    return "\n".join(lines)
