@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mmfm.config.schema import LanguageConfig, ModelConfig
 from mmfm.models.gpt.model import ffn_width
-from mmfm.models.llama.counts import head_flops  # noqa: F401  (the same output projection)
+from mmfm.models.llama.counts import head_flops  # the same output projection
 
 ACT = 2  # bytes of a bf16 activation
 
