@@ -151,8 +151,19 @@ def main(argv: list[str]) -> int:
         if args.explain:
             print()
             print(explain(best, wl, hw))
-        print("\nrun the top plan:\n  mmfm launch " + " ".join(run_overrides(best, hydra, wl, hw.devices_per_node)))
+        print("\n" + run_line(cfg, best, hydra, wl, hw))
     return 0
+
+
+def run_line(cfg, plan, hydra: list[str], wl, hw) -> str:
+    """The launch command of the top plan, or why mmfm train cannot run this model (a planning-only preset)."""
+    from mmfm.models import model_spec
+
+    try:
+        model_spec(cfg.model).validate_training(cfg.model)
+    except ConfigError as exc:
+        return f"planning only: {exc}"
+    return "run the top plan:\n  mmfm launch " + " ".join(run_overrides(plan, hydra, wl, hw.devices_per_node))
 
 
 if __name__ == "__main__":

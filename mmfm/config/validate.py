@@ -43,6 +43,7 @@ def _validate_model(cfg: JobConfig) -> None:
     _require(cfg.model.name in MODEL_REGISTRY,
              f"model.name={cfg.model.name!r} is unknown; choose one of {sorted(MODEL_REGISTRY)}")
     MODEL_REGISTRY[cfg.model.name].validate(cfg.model)
+    MODEL_REGISTRY[cfg.model.name].validate_training(cfg.model)
     _validate_pretrained(cfg)
     _validate_lora(cfg)
 

@@ -58,6 +58,8 @@ class LanguagePartSpec(PartSpec):
     keep_stage(module, layers, first, last): drop what a pipeline stage does not compute, in place.
     tied_embedding(module): the input embedding's weight when it is also the output projection and held here.
     num_layers(cfg): how many layers the pipeline splits.
+    layer_activation_bytes(cfg, tokens, tp, cp, kernels): bytes one layer keeps for backward over a micro-batch of
+        `tokens` positions (mmfm.plan: its activation formula, docs/planning.md).
     """
 
     flops_per_token: Callable[[ModelConfig, int], float] = None
@@ -66,6 +68,7 @@ class LanguagePartSpec(PartSpec):
     keep_stage: Callable[[nn.Module, list, bool, bool], None] = None
     tied_embedding: Callable[[nn.Module], Optional[torch.Tensor]] = None
     num_layers: Count = None
+    layer_activation_bytes: Callable[[ModelConfig, int, int, int, object], float] = None
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,12 @@ def part_spec(cfg: ModelConfig, role: str) -> PartSpec:
 
 
 class ModelSpec:
-    """A whole model (`model.name`): the hooks that mmfm.parallel, the planner and the trainer call."""
+    """A whole model (`model.name`): the hooks that mmfm.parallel, the planner and the trainer call.
+
+    roles: the parts it composes (model.<role>.kind picks each), e.g. ("language", "vision", "projector")."""
 
     name: str
+    roles: tuple[str, ...]
 
     def build(self, cfg: ModelConfig) -> nn.Module:
         raise NotImplementedError
@@ -105,6 +111,9 @@ class ModelSpec:
     def validate(self, cfg: ModelConfig) -> None:
         """Raise ConfigError on a model config that cannot build."""
         raise NotImplementedError
+
+    def validate_training(self, cfg: ModelConfig) -> None:
+        """Raise ConfigError when mmfm train cannot train this model (checked before anything is written)."""
 
     def num_params(self, cfg: ModelConfig) -> int:
         raise NotImplementedError

@@ -80,25 +80,40 @@ def rank_stages(layout: Layout, layers: list[list[int]], pp_rank: int) -> list[t
     return [(layers[s], s == 0, s == n - 1) for s in range(pp_rank, n, layout.pp)]
 
 
+def _encoder_bytes(cfg: JobConfig, layout: Layout, wl: Workload) -> tuple[float, float]:
+    """(the vision tower and projector's activations per micro-batch in flight, one full tower block's) on the first
+    stage; (0, 0) for a model without them."""
+    from mmfm.models import model_spec
+
+    m, v = cfg.model, cfg.model.vision
+    if "vision" not in model_spec(m).roles:
+        return 0.0, 0.0
+    positions = layout.micro_batch * wl.images_per_sample * (v.image_size // v.patch_size) ** 2
+    full_block = memory.encoder_layer_bytes(v, positions, layout.tp, sequence_split=v.kind == "vit")
+    ckpt = layout.checkpoint == "full"
+    block = memory.checkpointed_layer_bytes(v.hidden_size, positions, layout.tp) if ckpt else full_block
+    projector = memory.projector_bytes(v.hidden_size, m.language.hidden_size, positions, layout.tp)
+    return v.num_layers * block + projector, full_block
+
+
 def _activation_bytes(cfg: JobConfig, layout: Layout, wl: Workload, stages, pp_rank: int) -> dict[str, float]:
-    """The rank's activations at its peak: in-flight micro-batches x its layers (full checkpointing: block inputs,
-    plus one block recomputed in backward), the vision tower and projector on the first stage, the loss on the last."""
-    m, lm, v = cfg.model, cfg.model.language, cfg.model.vision
+    """The rank's activations at its peak: in-flight micro-batches x its layers (the language family's
+    layer_activation_bytes; full checkpointing: block inputs, plus one block recomputed in backward), the vision tower
+    and projector on the first stage, the loss on the last."""
+    from mmfm.models.spec import part_spec
+
+    lm = cfg.model.language
     tokens, tp, cp = layout.micro_batch * wl.seq_len, layout.tp, layout.cp
-    patches = (v.image_size // v.patch_size) ** 2
-    positions = layout.micro_batch * wl.images_per_sample * patches
-    fused_swiglu = cfg.kernels.swiglu != "torch"
-    full_layer = memory.decoder_layer_bytes(lm, tokens, tp, cp, fused_swiglu)
-    full_block = memory.encoder_layer_bytes(v, positions, tp, sequence_split=v.kind == "vit")
+    full_layer = part_spec(cfg.model, "language").layer_activation_bytes(cfg.model, tokens, tp, cp, cfg.kernels)
     ckpt = layout.checkpoint == "full"
     layer = memory.checkpointed_layer_bytes(lm.hidden_size, tokens, tp, cp) if ckpt else full_layer
-    block = memory.checkpointed_layer_bytes(v.hidden_size, positions, tp) if ckpt else full_block
+    encoders, full_block = _encoder_bytes(cfg, layout, wl)
     flights = memory.in_flight(layout.schedule, layout.pp, layout.virtual, layout.microbatches, pp_rank)
     first, last = any(s[1] for s in stages), any(s[2] for s in stages)
     layers = sum(len(s[0]) for s in stages)
     acts = flights * layers * layer
     if first:
-        acts += flights * (v.num_layers * block + memory.projector_bytes(v.hidden_size, lm.hidden_size, positions, tp))
+        acts += flights * encoders
     if ckpt:
         acts += max(full_layer, full_block if first else 0.0)
     loss = 0.0
@@ -130,15 +145,17 @@ def _tp_seconds(cfg: JobConfig, layout: Layout, wl: Workload, stages, hw) -> flo
     fully exposed (each sits between dependent matmuls; no asynchronous TP)."""
     if layout.tp == 1:
         return 0.0
+    from mmfm.models import model_spec
     from mmfm.models.spec import VISION, part_spec
 
     m = cfg.model
+    roles = model_spec(m).roles
     first = any(s[1] for s in stages)
     share = sum(len(s[0]) for s in stages) / max(1, m.language.num_layers)
     images = layout.micro_batch * wl.images_per_sample
     wire = 0.0
     for role, weight in (("vision", 1.0 if first else 0.0), ("projector", 1.0 if first else 0.0), ("language", share)):
-        if not weight:
+        if not weight or role not in roles:
             continue
         hook = part_spec(m, role).tp_comm_bytes or (VISION["vit"].tp_comm_bytes if role == "vision" else None)
         if hook is None:
@@ -296,10 +313,12 @@ def rank_key(plan: Plan) -> tuple:
 
 def search(cfg: JobConfig, wl: Workload, reserve: float = RESERVE) -> Search:
     """Every candidate layout evaluated; those that fit (total <= (1 - reserve) x HBM) ranked by step time."""
+    from mmfm.models import model_spec
     from mmfm.plan.hardware import validate_hardware
 
     validate_hardware(cfg.hardware)
     check_workload(cfg, wl)
+    model_spec(cfg.model).validate(cfg.model)
     layouts = candidate_layouts(cfg, wl)
     for tp in sorted({layout.tp for layout in layouts}, reverse=True):
         tp_shapes(cfg.model, tp)  # read the plan once, at the largest tp; the smaller ones derive from it

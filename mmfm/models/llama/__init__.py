@@ -87,7 +87,7 @@ SPEC = register_part("language", LanguagePartSpec(
     block_container="layers", hf=ADAPTERS["llama"], flops_per_token=counts.flops_per_token,
     layer_flops=counts.layer_flops, head_flops=counts.head_flops, keep_stage=parallelize.keep_stage,
     tied_embedding=parallelize.tied_embedding, num_layers=lambda cfg: cfg.language.num_layers,
-    tp_comm_bytes=tp_comm_bytes))
+    tp_comm_bytes=tp_comm_bytes, layer_activation_bytes=counts.layer_activation_bytes))
 QWEN2 = register_part("language", dataclasses.replace(SPEC, kind="qwen2", hf=ADAPTERS["qwen2"]))
 QWEN3 = register_part("language", dataclasses.replace(SPEC, kind="qwen3", hf=ADAPTERS["qwen3"]))
 

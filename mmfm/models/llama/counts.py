@@ -49,3 +49,11 @@ def head_flops(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs of the output projection for one sample."""
     lm = cfg.language
     return 6.0 * lm.vocab_size * lm.hidden_size * seq_len
+
+
+def layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, cp: int, kernels) -> float:
+    """One decoder layer's saved activations (mmfm.plan.memory.decoder_layer_bytes: SwiGLU keeps 3 FFN-wide tensors
+    with the fused kernel, 4 with kernels.swiglu=torch)."""
+    from mmfm.plan.memory import decoder_layer_bytes
+
+    return decoder_layer_bytes(cfg.language, tokens, tp, cp, kernels.swiglu != "torch")

@@ -17,6 +17,7 @@ ROLES = ("language", "vision", "projector")  # language first: its checks name t
 
 class VisionLanguageSpec(ModelSpec):
     name = "vlm"
+    roles = ROLES
 
     def build(self, cfg: ModelConfig) -> nn.Module:
         return VisionLanguageModel(cfg)
