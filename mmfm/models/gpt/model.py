@@ -13,7 +13,7 @@ from torch import nn
 from mmfm.config.schema import LanguageConfig
 from mmfm.models.attention import CoreAttention
 from mmfm.models.context import BlockContext
-from mmfm.models.llama.model import KVCache
+from mmfm.models.llama.model import KVCache, TokenEmbeddingOutput
 from mmfm.models.ops import LinearCrossEntropy
 
 
@@ -71,7 +71,7 @@ class DecoderBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class GPTLanguageModel(nn.Module):
+class GPTLanguageModel(TokenEmbeddingOutput, nn.Module):
     """Decoder over input embeddings (`embed` maps token ids first); the position embeddings are added in forward,
     on the stage that holds them (the first)."""
 
@@ -98,12 +98,6 @@ class GPTLanguageModel(nn.Module):
 
     def init_buffers(self) -> None:
         """No buffers (learned positions)."""
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.tok_embeddings(input_ids)
-
-    def output_weight(self) -> torch.Tensor:
-        return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         c = self.cfg

@@ -7,17 +7,11 @@ from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
 
-from mmfm.models.llama.parallelize import keep_stage as keep_llama_stage
+from mmfm.models.llama.parallelize import BLOCK_ARGS, attention_plan, keep_stage as keep_llama_stage
 from mmfm.parallel.tensor_parallel import gather_sequence, scatter_sequence, sharded_sequence_in
 
-# DecoderBlock and Attention take (x, ctx): only x is distributed.
-_BLOCK_ARGS = 2
-
 BLOCK_PLAN = {
-    "attention_norm": SequenceParallel(),
-    "attention": sharded_sequence_in(_BLOCK_ARGS),
-    "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
-    "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+    **attention_plan(),
     "ffn_norm": SequenceParallel(),
     "feed_forward": sharded_sequence_in(),
     "feed_forward.fc1": ColwiseParallel(),
@@ -35,7 +29,7 @@ def apply_tensor_parallel(lm: nn.Module, tp_mesh) -> None:
     for block in lm.layers.values():
         parallelize_module(block, tp_mesh, BLOCK_PLAN)
     if "0" in lm.layers:  # the embeddings (positions added) enter the sequence split here
-        parallelize_module(lm.layers["0"], tp_mesh, scatter_sequence(_BLOCK_ARGS))
+        parallelize_module(lm.layers["0"], tp_mesh, scatter_sequence(BLOCK_ARGS))
     if lm.norm is not None:
         parallelize_module(lm.norm, tp_mesh, SequenceParallel())
         parallelize_module(lm.norm, tp_mesh, gather_sequence(use_local_output=False))

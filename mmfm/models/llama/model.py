@@ -127,7 +127,18 @@ class DecoderBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class LanguageModel(nn.Module):
+class TokenEmbeddingOutput:
+    """A decoder's token embedding (tok_embeddings) and output projection (output, None when tied to the
+    embedding)."""
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.tok_embeddings(input_ids)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+
+class LanguageModel(TokenEmbeddingOutput, nn.Module):
     """Decoder over input embeddings; `embed` maps token ids to embeddings first."""
 
     def __init__(self, cfg: LanguageConfig):
@@ -159,12 +170,6 @@ class LanguageModel(nn.Module):
         with torch.no_grad():
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.tok_embeddings(input_ids)
-
-    def output_weight(self) -> torch.Tensor:
-        return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         c = self.cfg

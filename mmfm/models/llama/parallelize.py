@@ -13,15 +13,23 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from mmfm.parallel.tensor_parallel import gather_sequence, scatter_sequence, sharded_sequence_in
 
 # DecoderBlock and Attention take (x, ctx): only x is distributed.
-_BLOCK_ARGS = 2
+BLOCK_ARGS = 2
+
+
+def attention_plan() -> dict:
+    """The pre-norm attention sub-block of a decoder block: q/k/v column-parallel, the output row-parallel into the
+    sequence-parallel residual stream."""
+    return {
+        "attention_norm": SequenceParallel(),
+        "attention": sharded_sequence_in(BLOCK_ARGS),
+        "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+    }
 
 
 def _block_plan(block: nn.Module) -> dict:
     plan = {
-        "attention_norm": SequenceParallel(),
-        "attention": sharded_sequence_in(_BLOCK_ARGS),
-        "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        **attention_plan(),
         "ffn_norm": SequenceParallel(),
         "feed_forward": sharded_sequence_in(),
         "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
@@ -45,7 +53,7 @@ def apply_tensor_parallel(lm: nn.Module, tp_mesh) -> None:
     for block in lm.layers.values():
         parallelize_module(block, tp_mesh, _block_plan(block))
     if "0" in lm.layers:  # the embeddings (with the images spliced in) enter the sequence split here
-        parallelize_module(lm.layers["0"], tp_mesh, scatter_sequence(_BLOCK_ARGS))
+        parallelize_module(lm.layers["0"], tp_mesh, scatter_sequence(BLOCK_ARGS))
     if lm.norm is not None:
         parallelize_module(lm.norm, tp_mesh, SequenceParallel())
         # full sequence, as a DTensor, so that the logits come out split over the vocabulary
