@@ -153,6 +153,16 @@ class ModelSpec:
         raise NotImplementedError
 
 
+class LanguagePartModelSpec(ModelSpec):
+    """A model whose causal decoder is its `language` part (of the kind model.language.kind names)."""
+
+    def tied_embedding(self, part: nn.Module) -> Optional[torch.Tensor]:
+        return part_spec(part.cfg, "language").tied_embedding(part.language)
+
+    def decoder_layers(self, part: nn.Module) -> nn.Module:
+        return part.language.get_submodule(part_spec(part.cfg, "language").block_container)
+
+
 MODEL_REGISTRY: dict[str, ModelSpec] = {}
 
 

@@ -4,18 +4,15 @@ vision-language model only and refuses this one before writing anything."""
 
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
 from torch import nn
 
 from mmfm.config.schema import ModelConfig
 from mmfm.errors import ConfigError
 from mmfm.models.lm.model import CausalLanguageModel
-from mmfm.models.spec import ModelSpec, part_spec, register_model
+from mmfm.models.spec import LanguagePartModelSpec, part_spec, register_model
 
 
-class LanguageModelSpec(ModelSpec):
+class LanguageModelSpec(LanguagePartModelSpec):
     name = "lm"
     roles = ("language",)
 
@@ -56,12 +53,6 @@ class LanguageModelSpec(ModelSpec):
     def split_stage(self, model: nn.Module, first: bool, last: bool, layers: list[int]) -> None:
         model.first_stage = first
         part_spec(model.cfg, "language").keep_stage(model.language, layers, first, last)
-
-    def tied_embedding(self, part: nn.Module) -> Optional[torch.Tensor]:
-        return part_spec(part.cfg, "language").tied_embedding(part.language)
-
-    def decoder_layers(self, part: nn.Module) -> nn.Module:
-        return part.language.get_submodule(part_spec(part.cfg, "language").block_container)
 
 
 SPEC = register_model(LanguageModelSpec())

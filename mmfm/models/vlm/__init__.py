@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
 from torch import nn
 
 from mmfm.config.checks import require
 from mmfm.config.schema import ModelConfig
-from mmfm.models.spec import ModelSpec, part_spec, register_model
+from mmfm.models.spec import LanguagePartModelSpec, part_spec, register_model
 from mmfm.models.vlm.model import VisionLanguageModel
 
 ROLES = ("language", "vision", "projector")  # language first: its checks name the most common mistakes
 
 
-class VisionLanguageSpec(ModelSpec):
+class VisionLanguageSpec(LanguagePartModelSpec):
     name = "vlm"
     roles = ROLES
 
@@ -67,12 +64,6 @@ class VisionLanguageSpec(ModelSpec):
         if not first:
             model.vision, model.projector = None, None
         part_spec(model.cfg, "language").keep_stage(model.language, layers, first, last)
-
-    def tied_embedding(self, part: nn.Module) -> Optional[torch.Tensor]:
-        return part_spec(part.cfg, "language").tied_embedding(part.language)
-
-    def decoder_layers(self, part: nn.Module) -> nn.Module:
-        return part.language.get_submodule(part_spec(part.cfg, "language").block_container)
 
 
 SPEC = register_model(VisionLanguageSpec())
