@@ -11,7 +11,7 @@ from mmfm.config.schema import JobConfig
 from mmfm.errors import ConfigError
 from mmfm.plan import memory, steptime
 from mmfm.plan.hardware import group_bandwidth
-from mmfm.plan.shares import rank_share, stage_layout, tp_shapes
+from mmfm.plan.shares import meta_model, rank_share, stage_layout, tp_shapes
 
 RESERVE = 0.10  # share of device memory kept free (allocator fragmentation, NCCL buffers, CUDA context)
 CHECKPOINTS = ("none", "full")
@@ -82,29 +82,35 @@ def rank_stages(layout: Layout, layers: list[list[int]], pp_rank: int) -> list[t
 
 def _activation_bytes(cfg: JobConfig, layout: Layout, wl: Workload, stages, pp_rank: int) -> dict[str, float]:
     """The rank's activations at its peak: in-flight micro-batches x its layers (full checkpointing: block inputs,
-    plus one block recomputed in backward), the vision tower and projector on the first stage, the loss on the last."""
-    m, lm, v = cfg.model, cfg.model.language, cfg.model.vision
+    plus one block recomputed in backward, as far as it exceeds the loss it follows), the vision stem, tower and
+    projector on the first stage, the loss on the last."""
+    lm, v = cfg.model.language, cfg.model.vision
     tokens, tp, cp = layout.micro_batch * wl.seq_len, layout.tp, layout.cp
     patches = (v.image_size // v.patch_size) ** 2
-    positions = layout.micro_batch * wl.images_per_sample * patches
-    fused_swiglu = cfg.kernels.swiglu != "torch"
-    full_layer = memory.decoder_layer_bytes(lm, tokens, tp, cp, fused_swiglu)
+    images = layout.micro_batch * wl.images_per_sample
+    positions = images * patches
+    residual = memory.residual_bytes(layout.dp * cp > 1)
+    norm = memory.fused_norm(cfg.kernels, tp)
+    full_layer = memory.decoder_layer_bytes(lm, tokens, tp, cp, cfg.kernels.swiglu != "torch", norm, residual)
     full_block = memory.encoder_layer_bytes(v, positions, tp, sequence_split=v.kind == "vit")
     ckpt = layout.checkpoint == "full"
-    layer = memory.checkpointed_layer_bytes(lm.hidden_size, tokens, tp, cp) if ckpt else full_layer
-    block = memory.checkpointed_layer_bytes(v.hidden_size, positions, tp) if ckpt else full_block
+    layer = memory.checkpointed_layer_bytes(lm.hidden_size, tokens, tp, cp, residual) if ckpt else full_layer
+    block = memory.checkpointed_layer_bytes(v.hidden_size, positions, tp, 1, residual) if ckpt else full_block
     flights = memory.in_flight(layout.schedule, layout.pp, layout.virtual, layout.microbatches, pp_rank)
     first, last = any(s[1] for s in stages), any(s[2] for s in stages)
     layers = sum(len(s[0]) for s in stages)
     acts = flights * layers * layer
     if first:
-        acts += flights * (v.num_layers * block + memory.projector_bytes(v.hidden_size, lm.hidden_size, positions, tp))
-    if ckpt:
-        acts += max(full_layer, full_block if first else 0.0)
+        tower = v.num_layers * block + memory.projector_bytes(v.hidden_size, lm.hidden_size, positions, tp)
+        acts += flights * (tower + images * _stem_bytes(cfg.model))
     loss = 0.0
     if last:
-        last_flights = memory.in_flight(layout.schedule, layout.pp, layout.virtual, layout.microbatches, layout.pp - 1)
-        loss = last_flights * memory.loss_bytes(lm, tokens, tp, memory.fused_loss(cfg.kernels, tp, layout.pp))
+        fused = memory.fused_loss(cfg.kernels, tp, layout.pp)
+        loss = memory.loss_bytes(lm, tokens, tp, fused, residual, norm)
+    if ckpt:  # one block recomputed in backward, after the loss's backward freed its buffers
+        recompute = max(full_layer + memory.swiglu_backward_bytes(lm, tokens, tp, cp), full_block if first else 0.0)
+        acts += max(0.0, recompute - loss)
+    loss *= memory.in_flight(layout.schedule, layout.pp, layout.virtual, layout.microbatches, layout.pp - 1)
     return {"activations": acts, "logits": loss}
 
 
@@ -177,6 +183,15 @@ def _p2p_seconds(cfg: JobConfig, layout: Layout, wl: Workload, hw) -> float:
 
 
 _LAYOUTS: dict[tuple, list[list[int]]] = {}
+_STEMS: dict[str, float] = {}
+
+
+def _stem_bytes(model_cfg) -> float:
+    """The vision stem's activations per image (cached per model)."""
+    key = repr(model_cfg)
+    if key not in _STEMS:
+        _STEMS[key] = memory.stem_bytes(meta_model(model_cfg), model_cfg.vision.image_size, 1)
+    return _STEMS[key]
 
 
 def _stage_layout(model_cfg, seq_len: int, num_stages: int) -> list[list[int]]:
