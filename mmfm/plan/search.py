@@ -111,7 +111,9 @@ def _activation_bytes(cfg: JobConfig, layout: Layout, wl: Workload, stages, pp_r
     acts = flights * layers * layer
     if first:
         tower = v.num_layers * block + memory.projector_bytes(v.hidden_size, lm.hidden_size, positions, tp)
-        acts += flights * (tower + images * _stem_bytes(cfg.model))
+        stem = _cached(("stem", repr(cfg.model)),
+                       lambda: memory.stem_bytes(meta_model(cfg.model), v.image_size, 1))  # per image
+        acts += flights * (tower + images * stem)
     loss = 0.0
     if last:
         fused = memory.fused_loss(cfg.kernels, tp, layout.pp)
@@ -139,6 +141,16 @@ def _rank_flops(cfg: JobConfig, layout: Layout, wl: Workload, stages) -> float:
     return per_sample * samples / (layout.tp * layout.cp)
 
 
+_CACHE: dict[tuple, float] = {}
+
+
+def _cached(key: tuple, compute) -> float:
+    """A model-derived count, computed once per key (the search evaluates a thousand layouts of one model)."""
+    if key not in _CACHE:
+        _CACHE[key] = compute()
+    return _CACHE[key]
+
+
 MicroBatches = list[tuple[int, int, int]]  # (samples, sequence, images) of each micro-batch of a step
 
 
@@ -163,7 +175,8 @@ def tp_step_bytes(cfg: JobConfig, stages, micro_batches: MicroBatches, act_bytes
     m = cfg.model
     first = any(s[1] for s in stages)
     share = sum(len(s[0]) for s in stages) / max(1, m.language.num_layers)
-    out: dict[str, float] = {"all_reduce": 4.0 * _sequence_parallel_norm_numel(meta_model(m))}
+    out: dict[str, float] = {"all_reduce": 4.0 * _cached(("norms", repr(m)), lambda: _sequence_parallel_norm_numel(
+        meta_model(m)))}
     for role, weight in (("vision", 1.0 if first else 0.0), ("projector", 1.0 if first else 0.0), ("language", share)):
         hook = part_spec(m, role).tp_comm_bytes or (VISION["vit"].tp_comm_bytes if role == "vision" else None)
         if weight and hook is not None:
@@ -181,6 +194,10 @@ def p2p_hop_bytes(cfg: JobConfig, layout: Layout, micro_batch: int, seq_len: int
 def tied_embedding_numel(cfg: JobConfig, tp: int) -> int:
     """Elements (tp-local) of the parameters both the first and the last pipeline stage keep (the tied embedding,
     whose gradient the two all-reduce once per step), 0 when there are none."""
+    return _cached(("tied", repr(cfg.model), tp), lambda: _tied_numel(cfg, tp))
+
+
+def _tied_numel(cfg: JobConfig, tp: int) -> int:
     shapes = tp_shapes(cfg.model, tp)
     return sum(math.prod(shapes[r.name]) for r in param_table(cfg.model).records
                if {(True, False), (False, True)} <= r.kept_by)
@@ -264,15 +281,6 @@ def _p2p_seconds(cfg: JobConfig, layout: Layout, wl: Workload, hw) -> float:
 
 
 _LAYOUTS: dict[tuple, list[list[int]]] = {}
-_STEMS: dict[str, float] = {}
-
-
-def _stem_bytes(model_cfg) -> float:
-    """The vision stem's activations per image (cached per model)."""
-    key = repr(model_cfg)
-    if key not in _STEMS:
-        _STEMS[key] = memory.stem_bytes(meta_model(model_cfg), model_cfg.vision.image_size, 1)
-    return _STEMS[key]
 
 
 def _stage_layout(model_cfg, seq_len: int, num_stages: int) -> list[list[int]]:
