@@ -190,7 +190,7 @@ def fsdp_expected_bytes(model: nn.Module, containers: tuple[str, ...], dp_size: 
 
 
 # -- tensor + sequence parallel -------------------------------------------------------------------
-def _sequence_parallel_norm_numel(model: nn.Module) -> int:
+def sequence_parallel_norm_numel(model: nn.Module) -> int:
     """Elements of the norms' parameters, which SequenceParallel replicates (their gradients are Partial):
     every norm of the model is under the plan (ViT blocks and final norm, decoder layers and final norm)."""
     from mmfm.models.ops import RMSNorm
@@ -223,7 +223,7 @@ def tp_expected_bytes(model_cfg, micro_batches: Sequence[tuple[int, int, int]],
         for hook in hooks:
             for kind, n in hook(model_cfg, b, t, images, act_bytes).items():
                 out[kind] += n
-    out["all_reduce"] += _sequence_parallel_norm_numel(build_model(model_cfg, "meta")) * 4
+    out["all_reduce"] += sequence_parallel_norm_numel(build_model(model_cfg, "meta")) * 4
     return dict(out)
 
 

@@ -5,15 +5,17 @@ so the fp32 parameters are the master weights and no extra copy exists), per ele
     parameters 4 B + gradients 4 B (fp32, reduced in fp32) + AdamW's two moments 8 B = 16 B.
 Buffers: under FSDP (dp_shard x cp > 1) the gathered bf16 parameters of the block running and of the one
 prefetched, the root unit (kept gathered through backward) and one block's unsharded fp32 gradient before its
-reduce-scatter: 2 B x (2 x largest block + root) + 4 B x largest block (tp-local elements). Without FSDP,
-autocast's bf16 weight copies, kept for backward: 2 B x the rank's tp-local parameters.
+reduce-scatter: 2 B x (2 x largest block + root) + 4 B x largest block (tp-local elements, padded as FSDP2 gathers
+them). Without FSDP, autocast's bf16 weight copies, kept for backward: 2 B x the rank's tp-local parameters.
 
-Activations: what autograd keeps for backward, in bf16 (2 B) unless noted, after Korthikanti et al. 2022
-("Reducing Activation Recomputation in Large Transformer Models", eq. 1-2: s b h (34 + 5 a s / h) per layer
-without parallelism) adapted to what mmfm runs: flash / memory-efficient attention (no s x s scores or softmax kept,
-only q, k, v, the output and the fp32 log-sum-exp per head and position), no dropout, RMSNorm and SwiGLU in the
-decoder, and PyTorch's tensor + sequence parallel plan, which keeps the all-gathered (whole-sequence) input of the
-attention and MLP projections on every tp rank (Megatron re-gathers it in backward instead).
+Activations: what a micro-batch's forward and backward hold at their peak (what autograd keeps for backward, and
+the loss's and a recomputed block's backward buffers), checked against the peak measured on CPU (mmfm.plan.bench),
+after Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 1-2: s b h (34 +
+5 a s / h) per layer without parallelism) adapted to what mmfm runs: flash / memory-efficient attention (no s x s
+scores or softmax kept, only q, k, v, the output and the fp32 log-sum-exp per head and position), no dropout, RMSNorm
+and SwiGLU in the decoder, and PyTorch's tensor + sequence parallel plan, which keeps the all-gathered
+(whole-sequence) input of the attention and MLP projections on every tp rank (Megatron re-gathers it in backward
+instead). The matmuls' outputs are bf16 (2 B); the residual stream is fp32 without FSDP (residual_bytes).
 """
 
 from __future__ import annotations

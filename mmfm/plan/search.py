@@ -170,12 +170,12 @@ def tp_step_bytes(cfg: JobConfig, stages, micro_batches: MicroBatches, act_bytes
     under FSDP x TP, whose residual stream is bf16), and once per step the all-reduce of the sequence-parallel
     norms' fp32 weight gradients (the whole model's)."""
     from mmfm.models.spec import VISION, part_spec
-    from mmfm.parallel.comm import _sequence_parallel_norm_numel
+    from mmfm.parallel.comm import sequence_parallel_norm_numel
 
     m = cfg.model
     first = any(s[1] for s in stages)
     share = sum(len(s[0]) for s in stages) / max(1, m.language.num_layers)
-    out: dict[str, float] = {"all_reduce": 4.0 * _cached(("norms", repr(m)), lambda: _sequence_parallel_norm_numel(
+    out: dict[str, float] = {"all_reduce": 4.0 * _cached(("norms", repr(m)), lambda: sequence_parallel_norm_numel(
         meta_model(m)))}
     for role, weight in (("vision", 1.0 if first else 0.0), ("projector", 1.0 if first else 0.0), ("language", share)):
         hook = part_spec(m, role).tp_comm_bytes or (VISION["vit"].tp_comm_bytes if role == "vision" else None)
