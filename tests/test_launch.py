@@ -175,7 +175,16 @@ def test_parallel_auto_says_in_one_line_when_nothing_fits(capsys, tmp_path):
         "mmfm launch: error: parallel=auto on 1 device(s) (cluster.nodes=1 x cluster.gpus_per_node=1), global batch 2 "
         "(data.batch_size=2 x train.grad_accum_steps=1 x 1 device(s)) x 2048 tokens: nothing fits in 72.0 GiB per "
         "device (a100_80gb, 80 GiB less the reserve): the least-memory layout (tp=1 pp=1 dp_replicate=1 dp_shard=1 "
-        "micro-batch=1 ckpt=full) needs 119.7 GiB")
+        f"micro-batch=1 ckpt=full) needs {least_memory_gib(['model=vlm_7b', 'hardware=a100_80gb'], 2, 2048):.1f} GiB")
+
+
+def least_memory_gib(overrides, global_batch, seq_len, devices=1):
+    """The planner's least-memory layout's total for the job, in GiB."""
+    from mmfm.config import load_config
+    from mmfm.plan.search import Workload, search
+
+    cfg = load_config([*overrides, "train.precision=bf16"])
+    return search(cfg, Workload(devices, global_batch, seq_len)).closest.memory["total"] / 2**30
 
 
 def test_local_dp_shard_minus_one_takes_the_processes_per_node(capsys, tmp_path):

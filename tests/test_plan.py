@@ -88,11 +88,14 @@ def test_model_state_is_16_bytes_per_held_parameter_and_activations_follow_the_f
     assert memory.model_state_bytes(1000) == {"params": 4000, "grads": 4000, "optimizer": 8000}
     lm = load_config(["model=vlm_7b"]).model.language  # h 4096, 32 heads = 32 kv heads of 128, f 11008
     t, h, f = 4096, 4096, 11008
-    per_position = 2 * h + 2 * h + 3 * h + h + 3 * f  # norms, gathered inputs, q k v, attention output, SwiGLU
-    assert memory.decoder_layer_bytes(lm, t) == 2 * t * per_position + 4 * t * 32
-    per_position_tp8 = 2 * h / 8 + 2 * h + 3 * h / 8 + h / 8 + 3 * f / 8
-    assert memory.decoder_layer_bytes(lm, t, tp=8) == 2 * t * per_position_tp8 + 4 * t * 32 / 8
-    assert memory.checkpointed_layer_bytes(h, t, tp=8) == 2 * t * h / 8
+    # FSDP (bf16 residual stream), fused norm and SwiGLU: norm inputs and 1/rms, one bf16 input of the attention
+    # projections and one of the MLP's, q k v, the attention output and its copy, the log-sum-exp, SwiGLU
+    per_position = 2 * (2 * h + 4) + 2 * (2 * h) + 2 * 5 * h + 4 * 32 + 2 * 3 * f
+    assert memory.decoder_layer_bytes(lm, t, residual=2) == t * per_position
+    # tp=8 without FSDP (fp32 stream, the PyTorch norm): fp32 input and output of each norm, 5 bf16 casts
+    per_position_tp8 = 2 * (8 * h + 4) / 8 + 2 * 5 * h + 2 * 5 * h / 8 + 4 * 32 / 8 + 2 * 3 * f / 8
+    assert memory.decoder_layer_bytes(lm, t, tp=8, fused_norm=False, residual=4) == t * per_position_tp8
+    assert memory.checkpointed_layer_bytes(h, t, tp=8, residual=4) == 4 * t * h / 8
     assert [memory.in_flight("1f1b", 4, 1, 8, r) for r in range(4)] == [4, 3, 2, 1]
     assert memory.in_flight("gpipe", 4, 1, 8, 0) == 8
     assert memory.in_flight("interleaved_1f1b", 4, 2, 8, 0) == 4 + 3 / 2  # Megatron: pp + (pp - 1) / v

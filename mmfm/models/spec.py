@@ -58,8 +58,10 @@ class LanguagePartSpec(PartSpec):
     keep_stage(module, layers, first, last): drop what a pipeline stage does not compute, in place.
     tied_embedding(module): the input embedding's weight when it is also the output projection and held here.
     num_layers(cfg): how many layers the pipeline splits.
-    layer_activation_bytes(cfg, tokens, tp, cp, kernels): bytes one layer keeps for backward over a micro-batch of
-        `tokens` positions (mmfm.plan: its activation formula, docs/planning.md).
+    layer_activation_bytes(cfg, tokens, tp, cp, kernels, residual, fused_norm, backward=False): bytes one layer
+        keeps for backward over a micro-batch of `tokens` positions, with the residual stream's element size
+        (mmfm.plan.memory.residual_bytes) and whether the fused RMSNorm runs (memory.fused_norm); backward=True adds
+        what its backward holds besides at its peak (mmfm.plan: its activation formula, docs/planning.md).
     """
 
     flops_per_token: Callable[[ModelConfig, int], float] = None
@@ -68,7 +70,7 @@ class LanguagePartSpec(PartSpec):
     keep_stage: Callable[[nn.Module, list, bool, bool], None] = None
     tied_embedding: Callable[[nn.Module], Optional[torch.Tensor]] = None
     num_layers: Count = None
-    layer_activation_bytes: Callable[[ModelConfig, int, int, int, object], float] = None
+    layer_activation_bytes: Callable[..., float] = None
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def _table(header: Sequence[str], rows: list[Sequence]) -> str:
 def _comm_worker(rank: int, world: int, port: int, out: str, overrides: list, steps: int) -> None:
     _init(rank, world, port)
     from mmfm.config import load_config
-    from mmfm.parallel.comm import CommCounter, step_expected_bytes
+    from mmfm.parallel.comm import CommCounter, grad_norm_and_loop_bytes, step_expected_bytes
     from mmfm.train.trainer import Trainer
 
     trainer = Trainer(load_config(overrides), Path(out) / "run")
@@ -89,7 +89,8 @@ def _comm_worker(rank: int, world: int, port: int, out: str, overrides: list, st
         with CommCounter() as counter:
             trainer.train_step()
         want = step_expected_bytes(trainer.cfg, trainer.model, shapes)
-        results.append({"measured": counter.bytes_by_kind(), "analytic": want, "micro_batches": list(shapes)})
+        results.append({"measured": counter.bytes_by_kind(), "analytic": want, "micro_batches": list(shapes),
+                        "grad_norm_and_loop": grad_norm_and_loop_bytes(trainer.parts.parts, trainer.parts.pipelined)})
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(results))
     if dist.is_initialized():
         dist.barrier()
@@ -98,7 +99,8 @@ def _comm_worker(rank: int, world: int, port: int, out: str, overrides: list, st
 
 def comm_bench(layout: str, steps: int = 2, overrides: Sequence[str] = (), data: Optional[str] = None,
                batch_size: int = 4, grad_accum: int = 2) -> list[list[dict]]:
-    """results[rank][step] = {"measured", "analytic" (None: not modelled), "micro_batches"} of `steps`
+    """results[rank][step] = {"measured", "analytic" (None: not modelled), "micro_batches", "grad_norm_and_loop"
+    (the bytes outside the layout's own collectives)} of `steps`
     measured optimizer steps of the named parallel preset. Without overrides: the small model,
     batch_size samples per data-parallel rank, grad_accum micro-batches per step."""
     from mmfm.config import load_config

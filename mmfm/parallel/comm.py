@@ -190,7 +190,7 @@ def fsdp_expected_bytes(model: nn.Module, containers: tuple[str, ...], dp_size: 
 
 
 # -- tensor + sequence parallel -------------------------------------------------------------------
-def _sequence_parallel_norm_numel(model: nn.Module) -> int:
+def sequence_parallel_norm_numel(model: nn.Module) -> int:
     """Elements of the norms' parameters, which SequenceParallel replicates (their gradients are Partial):
     every norm of the model is under the plan (ViT blocks and final norm, decoder layers and final norm)."""
     from mmfm.models.ops import RMSNorm
@@ -223,7 +223,7 @@ def tp_expected_bytes(model_cfg, micro_batches: Sequence[tuple[int, int, int]],
         for hook in hooks:
             for kind, n in hook(model_cfg, b, t, images, act_bytes).items():
                 out[kind] += n
-    out["all_reduce"] += _sequence_parallel_norm_numel(build_model(model_cfg, "meta")) * 4
+    out["all_reduce"] += sequence_parallel_norm_numel(build_model(model_cfg, "meta")) * 4
     return dict(out)
 
 
@@ -253,6 +253,17 @@ def grad_norm_bytes(model: nn.Module) -> dict[str, int]:
 LOOP_BYTES = {"all_reduce": (1 + 4) * 8}
 
 
+def grad_norm_and_loop_bytes(parts: Sequence[nn.Module], pipelined: bool = False) -> dict[str, int]:
+    """What Trainer.train_step issues besides the layout's own collectives: `clip_grad_norm` over each part
+    (grad_norm_bytes), under a pipeline one float64 all-reduce of the squared norm over pp, and LOOP_BYTES."""
+    out = defaultdict(int, LOOP_BYTES)
+    for part in parts:
+        for kind, n in grad_norm_bytes(part).items():
+            out[kind] += n
+    out["all_reduce"] += 8 if pipelined else 0
+    return dict(out)
+
+
 def step_expected_bytes(cfg, model: nn.Module, micro_batches: Sequence[tuple[int, int, int]]) -> Optional[dict]:
     """All that `Trainer.train_step` issues on one rank: layout + gradient norm + the loop's sums.
 
@@ -278,7 +289,7 @@ def step_expected_bytes(cfg, model: nn.Module, micro_batches: Sequence[tuple[int
     if parts[0] is None:
         return None
     out = defaultdict(int)
-    for part in (*parts, grad_norm_bytes(model), LOOP_BYTES):
+    for part in (*parts, grad_norm_and_loop_bytes([model])):
         for kind, n in part.items():
             out[kind] += n
     return dict(out)

@@ -5,22 +5,27 @@ so the fp32 parameters are the master weights and no extra copy exists), per ele
     parameters 4 B + gradients 4 B (fp32, reduced in fp32) + AdamW's two moments 8 B = 16 B.
 Buffers: under FSDP (dp_shard x cp > 1) the gathered bf16 parameters of the block running and of the one
 prefetched, the root unit (kept gathered through backward) and one block's unsharded fp32 gradient before its
-reduce-scatter: 2 B x (2 x largest block + root) + 4 B x largest block (tp-local elements). Without FSDP,
-autocast's bf16 weight copies, kept for backward: 2 B x the rank's tp-local parameters.
+reduce-scatter: 2 B x (2 x largest block + root) + 4 B x largest block (tp-local elements, padded as FSDP2 gathers
+them). Without FSDP, autocast's bf16 weight copies, kept for backward: 2 B x the rank's tp-local parameters.
 
-Activations: what autograd keeps for backward, in bf16 (2 B) unless noted, after Korthikanti et al. 2022
-("Reducing Activation Recomputation in Large Transformer Models", eq. 1-2: s b h (34 + 5 a s / h) per layer
-without parallelism) adapted to what mmfm runs: flash / memory-efficient attention (no s x s scores or softmax kept,
-only q, k, v, the output and the fp32 log-sum-exp per head and position), no dropout, RMSNorm and SwiGLU in the
-decoder, and PyTorch's tensor + sequence parallel plan, which keeps the all-gathered (whole-sequence) input of the
-attention and MLP projections on every tp rank (Megatron re-gathers it in backward instead).
+Activations: what a micro-batch's forward and backward hold at their peak (what autograd keeps for backward, and
+the loss's and a recomputed block's backward buffers), checked against the peak measured on CPU (mmfm.plan.bench),
+after Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 1-2: s b h (34 +
+5 a s / h) per layer without parallelism) adapted to what mmfm runs: flash / memory-efficient attention (no s x s
+scores or softmax kept, only q, k, v, the output and the fp32 log-sum-exp per head and position), no dropout, RMSNorm
+and SwiGLU in the decoder, and PyTorch's tensor + sequence parallel plan, which keeps the all-gathered
+(whole-sequence) input of the attention and MLP projections on every tp rank (Megatron re-gathers it in backward
+instead). The matmuls' outputs are bf16 (2 B); the residual stream is fp32 without FSDP (residual_bytes).
 """
 
 from __future__ import annotations
 
+from torch import nn
+
 from mmfm.config.schema import KernelsConfig, LanguageConfig, VisionConfig
 
 ACT = 2  # bytes of a bf16 activation
+FP32 = 4
 STATE_BYTES = {"params": 4, "grads": 4, "optimizer": 8}  # per parameter element: fp32 weights, grads, AdamW m and v
 
 
@@ -40,63 +45,132 @@ def head_dim(lm: LanguageConfig) -> int:
     return lm.head_dim or lm.hidden_size // lm.num_heads
 
 
-def decoder_layer_bytes(lm: LanguageConfig, tokens: int, tp: int = 1, cp: int = 1, fused_swiglu: bool = True) -> float:
+def residual_bytes(fsdp: bool) -> int:
+    """Element size of the residual stream (embeddings, block inputs and outputs, the norms' inputs and outputs):
+    autocast casts neither the embedding nor the residual adds, so with mmfm's fp32 parameters the stream is fp32
+    (4 B); FSDP (any dp_replicate x dp_shard x cp > 1) gathers the parameters in bf16, which makes it bf16 (2 B)."""
+    return 2 if fsdp else 4
+
+
+def rms_norm_bytes(hidden: int, residual: int, fused: bool) -> float:
+    """What one RMSNorm keeps per position: the fused kernel its input (residual dtype) and the fp32 1/rms; the
+    PyTorch reference (mmfm.models.ops.RMSNorm; always under tp) its input in fp32, the fp32 normalized input and
+    1/rms."""
+    return (residual * hidden if fused else 2 * FP32 * hidden) + FP32
+
+
+def projection_copies(residual: int, projections: int) -> int:
+    """bf16 copies of a norm's output that the projections reading it keep: one shared copy when the output is
+    already bf16, else autocast casts it once per projection (wq, wk, wv; w1, w3)."""
+    return 1 if residual == ACT else projections
+
+
+def decoder_layer_bytes(lm: LanguageConfig, tokens: int, tp: int = 1, cp: int = 1, fused_swiglu: bool = True,
+                        fused_norm: bool = True, residual: int = 2) -> float:
     """One decoder layer's saved activations for a micro-batch of `tokens` positions (batch x sequence), with
-    t = tokens / cp on this rank, h = hidden, d = head_dim, n_q / n_kv = query / key-value heads (GQA), f = FFN:
+    t = tokens / cp on this rank, h = hidden, d = head_dim, n_q = query heads, f = FFN width:
 
-        2 B x t x [ 2 h / tp            inputs of the two RMSNorms (sequence parallel splits them)
-                    + 2 h               normed inputs of the q/k/v and w1/w3 projections, gathered whole
-                    + (n_q + n_kv cp + n_kv cp) d / tp    q (this chunk), k and v (gathered over cp) after rotary
-                    + n_q d / tp        attention output (input of wo)
-                    + k f / tp ]        SwiGLU: w1 and w3 outputs and the product (k = 3 fused, 4 with silu(w1 x))
-        + 4 B x t x n_q / tp            attention's log-sum-exp
+        t x [ 2 x rms_norm_bytes / tp      the two RMSNorms (sequence parallel splits them)
+              + 2 B x c x h                the bf16 inputs of the projections, gathered whole: c = 2 when the
+                                           residual stream is bf16, else 5 (one cast per wq, wk, wv, w1, w3)
+              + 2 B x (n_q + 2 n_q cp + 2 n_q) d / tp   q; k and v repeated to n_q heads (GQA, before the
+                                           attention core) and gathered over cp; the attention output, which
+                                           the kernel keeps, and its transposed copy, the input of wo
+              + 4 B x n_q / tp             attention's log-sum-exp
+              + 2 B x k f / tp ]           SwiGLU: w1 and w3 outputs and the product (k = 3 fused, 4 with silu(w1 x))
     """
-    t, h, d = tokens / cp, lm.hidden_size, head_dim(lm)
+    t, h, d, n_q = tokens / cp, lm.hidden_size, head_dim(lm), lm.num_heads
     k = 3 if fused_swiglu else 4
-    per_position = (2 * h / tp + 2 * h + (lm.num_heads + 2 * lm.num_kv_heads * cp) * d / tp
-                    + lm.num_heads * d / tp + k * lm.intermediate_size / tp)
-    return ACT * t * per_position + 4 * t * lm.num_heads / tp
+    norms = 2 * rms_norm_bytes(h, residual, fused_norm) / tp
+    inputs = ACT * h * (projection_copies(residual, 3) + projection_copies(residual, 2))
+    attention = ACT * n_q * d * (3 + 2 * cp) / tp + FP32 * n_q / tp
+    return t * (norms + inputs + attention + ACT * k * lm.intermediate_size / tp)
 
 
-def checkpointed_layer_bytes(hidden: int, tokens: int, tp: int = 1, cp: int = 1) -> float:
-    """A block under full activation checkpointing keeps only its input: 2 B x t x hidden / tp (the residual stream,
-    split along the sequence by sequence parallelism)."""
-    return ACT * tokens / cp * hidden / tp
+def swiglu_backward_bytes(lm: LanguageConfig, tokens: int, tp: int = 1, cp: int = 1) -> float:
+    """What a decoder layer's backward adds to its saved activations at its peak: in SwiGLU's backward, the
+    gradient of its output and of one input alive together, 2 x 2 B x t x f / tp."""
+    return 2 * ACT * tokens / cp * lm.intermediate_size / tp
+
+
+def checkpointed_layer_bytes(hidden: int, tokens: int, tp: int = 1, cp: int = 1, residual: int = 2) -> float:
+    """A block under full activation checkpointing keeps only its input: residual x t x hidden / tp (the residual
+    stream, split along the sequence by sequence parallelism)."""
+    return residual * tokens / cp * hidden / tp
+
+
+def layer_norm_bytes(hidden: int) -> float:
+    """A LayerNorm keeps its input in fp32 (CUDA autocast runs layer_norm in fp32), its mean and 1/std."""
+    return FP32 * hidden + 2 * FP32
 
 
 def encoder_layer_bytes(v: VisionConfig, positions: int, tp: int = 1, sequence_split: bool = True) -> float:
     """One vision block (pre-norm ViT: LayerNorm, attention, GELU MLP of width m) over `positions` patches (images x
     patches per image), dv = hidden:
 
-        2 B x positions x [ 2 dv / s + 2 dv + 3 dv / tp + dv / tp + 2 m / tp ] + 4 B x positions x heads / tp
-
-    (norm inputs, gathered projection inputs, q/k/v, attention output, the MLP's GELU input and output; s = tp when
-    the plan splits the patches along the sequence, else 1)."""
+        positions x [ 2 x layer_norm_bytes / s     the two LayerNorms (s = tp when the plan splits the patches)
+                      + 2 B x 4 dv                 bf16 casts of their fp32 outputs, one per wq, wk, wv and fc1
+                      + 2 B x 5 dv / tp            q, k, v, the attention output and its copy (input of proj)
+                      + 4 B x heads / tp           the log-sum-exp
+                      + 2 B x 2 m / tp ]           the MLP's GELU input and output
+    """
     dv, m = v.hidden_size, v.intermediate_size or int(v.hidden_size * v.mlp_ratio)
     s = tp if sequence_split else 1
-    return ACT * positions * (2 * dv / s + 2 * dv + 4 * dv / tp + 2 * m / tp) + 4 * positions * v.num_heads / tp
+    return positions * (2 * layer_norm_bytes(dv) / s + ACT * 4 * dv + ACT * 5 * dv / tp + FP32 * v.num_heads / tp
+                        + ACT * 2 * m / tp)
 
 
 def projector_bytes(vision_hidden: int, hidden: int, positions: int, tp: int = 1) -> float:
-    """The two-layer MLP projector: its input, fc1's output and GELU's output (split over tp)."""
-    return ACT * positions * (vision_hidden + 2 * hidden / tp)
+    """The tower's final LayerNorm and the two-layer MLP projector: the bf16 copy of its input, fc1's output and
+    GELU's output (split over tp)."""
+    return positions * (layer_norm_bytes(vision_hidden) + ACT * (vision_hidden + 2 * hidden / tp))
 
 
-def loss_bytes(lm: LanguageConfig, tokens: int, tp: int = 1, fused: bool = False) -> float:
-    """The output projection and loss of one micro-batch.
+def stem_bytes(model: nn.Module, image_size: int, images: int) -> float:
+    """The vision stem's convolutions (the only Conv2d of a model) over `images` images: each keeps its input in
+    bf16, and each nn.GELU module between them its input (the convolution's bf16 output). Sizes follow the
+    convolutions in module order from the image size."""
+    channels, size, total = None, None, 0.0
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            if size is None:
+                channels, size = module.in_channels, image_size
+            total += ACT * channels * size * size
+            k, s, p = module.kernel_size[0], module.stride[0], module.padding[0]
+            channels, size = module.out_channels, (size + 2 * p - k) // s + 1
+        elif isinstance(module, nn.GELU) and size is not None:
+            total += ACT * channels * size * size
+    return images * total
 
-    Materialized logits (no fused loss; under tp they stay split over the vocabulary, loss_parallel): fp32
-    log-probabilities kept for backward and their fp32 gradient, 8 B x tokens x V / tp.
+
+MATERIALIZED_LOSS = 12  # bytes per logit at the loss's backward peak (see loss_bytes)
+
+
+def loss_bytes(lm: LanguageConfig, tokens: int, tp: int = 1, fused: bool = False, residual: int = 2,
+               fused_norm: bool = True) -> float:
+    """The final norm, the output projection and the loss of one micro-batch, at their peak.
+
+    Both keep the final RMSNorm (rms_norm_bytes, split by sequence parallelism).
+    Materialized logits (no fused loss; under tp they stay split over the vocabulary, loss_parallel): the bf16
+    input of the output projection (2 B x tokens x h), and in backward the fp32 log-probabilities kept for it,
+    their gradient and log-softmax's input gradient, alive together: 12 B x tokens x V / tp.
     Fused chunked loss (kernels.linear_cross_entropy, tp = pp = 1; mmfm.kernels.fused_linear_cross_entropy): the
-    input gradient computed in forward (fp32, 4 B x tokens x h), one chunk's fp32 logits (chunk tokens chosen so
-    that they are about as large as the hidden states, at most 256 MiB) and the fp32 weight-gradient accumulator
-    (4 B x V x h)."""
+    input gradient computed in forward (bf16, 2 B x tokens x h), one chunk's bf16 logits (chunk tokens chosen so
+    that they are about as large as the hidden states, at most 256 MiB in fp32) and the fp32 weight-gradient
+    accumulator (4 B x V x h)."""
     h, vocab = lm.hidden_size, lm.vocab_size
+    norm = tokens * rms_norm_bytes(h, residual, fused_norm) / tp
     if not fused:
-        return 8 * tokens * vocab / tp
+        return norm + ACT * tokens * h + MATERIALIZED_LOSS * tokens * vocab / tp
     from mmfm.kernels.fused_linear_cross_entropy import default_chunk_size
 
-    return 4 * tokens * h + 4 * default_chunk_size(tokens, h, vocab) * vocab + 4 * vocab * h
+    return norm + ACT * tokens * h + ACT * default_chunk_size(tokens, h, vocab) * vocab + FP32 * vocab * h
+
+
+def fused_norm(kernels: KernelsConfig, tp: int) -> bool:
+    """Whether the fused RMSNorm runs: resolve_kernels keeps the PyTorch reference under tp (sequence-parallel norms
+    run on DTensors) and for kernels.rms_norm=torch (auto: the Triton kernel on GPUs)."""
+    return tp == 1 and kernels.rms_norm != "torch"
 
 
 def fused_loss(kernels: KernelsConfig, tp: int, pp: int) -> bool:

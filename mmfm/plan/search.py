@@ -11,7 +11,7 @@ from mmfm.config.schema import JobConfig
 from mmfm.errors import ConfigError
 from mmfm.plan import memory, steptime
 from mmfm.plan.hardware import group_bandwidth
-from mmfm.plan.shares import rank_share, stage_layout, tp_shapes
+from mmfm.plan.shares import meta_model, param_table, rank_share, stage_layout, tp_shapes
 
 RESERVE = 0.10  # share of device memory kept free (allocator fragmentation, NCCL buffers, CUDA context)
 CHECKPOINTS = ("none", "full")
@@ -56,6 +56,15 @@ class Layout:
         return self.pp * self.virtual
 
 
+def layout_of(cfg: JobConfig) -> Layout:
+    """The Layout a config runs (its parallel dims, pipeline schedule, micro-batches and checkpointing)."""
+    p = cfg.parallel
+    per_batch = (p.pp_microbatches or p.pp) if p.pp > 1 else 1  # a pipeline splits each batch (ParallelDims)
+    micro, steps = cfg.data.batch_size // per_batch, cfg.train.grad_accum_steps * per_batch
+    return Layout(p.tp, p.pp, p.dp_replicate, p.dp_shard, p.cp, p.pp_schedule, p.pp_virtual_stages, micro, steps,
+                  cfg.train.activation_checkpoint)
+
+
 @dataclass
 class Plan:
     layout: Layout
@@ -80,46 +89,56 @@ def rank_stages(layout: Layout, layers: list[list[int]], pp_rank: int) -> list[t
     return [(layers[s], s == 0, s == n - 1) for s in range(pp_rank, n, layout.pp)]
 
 
-def _encoder_bytes(cfg: JobConfig, layout: Layout, wl: Workload) -> tuple[float, float]:
-    """(the vision tower and projector's activations per micro-batch in flight, one full tower block's) on the first
-    stage; (0, 0) for a model without them."""
+def _encoder_bytes(cfg: JobConfig, layout: Layout, wl: Workload, residual: int) -> tuple[float, float]:
+    """(the vision stem, tower and projector's activations per micro-batch in flight, one full tower block's) on the
+    first stage; (0, 0) for a model without a vision part (model_spec(m).roles)."""
     from mmfm.models import model_spec
 
     m, v = cfg.model, cfg.model.vision
     if "vision" not in model_spec(m).roles:
         return 0.0, 0.0
-    positions = layout.micro_batch * wl.images_per_sample * (v.image_size // v.patch_size) ** 2
-    full_block = memory.encoder_layer_bytes(v, positions, layout.tp, sequence_split=v.kind == "vit")
+    tp = layout.tp
+    images = layout.micro_batch * wl.images_per_sample
+    positions = images * (v.image_size // v.patch_size) ** 2
+    full_block = memory.encoder_layer_bytes(v, positions, tp, sequence_split=v.kind == "vit")
     ckpt = layout.checkpoint == "full"
-    block = memory.checkpointed_layer_bytes(v.hidden_size, positions, layout.tp) if ckpt else full_block
-    projector = memory.projector_bytes(v.hidden_size, m.language.hidden_size, positions, layout.tp)
-    return v.num_layers * block + projector, full_block
+    block = memory.checkpointed_layer_bytes(v.hidden_size, positions, tp, 1, residual) if ckpt else full_block
+    tower = v.num_layers * block + memory.projector_bytes(v.hidden_size, m.language.hidden_size, positions, tp)
+    stem = _cached(("stem", repr(m)), lambda: memory.stem_bytes(meta_model(m), v.image_size, 1))  # per image
+    return tower + images * stem, full_block
 
 
 def _activation_bytes(cfg: JobConfig, layout: Layout, wl: Workload, stages, pp_rank: int) -> dict[str, float]:
     """The rank's activations at its peak: in-flight micro-batches x its layers (the language family's
-    layer_activation_bytes; full checkpointing: block inputs, plus one block recomputed in backward), the vision tower
-    and projector on the first stage, the loss on the last."""
+    layer_activation_bytes; full checkpointing: block inputs, plus one block recomputed in backward, as far as it
+    exceeds the loss it follows), the vision stem, tower and projector on the first stage (models with a vision
+    part), the loss on the last."""
     from mmfm.models.spec import part_spec
 
     lm = cfg.model.language
     tokens, tp, cp = layout.micro_batch * wl.seq_len, layout.tp, layout.cp
-    full_layer = part_spec(cfg.model, "language").layer_activation_bytes(cfg.model, tokens, tp, cp, cfg.kernels)
+    residual = memory.residual_bytes(layout.dp * cp > 1)
+    norm = memory.fused_norm(cfg.kernels, tp)
+    hook = part_spec(cfg.model, "language").layer_activation_bytes
+    full_layer = hook(cfg.model, tokens, tp, cp, cfg.kernels, residual, norm)
     ckpt = layout.checkpoint == "full"
-    layer = memory.checkpointed_layer_bytes(lm.hidden_size, tokens, tp, cp) if ckpt else full_layer
-    encoders, full_block = _encoder_bytes(cfg, layout, wl)
+    layer = memory.checkpointed_layer_bytes(lm.hidden_size, tokens, tp, cp, residual) if ckpt else full_layer
+    encoders, full_block = _encoder_bytes(cfg, layout, wl, residual)
     flights = memory.in_flight(layout.schedule, layout.pp, layout.virtual, layout.microbatches, pp_rank)
     first, last = any(s[1] for s in stages), any(s[2] for s in stages)
     layers = sum(len(s[0]) for s in stages)
     acts = flights * layers * layer
     if first:
         acts += flights * encoders
-    if ckpt:
-        acts += max(full_layer, full_block if first else 0.0)
     loss = 0.0
     if last:
-        last_flights = memory.in_flight(layout.schedule, layout.pp, layout.virtual, layout.microbatches, layout.pp - 1)
-        loss = last_flights * memory.loss_bytes(lm, tokens, tp, memory.fused_loss(cfg.kernels, tp, layout.pp))
+        fused = memory.fused_loss(cfg.kernels, tp, layout.pp)
+        loss = memory.loss_bytes(lm, tokens, tp, fused, residual, norm)
+    if ckpt:  # one block recomputed in backward, after the loss's backward freed its buffers
+        layer_peak = hook(cfg.model, tokens, tp, cp, cfg.kernels, residual, norm, backward=True)
+        recompute = max(layer_peak, full_block if first else 0.0)
+        acts += max(0.0, recompute - loss)
+    loss *= memory.in_flight(layout.schedule, layout.pp, layout.virtual, layout.microbatches, layout.pp - 1)
     return {"activations": acts, "logits": loss}
 
 
@@ -139,30 +158,118 @@ def _rank_flops(cfg: JobConfig, layout: Layout, wl: Workload, stages) -> float:
     return per_sample * samples / (layout.tp * layout.cp)
 
 
-def _tp_seconds(cfg: JobConfig, layout: Layout, wl: Workload, stages, hw) -> float:
-    """Tensor-parallel collectives of the rank per step, from each part's tp_comm_bytes (the language part's scaled to
-    the rank's share of the layers; a part without the hook counted as the vit family's plan), bf16 activations,
-    fully exposed (each sits between dependent matmuls; no asynchronous TP)."""
-    if layout.tp == 1:
-        return 0.0
+_CACHE: dict[tuple, float] = {}
+
+
+def _cached(key: tuple, compute) -> float:
+    """A model-derived count, computed once per key (the search evaluates a thousand layouts of one model)."""
+    if key not in _CACHE:
+        _CACHE[key] = compute()
+    return _CACHE[key]
+
+
+MicroBatches = list[tuple[int, int, int]]  # (samples, sequence, images) of each micro-batch of a step
+
+
+def planned_micro_batches(layout: Layout, wl: Workload) -> MicroBatches:
+    return [(layout.micro_batch, wl.seq_len, layout.micro_batch * wl.images_per_sample)] * layout.microbatches
+
+
+def _add(total: dict, part: dict, weight: float = 1.0) -> None:
+    for kind, n in part.items():
+        total[kind] = total.get(kind, 0.0) + weight * n
+
+
+def tp_step_bytes(cfg: JobConfig, stages, micro_batches: MicroBatches, act_bytes: int = memory.ACT) -> dict:
+    """Payloads (full buffers, CommCounter's convention) of the tensor-parallel collectives a rank holding `stages`
+    issues per step: each part's tp_comm_bytes per micro-batch (the language part's scaled to the rank's share of
+    the layers; a tower without the hook counted as the vit family's plan) in act_bytes activations (bf16: exact
+    under FSDP x TP, whose residual stream is bf16), and once per step the all-reduce of the sequence-parallel
+    norms' fp32 weight gradients (the whole model's)."""
     from mmfm.models import model_spec
     from mmfm.models.spec import VISION, part_spec
+    from mmfm.parallel.comm import sequence_parallel_norm_numel
 
     m = cfg.model
     roles = model_spec(m).roles
     first = any(s[1] for s in stages)
     share = sum(len(s[0]) for s in stages) / max(1, m.language.num_layers)
-    images = layout.micro_batch * wl.images_per_sample
-    wire = 0.0
+    out: dict[str, float] = {"all_reduce": 4.0 * _cached(("norms", repr(m)), lambda: sequence_parallel_norm_numel(
+        meta_model(m)))}
     for role, weight in (("vision", 1.0 if first else 0.0), ("projector", 1.0 if first else 0.0), ("language", share)):
-        if not weight or role not in roles:
+        if role not in roles:
             continue
         hook = part_spec(m, role).tp_comm_bytes or (VISION["vit"].tp_comm_bytes if role == "vision" else None)
-        if hook is None:
-            continue
-        for kind, payload in hook(m, layout.micro_batch, wl.seq_len, images, 2).items():
-            wire += weight * steptime.ring_bytes(kind, payload, layout.tp)
-    return layout.microbatches * wire / group_bandwidth(hw, layout.tp, 1)
+        if weight and hook is not None:
+            for b, t, images in micro_batches:
+                _add(out, hook(m, b, t, images, act_bytes), weight)
+    return out
+
+
+def p2p_hop_bytes(cfg: JobConfig, layout: Layout, micro_batch: int, seq_len: int) -> float:
+    """One micro-batch's hidden states between two stages (the residual stream's dtype, split by tp and cp)."""
+    residual = memory.residual_bytes(layout.dp * layout.cp > 1)
+    return residual * micro_batch * seq_len * cfg.model.language.hidden_size / (layout.tp * layout.cp)
+
+
+def tied_embedding_numel(cfg: JobConfig, tp: int) -> int:
+    """Elements (tp-local) of the parameters both the first and the last pipeline stage keep (the tied embedding,
+    whose gradient the two all-reduce once per step), 0 when there are none."""
+    return _cached(("tied", repr(cfg.model), tp), lambda: _tied_numel(cfg, tp))
+
+
+def _tied_numel(cfg: JobConfig, tp: int) -> int:
+    shapes = tp_shapes(cfg.model, tp)
+    return sum(math.prod(shapes[r.name]) for r in param_table(cfg.model).records
+               if {(True, False), (False, True)} <= r.kept_by)
+
+
+def pp_step_bytes(cfg: JobConfig, layout: Layout, stages, micro_batches: MicroBatches) -> dict:
+    """Payloads of a pipeline rank holding `stages` (stage index order) per step: each micro-batch's hidden states
+    sent forward by every stage but the last and their gradients sent back by every stage but the first (as many
+    received), and on the ranks of the first and last stage the tied embedding's fp32 gradient all-reduce."""
+    if layout.pp == 1:
+        return {}
+    hops = sum((not last) + (not first) for _, first, last in stages)
+    hop = sum(p2p_hop_bytes(cfg, layout, b, t) for b, t, _ in micro_batches)
+    out = {"send": hops * hop, "recv": hops * hop}
+    if any(first or last for _, first, last in stages) and tied_embedding_numel(cfg, layout.tp):
+        out["all_reduce"] = 4.0 * tied_embedding_numel(cfg, layout.tp)
+    return out
+
+
+def step_comm_bytes(cfg: JobConfig, layout: Layout, wl: Workload, pp_rank: int = 0,
+                    micro_batches: Optional[MicroBatches] = None, tp_act_bytes: int = memory.ACT) -> dict[str, float]:
+    """Payload bytes per kind (CommCounter's convention) that the planner counts for pipeline rank `pp_rank` (FSDP
+    shard 0) per step: tensor parallel (activations of tp_act_bytes), FSDP / HSDP and pipeline; micro_batches: the
+    step's shapes (default: the layout's). The gradient norm's and the loop's few bytes are not modelled."""
+    from mmfm.models import model_spec
+
+    micro_batches = micro_batches or planned_micro_batches(layout, wl)
+    layers = _stage_layout(cfg.model, wl.seq_len, layout.num_stages) if layout.pp > 1 else [
+        list(range(model_spec(cfg.model).pipeline_layers(cfg.model)))]
+    stages = rank_stages(layout, layers, pp_rank)
+    share = rank_share(cfg.model, layout.tp, layout.fsdp_shards, stages)
+    out: dict[str, float] = {}
+    if layout.tp > 1:
+        _add(out, tp_step_bytes(cfg, stages, micro_batches, tp_act_bytes))
+    if layout.fsdp_shards > 1:
+        _add(out, steptime.fsdp_step_bytes(share.block_total, share.root, len(micro_batches),
+                                           cfg.parallel.reshard_after_forward))
+    if layout.dp_replicate > 1:
+        _add(out, {"all_reduce": 4 * share.padded})
+    _add(out, pp_step_bytes(cfg, layout, stages, micro_batches))
+    return out
+
+
+def _tp_seconds(cfg: JobConfig, layout: Layout, wl: Workload, stages, hw) -> float:
+    """Tensor-parallel collectives of the rank per step (tp_step_bytes), fully exposed (each sits between dependent
+    matmuls; no asynchronous TP)."""
+    if layout.tp == 1:
+        return 0.0
+    payloads = tp_step_bytes(cfg, stages, planned_micro_batches(layout, wl))
+    wire = sum(steptime.ring_bytes(kind, n, layout.tp) for kind, n in payloads.items())
+    return wire / group_bandwidth(hw, layout.tp, 1)
 
 
 def _fsdp_seconds(layout: Layout, share, hw, reshard: bool) -> tuple[float, float]:
@@ -183,14 +290,15 @@ def _fsdp_seconds(layout: Layout, share, hw, reshard: bool) -> tuple[float, floa
 
 
 def _p2p_seconds(cfg: JobConfig, layout: Layout, wl: Workload, hw) -> float:
-    """Pipeline sends: one micro-batch's hidden states (bf16, split along the sequence by tp and cp) per stage
-    boundary, forward and backward. Steady-state transfers overlap with other micro-batches' compute; the fill and
-    drain's 2 (stages - 1) hops are exposed."""
+    """Pipeline sends: one micro-batch's hidden states per stage boundary (p2p_hop_bytes), forward and backward.
+    Steady-state transfers overlap with other micro-batches' compute; the fill and drain's 2 (stages - 1) hops are
+    exposed, and so is the tied embedding's gradient all-reduce after the last backward."""
     if layout.pp == 1:
         return 0.0
-    hop = 2 * layout.micro_batch * wl.seq_len * cfg.model.language.hidden_size / (layout.tp * layout.cp)
+    hop = p2p_hop_bytes(cfg, layout, layout.micro_batch, wl.seq_len)
     stride = layout.world // layout.pp
-    return 2 * (layout.num_stages - 1) * hop / group_bandwidth(hw, 2, stride)
+    tied = steptime.ring_bytes("all_reduce", 4 * tied_embedding_numel(cfg, layout.tp), 2)
+    return (2 * (layout.num_stages - 1) * hop + tied) / group_bandwidth(hw, 2, stride)
 
 
 _LAYOUTS: dict[tuple, list[list[int]]] = {}

@@ -195,8 +195,9 @@ def stage_layout(cfg: ModelConfig, seq_len: int, num_stages: int, override: Opti
 
 @dataclass(frozen=True)
 class RankShare:
-    """What one rank holds: elements (its FSDP chunk), padded elements (its allocation), and the gathered sizes
-    FSDP all-gathers (the tp-local numel of every unit of its stages: the largest block and the root)."""
+    """What one rank holds: elements (its FSDP chunk), padded elements (its allocation), its tp-local elements, and
+    the sizes FSDP all-gathers (every unit of its stages, tp-local, dim 0 of each tensor padded to a multiple of the
+    shards: the largest block, the root and all blocks)."""
     numel: int
     padded: int
     tp_local: int
@@ -228,10 +229,10 @@ def _rank_share(cfg: ModelConfig, tp: int, shards: int, stages: list[tuple[list[
             shape = shapes[r.name]
             numel += fsdp_chunk_numel(shape, shards, shard_index)
             padded += fsdp_padded_numel(shape, shards)
-            n = math.prod(shape)
-            local += n
+            local += math.prod(shape)
+            gathered = fsdp_padded_numel(shape, shards) * shards  # what FSDP2 all-gathers, dim 0 padded
             if r.unit is None:
-                root += n
+                root += gathered
             else:
-                blocks[r.unit] = blocks.get(r.unit, 0) + n
+                blocks[r.unit] = blocks.get(r.unit, 0) + gathered
     return RankShare(numel, padded, local, max(blocks.values(), default=0), root, sum(blocks.values()))

@@ -42,18 +42,26 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return (lm.num_layers * layer_flops(cfg, seq_len) + head_flops(cfg, seq_len)) / seq_len
 
 
-def layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, cp: int, kernels=None) -> float:
+def layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, cp: int, kernels=None, residual: int = 2,
+                           fused_norm: bool = True, backward: bool = False) -> float:
     """One layer's saved activations for a micro-batch (t = tokens / cp positions on the rank, h hidden, a heads,
-    f the MLP width), as mmfm.plan.memory.decoder_layer_bytes for the llama family:
+    f the MLP width), in the measured convention of mmfm.plan.memory (decoder_layer_bytes, encoder_layer_bytes):
 
-        2 B x t x [ 2 h / tp      inputs of the two LayerNorms (sequence parallel splits them)
-                    + 2 h         normed inputs of q/k/v and fc1, gathered whole
-                    + (h + 2 h cp) / tp   q (this chunk), k and v (gathered over cp)
-                    + h / tp      attention output (input of wo)
-                    + 2 f / tp ]  fc1's output (GELU's input) and GELU's output (fc2's input)
-        + 4 B x t x a / tp        attention's log-sum-exp
-    """
+        t x [ 2 x layer_norm_bytes / tp     the two LayerNorms (fp32 input under autocast, whatever the residual
+                                            stream's dtype; sequence parallel splits them)
+              + 2 B x 4 h                   bf16 casts of their fp32 outputs, one per wq, wk, wv and fc1, gathered
+              + 2 B x (3 + 2 cp) h / tp     q (this chunk), k and v (gathered over cp), the attention output and
+                                            its copy (input of wo)
+              + 4 B x a / tp                attention's log-sum-exp
+              + 2 B x 2 f / tp ]            fc1's output (GELU's input) and GELU's output (fc2's input)
+
+    `residual` (memory.residual_bytes) and fused_norm (an RMSNorm choice) leave a LayerNorm layer unchanged: the
+    planner counts the residual stream itself (checkpointed block inputs, pipeline hops). backward=True adds the
+    MLP backward's two FFN-wide gradients alive together, 2 x 2 B x t x f / tp."""
+    from mmfm.plan.memory import FP32, layer_norm_bytes
+
     lm = cfg.language
-    t, h = tokens / cp, lm.hidden_size
-    per_position = 2 * h / tp + 2 * h + (h + 2 * h * cp) / tp + h / tp + 2 * ffn_width(lm) / tp
-    return ACT * t * per_position + 4 * t * lm.num_heads / tp
+    t, h, f = tokens / cp, lm.hidden_size, ffn_width(lm)
+    per_position = (2 * layer_norm_bytes(h) / tp + ACT * 4 * h + ACT * (3 + 2 * cp) * h / tp
+                    + FP32 * lm.num_heads / tp + ACT * 2 * f / tp)
+    return t * per_position + (2 * ACT * t * f / tp if backward else 0.0)

@@ -51,9 +51,13 @@ def head_flops(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * lm.vocab_size * lm.hidden_size * seq_len
 
 
-def layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, cp: int, kernels) -> float:
+def layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, cp: int, kernels, residual: int = 2,
+                           fused_norm: bool = True, backward: bool = False) -> float:
     """One decoder layer's saved activations (mmfm.plan.memory.decoder_layer_bytes: SwiGLU keeps 3 FFN-wide tensors
-    with the fused kernel, 4 with kernels.swiglu=torch)."""
-    from mmfm.plan.memory import decoder_layer_bytes
+    with the fused kernel, 4 with kernels.swiglu=torch; `residual` the residual stream's element size, memory.
+    residual_bytes; fused_norm whether the fused RMSNorm runs, memory.fused_norm); backward=True adds what the
+    layer's backward holds besides at its peak (memory.swiglu_backward_bytes)."""
+    from mmfm.plan.memory import decoder_layer_bytes, swiglu_backward_bytes
 
-    return decoder_layer_bytes(cfg.language, tokens, tp, cp, kernels.swiglu != "torch")
+    saved = decoder_layer_bytes(cfg.language, tokens, tp, cp, kernels.swiglu != "torch", fused_norm, residual)
+    return saved + (swiglu_backward_bytes(cfg.language, tokens, tp, cp) if backward else 0.0)
