@@ -15,7 +15,7 @@ BAD = [
     (["model.vision.hidden_size=130"], "model.vision.hidden_size=130 is not divisible by model.vision.num_heads=4"),
     (["data.seq_len=60"], "data.seq_len=60 is too short for one image (64 image tokens"),
     (["data.seq_len=300"], "data.seq_len=300 exceeds model.language.max_seq_len=256"),
-    (["model.name=gpt5"], "model.name='gpt5' is unknown; choose one of ['vlm']"),
+    (["model.name=gpt5"], "model.name='gpt5' is unknown; choose one of ['lm', 'vlm']"),
     (["train.precision=fp8"], "train.precision='fp8' is unknown"),
     (["train.max_steps=10", "train.schedule.warmup_steps=20"], "train.schedule.warmup_steps=20 must lie in [0"),
     (["train.optim.lr=0"], "train.optim.lr=0.0 must be > 0"),
