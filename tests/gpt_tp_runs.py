@@ -11,6 +11,7 @@ from torch.distributed.tensor import DTensor
 
 from mmfm.config import load_config
 from mmfm.models import build_model, model_spec
+from vision_tp_runs import whole_grads
 
 TP = 2
 TINY = ["model=gpt", "model.language.vocab_size=96", "model.language.hidden_size=32", "model.language.num_heads=4",
@@ -28,13 +29,7 @@ def gpt_run(mesh=None) -> dict:
     logits = model(ids)
     logits = logits.full_tensor() if isinstance(logits, DTensor) else logits
     (logits * gout).sum().backward()
-    grads = {}
-    for name, p in model.named_parameters():
-        grad = p.grad
-        if isinstance(grad, DTensor):  # sequence-parallel norms: partial sums until reduced
-            grad = grad.redistribute(placements=p.placements).full_tensor()
-        grads[name] = grad
-    return {"logits": logits.detach(), "grads": grads}
+    return {"logits": logits.detach(), "grads": whole_grads(model)}
 
 
 def tp_worker(rank: int, port: int, out: str) -> None:

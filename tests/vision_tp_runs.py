@@ -38,14 +38,20 @@ def tower_run(cfg, x, gout, mesh=None) -> dict:
         part_spec(cfg, "vision").apply_tensor_parallel(tower, mesh)
     out = tower(x)
     (out * gout).sum().backward()
+    split = isinstance(tower.blocks["0"].norm1.weight, DTensor)
+    return {"out": out.detach(), "grads": whole_grads(tower), "sequence_split": split}
+
+
+def whole_grads(module) -> dict:
+    """Each parameter's gradient, whole: tensor-parallel shards gathered (sequence-parallel norms' partial sums
+    reduced first, to their parameter's placement)."""
     grads = {}
-    for name, p in tower.named_parameters():
+    for name, p in module.named_parameters():
         g = p.grad
-        if isinstance(g, DTensor):  # sequence-parallel norms: partial sums until reduced
+        if isinstance(g, DTensor):
             g = g.redistribute(placements=p.placements).full_tensor()
         grads[name] = g
-    split = isinstance(tower.blocks["0"].norm1.weight, DTensor)
-    return {"out": out.detach(), "grads": grads, "sequence_split": split}
+    return grads
 
 
 def tp_worker(rank: int, port: int, out: str) -> None:
