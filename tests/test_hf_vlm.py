@@ -269,15 +269,15 @@ def test_parallelize_loads_pretrained(llavas):
 
 @pytest.mark.parametrize("tower", ["siglip", "vit"])
 def test_model_trained_from_scratch_exports_to_transformers(synth_dir, tmp_path, tower):
-    """The demo's model trained from scratch on the synthetic data (3 steps), exported with its own tokenizer: with
-    a SigLIP tower as LLaVA (mmfm's tokenizer and markers template included), with the demo's own `vit` tower (no
-    transformers class) as the language model alone. transformers' logits equal mmfm's."""
+    """A small model trained from scratch on the synthetic data (3 steps), exported with its own tokenizer: with
+    tiny_llava's SigLIP tower as LLaVA (mmfm's tokenizer and markers template included), with the demo's tiny_vlm
+    `vit` tower (no transformers class) as the language model alone. transformers' logits equal mmfm's."""
     from mmfm.config import load_config
     from mmfm.train.trainer import Trainer, stage_checkpoint
     from conftest import SMALL_MODEL, STEPS
 
-    towers = {"siglip": ["model.vision.kind=siglip", "model.vision.stem=patch"], "vit": []}
-    overrides = [f"data.path={synth_dir}", *SMALL_MODEL, *towers[tower], *STEPS, "model.vision.image_size=32", "model.vision.patch_size=8"]
+    towers = {"siglip": ["model=tiny_llava"], "vit": []}
+    overrides = [f"data.path={synth_dir}", *towers[tower], *SMALL_MODEL, *STEPS, "model.vision.image_size=32", "model.vision.patch_size=8"]
     Trainer(load_config(overrides), tmp_path / "run").fit()
     cfg = load_config(overrides).model
     model = build_model(cfg, "cpu")

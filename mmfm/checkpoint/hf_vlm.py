@@ -150,8 +150,8 @@ def export_vlm(model: nn.Module, out_dir: str | Path, dtype: Optional[torch.dtyp
     cfg = model.cfg
     if cfg.vision.kind not in VISION_ADAPTERS:
         raise HFCheckpointError(f"model.vision.kind={cfg.vision.kind} has no Hugging Face form (LLaVA's tower is "
-                                f"CLIP or SigLIP; the demo's vit has no transformers class): export the language "
-                                "model alone (--language-only) or train with a clip / siglip tower")
+                                f"CLIP or SigLIP; tiny_vlm's vit has no transformers class): export the language "
+                                "model alone (--language-only) or train with a clip / siglip tower (model=tiny_llava)")
     names = llava.names(cfg)
     params = whole_params(model, names, "export_vlm needs the whole VLM")
     written = dtype or next(iter(params.values())).dtype

@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> Path:
         return export_run_adapters(cfg, ckpt, args.out)
     if not args.language_only and cfg.model.vision.kind not in ADAPTERS:  # before loading anything
         raise HFCheckpointError(f"model.vision.kind={cfg.model.vision.kind} has no Hugging Face form (LLaVA's tower "
-                                "is CLIP or SigLIP; the demo's vit has no transformers class): add --language-only "
-                                "to export the language model alone")
+                                "is CLIP or SigLIP; tiny_vlm's vit has no transformers class): add --language-only "
+                                "to export the language model alone, or train with model=tiny_llava (a SigLIP tower)")
     image_id = TextTokenizer.load(run_dir / TOKENIZER_FILE).image_id
     if not args.language_only and image_id != cfg.model.image_token_id:
         raise HFCheckpointError(f"{run_dir / TOKENIZER_FILE}: <image> is id {image_id} but the model's "
