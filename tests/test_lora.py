@@ -153,6 +153,33 @@ def test_export_of_unmerged_adapters_is_refused(hf_folders, tmp_path):
              "LoRA adapters", "--merge-lora")
 
 
+def test_bf16_base_equals_the_base_rounded_to_bf16(hf_folders):
+    """model.lora.base_dtype=bf16: the adapted linears' weights in bf16 (half their bytes), the adapters and every
+    other weight in fp32; logits in fp32 and under bf16 autocast, and the merged weights (fp32), equal those of an
+    fp32-base LoRA model whose adapted weights were rounded to bf16, bitwise."""
+    targets = ["layers.*.attention.w[qkvo]", "layers.*.feed_forward.w[123]"]
+    lm, rounded = language_model_from_hf(hf_folders["llama"]), language_model_from_hf(hf_folders["llama"])
+    apply_lora(lm, LoRAConfig(enabled=True, rank=4, alpha=8.0, targets=targets, base_dtype="bf16"))
+    apply_lora(rounded, LoRAConfig(enabled=True, rank=4, alpha=8.0, targets=targets))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for (name, p), q in zip(lm.named_parameters(), rounded.parameters()):
+            if is_adapter(name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            q.copy_(p)  # a bf16 weight rounds nothing more: q holds its value in fp32
+    adapted = {n for n, m in lm.named_modules() if hasattr(m, "lora_A")}
+    assert len(adapted) == 2 * 7
+    for name, p in lm.named_parameters():
+        bf16 = name.endswith(".weight") and name[: -len(".weight")] in adapted
+        assert p.dtype == (torch.bfloat16 if bf16 else torch.float32), name
+    assert torch.equal(mmfm_logits(lm), mmfm_logits(rounded))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(mmfm_logits(lm), mmfm_logits(rounded))
+    merge_lora(lm), merge_lora(rounded)
+    merged, expected = dict(lm.named_parameters()), dict(rounded.named_parameters())
+    assert all(p.dtype == torch.float32 and torch.equal(p, expected[n]) for n, p in merged.items())
+
+
 @pytest.mark.parametrize("override,fragment", [
     ("model.lora.rank=0", "model.lora.rank=0 must be > 0"),
     ("model.lora.rank=-2", "model.lora.rank=-2 must be > 0"),
@@ -161,6 +188,7 @@ def test_export_of_unmerged_adapters_is_refused(hf_folders, tmp_path):
     ("model.lora.targets=[language.layers.*.attention.wq,language.layers.*.mlp.up]",
      "pattern 'language.layers.*.mlp.up' matches no nn.Linear"),
     ("model.lora.targets=[]", "model.lora.targets is empty"),
+    ("model.lora.base_dtype=fp16", "model.lora.base_dtype='fp16' is unknown"),
 ])
 def test_bad_lora_config_is_one_line(override, fragment, data):
     one_line(ConfigError, lambda: validate(cfg_of(data / "sft", *LORA, override)), fragment)
@@ -212,11 +240,23 @@ class StopsAt(Trainer):
         return super().train_step()
 
 
-def test_lora_resume_is_bitwise_exact(data, pretrained_run, tmp_path):
-    """2 steps, a checkpoint of the adapters, 2 more steps == 4 straight steps (the base reloaded from init_from)."""
+@pytest.mark.parametrize("base_dtype", ["fp32", "bf16"])
+def test_lora_resume_is_bitwise_exact(base_dtype, data, pretrained_run, tmp_path):
+    """2 steps, a checkpoint of the adapters, 2 more steps == 4 straight steps (the base reloaded from init_from;
+    a bf16 base is init_from's fp32 weights rounded, and stays so)."""
     cfg = lambda: cfg_of(data / "sft", *LORA, "stage=sft", f"stage.init_from={pretrained_run}",  # noqa: E731
-                         "train.max_steps=4", "checkpoint.every=2", "train.optim.lr=1e-2", "model.lora.dropout=0.1")
-    straight = Trainer(cfg(), tmp_path / "straight").fit()["losses"]
+                         "train.max_steps=4", "checkpoint.every=2", "train.optim.lr=1e-2", "model.lora.dropout=0.1",
+                         f"model.lora.base_dtype={base_dtype}")
+    trainer = Trainer(cfg(), tmp_path / "straight")
+    straight = trainer.fit()["losses"]
+    base = parallelize(cfg_of(data / "sft"), trainer.dims, trainer.device).parts[0]
+    CheckpointManager.load(stage_checkpoint(str(pretrained_run)), base)
+    full = dict(base.named_parameters())
+    adapted = {f"{n}.weight" for n, m in trainer.model.named_modules() if hasattr(m, "lora_A")}
+    for name, p in trainer.model.named_parameters():
+        if not is_adapter(name):
+            assert torch.equal(p, full[name].to(p.dtype)), name
+            assert (p.dtype == torch.bfloat16) == (base_dtype == "bf16" and name in adapted), name
     with pytest.raises(KeyboardInterrupt):
         StopsAt(cfg(), tmp_path / "stopped").fit()
     resumed = Trainer(cfg(), tmp_path / "stopped").fit()["losses"]
@@ -349,6 +389,22 @@ def test_lora_matches_one_process(layout, world, dp, one_process, data, pretrain
     assert any(torch.count_nonzero(v) > 0 for n, v in got["params"].items() if n.endswith("lora_B.weight"))
 
 
+def test_bf16_base_under_fsdp2_matches_one_process(data, pretrained_run, tmp_path):
+    """FSDP2 units then hold bf16 base weights beside fp32 adapters (gathered together as bytes): losses within rel
+    1e-5 and every parameter within 1e-5 of one process with the same bf16 base."""
+    overrides = [f"data.path={data / 'sft'}", *SMALL_MODEL, *STEPS, *LORA, "stage=sft", "model.lora.base_dtype=bf16",
+                 f"stage.init_from={pretrained_run}", "train.optim.lr=1e-2"]
+    trainer = Trainer(load_config([*overrides, "data.batch_size=4"]), tmp_path / "one")
+    single = {**trainer.fit(), "params": local_full_params(trainer)}
+    got = run_layout(2, [*overrides, "data.batch_size=2", "parallel=fsdp2"], tmp_path / "fsdp2")
+    for step, loss in single["losses"].items():
+        assert got["losses"][step] == pytest.approx(loss, rel=1e-5), step
+    assert {n for n, v in got["params"].items() if v.dtype == torch.bfloat16} == \
+        {n for n, v in single["params"].items() if v.dtype == torch.bfloat16} != set()
+    for name, value in single["params"].items():
+        torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-5, msg=name)
+
+
 def test_adapters_follow_the_tensor_parallel_base(data):
     """On a tp mesh (one gloo rank here; the tp2 test above runs two): column-parallel base -> A replicated, B split
     by rows; row-parallel base -> A split by columns, B replicated."""
@@ -382,9 +438,14 @@ def test_memory_benchmark_counts_the_model_state_of_each_run():
     DPO builds no reference copy where full DPO holds one of every weight."""
     from mmfm.models.lora_bench import measure_run, lora_bench
 
-    got = lora_bench(hidden=64, layers=2, rank=4, batch=2, steps=1, samples=8, runs=("full-dpo", "lora-dpo"),
-                     measure=measure_run)
-    full, lora = got["full-dpo"], got["lora-dpo"]
+    got = lora_bench(hidden=64, layers=2, rank=4, batch=2, steps=1, samples=8,
+                     runs=("full-dpo", "lora-dpo", "lorabf16-dpo"), measure=measure_run)
+    full, lora, bf16 = got["full-dpo"], got["lora-dpo"], got["lorabf16-dpo"]
+    # model.lora.base_dtype=bf16: the adapted weights take 2 bytes instead of 4, the rest is the same
+    assert lora["bf16_params"] == 0 < bf16["bf16_params"] < bf16["params"] - bf16["trainable"]
+    assert lora["param_bytes"] - bf16["param_bytes"] == 2 * bf16["bf16_params"]
+    assert {k: bf16[k] for k in ("params", "trainable", "optimizer_bytes", "reference_bytes")} == \
+        {k: lora[k] for k in ("params", "trainable", "optimizer_bytes", "reference_bytes")}
     assert full["trainable"] == full["params"] and full["reference_bytes"] == full["param_bytes"]
     assert lora["reference_bytes"] == 0 and 0 < lora["trainable"] < 0.2 * full["trainable"]
     assert lora["params"] == full["params"] + lora["trainable"]  # the base, plus the adapters

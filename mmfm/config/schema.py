@@ -85,6 +85,9 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=_lora_targets)
     rslora: bool = False  # scale alpha / sqrt(rank) (rank-stabilized LoRA) instead of alpha / rank
+    # The adapted linears' frozen base weights: fp32, or bf16 (half their memory; computed in the input's dtype,
+    # so bf16 under train.precision=bf16). Embeddings, norms and linears without an adapter keep fp32.
+    base_dtype: str = "fp32"
 
 
 @dataclass

@@ -51,6 +51,8 @@ def _validate_model(cfg: JobConfig) -> None:
 def _validate_lora(cfg: JobConfig) -> None:
     """model.lora's numbers, and every target pattern matching at least one nn.Linear of the model (built on the
     meta device: no memory)."""
+    from mmfm.models.lora import BASE_DTYPES
+
     lora = cfg.model.lora
     if not lora.enabled:
         return
@@ -59,6 +61,8 @@ def _validate_lora(cfg: JobConfig) -> None:
     _require(lora.alpha > 0, f"model.lora.alpha={lora.alpha} must be > 0 (the adapter's scale is alpha / rank; "
              "e.g. alpha = 2 x rank)")
     _require(0 <= lora.dropout < 1, f"model.lora.dropout={lora.dropout} must lie in [0, 1)")
+    _require(lora.base_dtype in BASE_DTYPES, f"model.lora.base_dtype={lora.base_dtype!r} is unknown; use one of "
+             f"{sorted(BASE_DTYPES)}")
     _require(len(lora.targets) > 0, "model.lora.targets is empty; name the linears to adapt, e.g. "
              "[language.layers.*.attention.w[qkvo],language.layers.*.feed_forward.w[123]]")
     from mmfm.models import build_model

@@ -45,7 +45,8 @@ def init_parameters(model: nn.Module, seed: int) -> None:
     rules (LoRA adapters by mmfm.models.lora's), then its buffers."""
     for name, param in model.named_parameters():
         name = canonical_name(name)
-        full = torch.empty(param.shape, dtype=param.dtype)
+        # drawn in fp32 at least, so that a bf16 parameter (a LoRA base) is the fp32 draw rounded
+        full = torch.empty(param.shape, dtype=torch.promote_types(param.dtype, torch.float32))
         generator = torch.Generator().manual_seed(parameter_seed(seed, name))
         if is_adapter(name):
             init_adapter(name, full, generator)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ADAPTER_KEYS = (".lora_A.weight", ".lora_B.weight")
+BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # model.lora.base_dtype
 
 
 def is_adapter(name: str) -> bool:
@@ -50,15 +51,20 @@ class LoRALinear(nn.Linear):
     adapter_enabled: bool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        weight = self.weight
+        if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            weight = weight.to(x.dtype)  # a bf16 base (model.lora.base_dtype) under fp32 compute
+        out = F.linear(x, weight, self.bias)
         if not self.adapter_enabled:
             return out
         return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
 
-def add_adapter(linear: nn.Linear, rank: int, alpha: float, dropout: float, rslora: bool) -> LoRALinear:
+def add_adapter(linear: nn.Linear, rank: int, alpha: float, dropout: float, rslora: bool,
+                base_dtype: torch.dtype | None = None) -> LoRALinear:
     """Turn `linear` into a LoRALinear in place (on its device, the meta device included); its weight and bias
-    stop requiring gradients. The adapters are left uninitialized: `init_adapter` fills them by name."""
+    stop requiring gradients, and its weight is stored in base_dtype when given (the adapters keep the weight's
+    original dtype). The adapters are left uninitialized: `init_adapter` fills them by name."""
     device, dtype = linear.weight.device, linear.weight.dtype
     linear.__class__ = LoRALinear
     linear.lora_A = nn.Linear(linear.in_features, rank, bias=False, device=device, dtype=dtype)
@@ -67,6 +73,8 @@ def add_adapter(linear: nn.Linear, rank: int, alpha: float, dropout: float, rslo
     linear.scaling = lora_scale(alpha, rank, rslora)
     linear.adapter_enabled = True
     linear.weight.requires_grad_(False)
+    if base_dtype is not None and base_dtype != dtype:
+        linear.weight = nn.Parameter(linear.weight.to(base_dtype), requires_grad=False)
     if linear.bias is not None:
         linear.bias.requires_grad_(False)
     return linear
@@ -93,7 +101,7 @@ def apply_lora(model: nn.Module, cfg) -> list[str]:
     model.requires_grad_(False)
     targets = matching_linears(model, list(cfg.targets))
     for linear in targets.values():
-        add_adapter(linear, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
+        add_adapter(linear, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, BASE_DTYPES[cfg.base_dtype])
         place_adapters(linear)
     return sorted(targets)
 
@@ -151,9 +159,9 @@ def adapters_disabled(model: nn.Module):
 
 @torch.no_grad()
 def merged_weight(linear: LoRALinear) -> torch.Tensor:
-    """W + scale * B A, in the base weight's dtype (computed in fp32)."""
+    """W + scale * B A, computed in fp32, in the adapters' dtype (a bf16 base merges into an fp32 weight)."""
     delta = linear.lora_B.weight.float() @ linear.lora_A.weight.float()
-    return (linear.weight.float() + linear.scaling * delta).to(linear.weight.dtype)
+    return (linear.weight.float() + linear.scaling * delta).to(linear.lora_A.weight.dtype)
 
 
 @torch.no_grad()
@@ -166,7 +174,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             delattr(linear, child)
         del linear.scaling, linear.adapter_enabled
         linear.__class__ = nn.Linear
-        linear.weight.copy_(weight)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
     return model
 
 

@@ -1,15 +1,16 @@
 """Memory of LoRA against full fine-tuning: `mmfm bench lora` (or `python benchmarks/lora_memory.py`).
 
-One model, one data set, four runs, each in a fresh process (so that memory one run freed cannot hide in the
-next one's baseline): SFT and DPO, each with every weight trained (full) and with adapters (LoRA).
+One model, one data set, six runs, each in a fresh process (so that memory one run freed cannot hide in the
+next one's baseline): SFT and DPO, each with every weight trained (full), with adapters on an fp32 base (lora) and
+with adapters on a bf16 base (lorabf16: model.lora.base_dtype=bf16, the adapted linears' weights in bf16).
 
 1. Synthetic scenes are written to a temporary folder (captions, conversations and preference pairs with one
    tokenizer, as docs/alignment.md builds them), and a base model is trained for one step and saved: the
    `stage.init_from` of every run (DPO's reference is that checkpoint).
 2. Each run builds its Trainer and trains --steps steps. Measured: RssAnon (/proc/self/status, the process's
    private memory, without mapped file pages) before the Trainer is built, and the largest RssAnon while it is
-   built and trains (sampled every 2 ms, as `mmfm bench hf-load` does). Counted exactly: the trainable
-   parameters, the optimizer state's bytes, the gradients' bytes (one fp32 value per trainable parameter) and
+   built and trains (sampled every 2 ms, as `mmfm bench hf-load` does). Counted exactly: the weights' bytes, the
+   trainable parameters, the optimizer state's bytes, the gradients' bytes (one fp32 value per trainable parameter) and
    the frozen reference model's bytes (full DPO builds a copy; LoRA's reference is the policy with its adapters
    disabled, no copy).
 
@@ -29,7 +30,7 @@ import torch.multiprocessing as mp
 
 from mmfm.checkpoint.hf_bench import AnonPeak, MiB, _table, rss_anon
 
-RUNS = ("full-sft", "lora-sft", "full-dpo", "lora-dpo")
+RUNS = ("full-sft", "lora-sft", "lorabf16-sft", "full-dpo", "lora-dpo", "lorabf16-dpo")
 QUIET = ["logger.wandb.enabled=false", "logger.progress_bar=false", "train.val_every=0", "eval.num_samples=0"]
 
 
@@ -59,7 +60,9 @@ def run_overrides(run: str, data: dict[str, Path], base: Path, model: list[str],
                   rank: int) -> list[str]:
     kind, stage = run.split("-")
     path = data["sft" if stage == "sft" else "preference"]
-    lora = ["model.lora.enabled=true", f"model.lora.rank={rank}", f"model.lora.alpha={2 * rank}"] if kind == "lora" else []
+    lora = ["model.lora.enabled=true", f"model.lora.rank={rank}", f"model.lora.alpha={2 * rank}"] if kind != "full" else []
+    if kind == "lorabf16":
+        lora.append("model.lora.base_dtype=bf16")
     return [f"data.path={path}", *model, *QUIET, f"stage={stage}", f"stage.init_from={base}",
             f"data.batch_size={batch}", f"train.max_steps={steps}", "train.schedule.warmup_steps=1",
             "checkpoint.every=0", *lora]
@@ -84,6 +87,7 @@ def measure_run(overrides: list[str], run_dir: Path) -> dict:
     state = [t for opt in trainer.optimizers for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
     reference = list(trainer.reference.parameters()) if trainer.reference is not None else []
     return {"params": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in trainable),
+            "bf16_params": sum(p.numel() for p in params if p.dtype == torch.bfloat16),
             "param_bytes": _bytes(params), "grad_bytes": 4 * sum(p.numel() for p in trainable),
             "optimizer_bytes": _bytes(state), "reference_bytes": _bytes(reference),
             "baseline": baseline, "peak": peak.peak}
@@ -117,20 +121,23 @@ def lora_bench(hidden: int = 512, layers: int = 8, rank: int = 8, batch: int = 4
 
 
 def table(results: dict[str, dict]) -> str:
-    rows = [(run, f"{r['trainable']:,}", f"{r['trainable'] / r['params']:.2%}", f"{r['grad_bytes'] / MiB:,.1f}",
+    rows = [(run, f"{r['param_bytes'] / MiB:,.1f}", f"{r['trainable']:,}", f"{r['trainable'] / r['params']:.2%}",
+             f"{r['grad_bytes'] / MiB:,.1f}",
              f"{r['optimizer_bytes'] / MiB:,.1f}", f"{r['reference_bytes'] / MiB:,.1f}",
              f"{(r['peak'] - r['baseline']) / MiB:,.1f}") for run, r in results.items()]
-    return _table(["run", "trainable params", "of all", "grads MiB", "optimizer MiB", "reference copy MiB",
+    return _table(["run", "weights MiB", "trainable params", "of all", "grads MiB", "optimizer MiB", "reference copy MiB",
                    "peak private increase MiB"], rows)
 
 
 def ratios(results: dict[str, dict]) -> str:
     lines = []
     for stage in ("sft", "dpo"):
-        full, lora = results.get(f"full-{stage}"), results.get(f"lora-{stage}")
-        if full and lora:
-            ratio = (lora["peak"] - lora["baseline"]) / (full["peak"] - full["baseline"])
-            lines.append(f"{stage}: LoRA's peak private increase is {ratio:.2f} of full fine-tuning's")
+        full = results.get(f"full-{stage}")
+        for kind, label in (("lora", "LoRA"), ("lorabf16", "LoRA on a bf16 base")):
+            lora = results.get(f"{kind}-{stage}")
+            if full and lora:
+                ratio = (lora["peak"] - lora["baseline"]) / (full["peak"] - full["baseline"])
+                lines.append(f"{stage}: {label}'s peak private increase is {ratio:.2f} of full fine-tuning's")
     return "\n".join(lines)
 
 
