@@ -175,6 +175,12 @@ def test_bf16_base_equals_the_base_rounded_to_bf16(hf_folders):
     assert torch.equal(mmfm_logits(lm), mmfm_logits(rounded))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(mmfm_logits(lm), mmfm_logits(rounded))
+    for model in (lm, rounded):  # the backward through the widened weight: the adapters' gradients
+        model(model.embed(TOKENS)).square().mean().backward()
+    grads = {n: p.grad for n, p in rounded.named_parameters() if is_adapter(n)}
+    for name, p in lm.named_parameters():
+        if is_adapter(name):
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-7, msg=name)
     merge_lora(lm), merge_lora(rounded)
     merged, expected = dict(lm.named_parameters()), dict(rounded.named_parameters())
     assert all(p.dtype == torch.float32 and torch.equal(p, expected[n]) for n, p in merged.items())

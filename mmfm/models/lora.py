@@ -41,6 +41,21 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+class WidenedLinear(torch.autograd.Function):
+    """x W^T for a frozen weight stored narrower than x (a bf16 base under fp32 compute): widened per use, and only
+    the narrow weight kept for the backward (F.linear would keep the widened copy of every layer until then)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None
+
+
 class LoRALinear(nn.Linear):
     """An nn.Linear with a low-rank adapter beside its (frozen) weight; made by `add_adapter`, never built."""
 
@@ -51,10 +66,11 @@ class LoRALinear(nn.Linear):
     adapter_enabled: bool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-            weight = weight.to(x.dtype)  # a bf16 base (model.lora.base_dtype) under fp32 compute
-        out = F.linear(x, weight, self.bias)
+        if self.weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            out = WidenedLinear.apply(x, self.weight)  # a bf16 base (model.lora.base_dtype) under fp32 compute
+            out = out if self.bias is None else out + self.bias
+        else:
+            out = F.linear(x, self.weight, self.bias)
         if not self.adapter_enabled:
             return out
         return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
