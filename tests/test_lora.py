@@ -21,7 +21,7 @@ from mmfm.data.synth_instruct import build_instruct_dataset
 from mmfm.errors import ConfigError
 from mmfm.models import build_model
 from mmfm.models.init import parameter_seed
-from mmfm.models.lora import adapters_disabled, apply_lora, init_adapter, is_adapter, merge_lora
+from mmfm.models.lora import adapters_disabled, apply_lora, init_adapter, is_adapter, lora_modules, merge_lora
 from mmfm.parallel.parallelize import parallelize
 from mmfm.train.trainer import Trainer, stage_checkpoint
 from parallel_runs import local_full_params, run_layout
@@ -110,6 +110,13 @@ def lora_language_model(folder, rslora=False):
     return lm
 
 
+def init_from_weights(trainer, data_dir, run) -> dict[str, torch.Tensor]:
+    """{name: parameter} of the full (non-LoRA) model in `run`'s checkpoint, built in the trainer's layout."""
+    base = parallelize(cfg_of(data_dir / "sft"), trainer.dims, trainer.device).parts[0]
+    CheckpointManager.load(stage_checkpoint(str(run)), base)
+    return dict(base.named_parameters())
+
+
 # ---------------------------------------------------------------- the module
 
 
@@ -167,7 +174,7 @@ def test_bf16_base_equals_the_base_rounded_to_bf16(hf_folders):
             if is_adapter(name):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
             q.copy_(p)  # a bf16 weight rounds nothing more: q holds its value in fp32
-    adapted = {n for n, m in lm.named_modules() if hasattr(m, "lora_A")}
+    adapted = {n for n, _ in lora_modules(lm)}
     assert len(adapted) == 2 * 7
     for name, p in lm.named_parameters():
         bf16 = name.endswith(".weight") and name[: -len(".weight")] in adapted
@@ -215,9 +222,7 @@ def test_lora_trains_only_the_adapters_from_init_from(data, pretrained_run, tmp_
     assert optimized == {id(p) for n, p in params.items() if is_adapter(n)}
     trainer.resume()
     before = {n: p.detach().clone() for n, p in params.items()}
-    base = parallelize(cfg_of(data / "sft"), trainer.dims, trainer.device).parts[0]
-    CheckpointManager.load(stage_checkpoint(str(pretrained_run)), base)
-    for name, p in base.named_parameters():  # the base is init_from's, not the seeded initialization
+    for name, p in init_from_weights(trainer, data, pretrained_run).items():  # init_from's, not the seeded init
         assert torch.equal(before[name], p), name
     with torch.no_grad():
         assert all(torch.count_nonzero(p) == 0 for n, p in params.items() if n.endswith("lora_B.weight"))
@@ -255,10 +260,8 @@ def test_lora_resume_is_bitwise_exact(base_dtype, data, pretrained_run, tmp_path
                          f"model.lora.base_dtype={base_dtype}")
     trainer = Trainer(cfg(), tmp_path / "straight")
     straight = trainer.fit()["losses"]
-    base = parallelize(cfg_of(data / "sft"), trainer.dims, trainer.device).parts[0]
-    CheckpointManager.load(stage_checkpoint(str(pretrained_run)), base)
-    full = dict(base.named_parameters())
-    adapted = {f"{n}.weight" for n, m in trainer.model.named_modules() if hasattr(m, "lora_A")}
+    full = init_from_weights(trainer, data, pretrained_run)
+    adapted = {f"{n}.weight" for n, _ in lora_modules(trainer.model)}
     for name, p in trainer.model.named_parameters():
         if not is_adapter(name):
             assert torch.equal(p, full[name].to(p.dtype)), name

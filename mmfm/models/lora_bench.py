@@ -31,6 +31,8 @@ import torch.multiprocessing as mp
 from mmfm.checkpoint.hf_bench import AnonPeak, MiB, _table, rss_anon
 
 RUNS = ("full-sft", "lora-sft", "lorabf16-sft", "full-dpo", "lora-dpo", "lorabf16-dpo")
+# A run's kind -> (its label in the ratios, model.lora.base_dtype); "full" trains every weight, no adapters.
+LORA_KINDS = {"lora": ("LoRA", "fp32"), "lorabf16": ("LoRA on a bf16 base", "bf16")}
 QUIET = ["logger.wandb.enabled=false", "logger.progress_bar=false", "train.val_every=0", "eval.num_samples=0"]
 
 
@@ -60,9 +62,8 @@ def run_overrides(run: str, data: dict[str, Path], base: Path, model: list[str],
                   rank: int) -> list[str]:
     kind, stage = run.split("-")
     path = data["sft" if stage == "sft" else "preference"]
-    lora = ["model.lora.enabled=true", f"model.lora.rank={rank}", f"model.lora.alpha={2 * rank}"] if kind != "full" else []
-    if kind == "lorabf16":
-        lora.append("model.lora.base_dtype=bf16")
+    lora = [] if kind == "full" else ["model.lora.enabled=true", f"model.lora.rank={rank}",
+                                      f"model.lora.alpha={2 * rank}", f"model.lora.base_dtype={LORA_KINDS[kind][1]}"]
     return [f"data.path={path}", *model, *QUIET, f"stage={stage}", f"stage.init_from={base}",
             f"data.batch_size={batch}", f"train.max_steps={steps}", "train.schedule.warmup_steps=1",
             "checkpoint.every=0", *lora]
@@ -133,7 +134,7 @@ def ratios(results: dict[str, dict]) -> str:
     lines = []
     for stage in ("sft", "dpo"):
         full = results.get(f"full-{stage}")
-        for kind, label in (("lora", "LoRA"), ("lorabf16", "LoRA on a bf16 base")):
+        for kind, (label, _) in LORA_KINDS.items():
             lora = results.get(f"{kind}-{stage}")
             if full and lora:
                 ratio = (lora["peak"] - lora["baseline"]) / (full["peak"] - full["baseline"])
