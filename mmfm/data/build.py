@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from mmfm.data.packing import PackedBatchLoader
 from mmfm.data.processor import image_processor
 from mmfm.data.manifest import TOKENIZER, ShardChecksums, read_manifest, shard_counts, shard_paths
 from mmfm.data.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
 
 
 def load_tokenizer(cfg: JobConfig) -> TextTokenizer:
@@ -76,7 +79,12 @@ def _stream(cfg: JobConfig, path: str, split: str, encoder, **kw) -> SampleStrea
 
 
 def _train_stream(cfg: JobConfig, path: str, encoder: SampleEncoder, dp_rank: int, dp_size: int) -> SampleStream:
-    return _stream(cfg, path, "train", encoder, rank=dp_rank, world=dp_size, workers=cfg.data.num_workers)
+    partitions = cfg.data.partitions or dp_size
+    if partitions % dp_size and dp_rank == 0:
+        log.warning("data.partitions=%d is not a multiple of the %d data-parallel ranks: each rank reads from more "
+                    "shards than its share", partitions, dp_size)
+    return _stream(cfg, path, "train", encoder, rank=dp_rank, world=dp_size, workers=cfg.data.num_workers,
+                   partitions=partitions, read_log=cfg.data.read_log)
 
 
 def _same_tokenizer(main: str, other: str) -> None:
