@@ -1,9 +1,11 @@
 """Shard-level assignment (mmfm.data.shards): a data-parallel rank reads only the shards of its own partitions,
 every sample is served once per epoch over ranks x loader workers, a resume reads only what is left, resharding
-4 -> 2 ranks stays exactly once, and one partition keeps webdataset's order (so one-process runs are unchanged)."""
+4 -> 2 ranks stays exactly once, and one partition keeps webdataset's order (so one-process runs are unchanged).
+Shards read through data.shards_url (a pipe: command, an fsspec URL) serve what the folder serves."""
 
 import json
 import random
+import shutil
 from collections import Counter
 
 import pytest
@@ -11,7 +13,7 @@ import webdataset as wds
 
 from conftest import SMALL_MODEL, STEPS
 from mmfm.config import ConfigError, load_config, validate
-from mmfm.data.build import load_tokenizer, sample_encoder
+from mmfm.data.build import load_tokenizer, sample_encoder, train_loader, val_stream
 from mmfm.data.loader import SampleStream, reshard_stream_states
 from mmfm.data.manifest import DataError, shard_counts, shard_paths
 from mmfm.data.synth import build_synth_dataset
@@ -125,3 +127,40 @@ def test_eight_data_parallel_processes_read_disjoint_shards(tmp_path):
     assert all(1 <= len(s) <= 2 for s in shards_of.values())  # 6 of a rank's 8 samples: in its 2 shards
     assert sum(len(s) for s in shards_of.values()) == len(set().union(*shards_of.values()))  # disjoint
     assert Counter(x["rank"] for x in reads(log)) == {r: 6 for r in range(8)}  # 3 steps x 2 micro-batches x 1
+
+
+@pytest.fixture
+def remote(data, tmp_path):
+    """data's manifest and tokenizer in a folder of their own; its shards stay where data is, read by URL."""
+    here = tmp_path / "here"
+    shutil.copytree(data, here, ignore=shutil.ignore_patterns("*.tar"))
+    return here
+
+
+@pytest.mark.parametrize("template", ["pipe:cat {folder}/{{shard}}", "file://{folder}/{{shard}}"])
+def test_shards_read_through_a_url_serve_what_the_folder_serves(data, remote, make_cfg, template):
+    cfg = make_cfg(f"data.shards_url='{template.format(folder=data)}'", data=remote)
+    assert cfg.data.shards_url.endswith("/{shard}")
+    local = make_cfg(data=data)
+    got, want = train_loader(cfg, load_tokenizer(cfg)), train_loader(local, load_tokenizer(local))
+    for _ in range(3):
+        assert next(got).keys == next(want).keys
+    assert keys_of(val_stream(cfg, load_tokenizer(cfg))) == keys_of(val_stream(local, load_tokenizer(local)))
+
+
+def test_a_shard_changed_behind_its_url_is_refused(data, remote, make_cfg, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(data, elsewhere)
+    first = sorted(elsewhere.glob("*.tar"))
+    first[0].write_bytes(first[1].read_bytes())  # same counts, other samples
+    cfg = make_cfg(f"data.shards_url='file://{elsewhere}/{{shard}}'", "data.partitions=1", data=remote)
+    loader = train_loader(cfg, load_tokenizer(cfg))
+    with pytest.raises(DataError, match=f"shard file://{elsewhere}/{first[0].name} does not match the sha256"):
+        for _ in range(SAMPLES):
+            next(loader)
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/caps", "/data/caps/{shard}", "pipe:cat {shard} {shard}"])
+def test_a_shards_url_needs_a_scheme_and_one_placeholder(url):
+    with pytest.raises(ConfigError, match=r"data.shards_url=.* must be a URL \(scheme://...\) or a pipe: command"):
+        validate(load_config([f"data.shards_url='{url}'"]))

@@ -165,6 +165,10 @@ class DataConfig:
     partitions: int = 0
     # A file every loader process appends each sample it reads to (shard, sample, bytes; one JSON line each).
     read_log: str = ""
+    # Where data.path's shards are read from instead of its folder (manifest and tokenizer stay there): a template
+    # whose {shard} is a manifest shard name, e.g. s3://bucket/caps/{shard} (fsspec; the scheme's package
+    # installed) or "pipe:aws s3 cp s3://bucket/caps/{shard} -". Taken from the config only, never from a file.
+    shards_url: str = ""
 
 
 @dataclass

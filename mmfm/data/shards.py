@@ -20,16 +20,22 @@ from __future__ import annotations
 import array
 import base64
 import bisect
+import hashlib
 import json
 import logging
 import os
 import random
 import re
 import tarfile
+import tempfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Optional
+
+import webdataset as wds
+
+from mmfm.data.manifest import DataError
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +206,37 @@ def index_shard(f) -> list[_Sample]:
     return samples
 
 
+def is_url(shard: str) -> bool:
+    return shard.startswith("pipe:") or "://" in shard
+
+
+def _open_url(url: str):
+    if url.startswith("pipe:"):  # webdataset runs the command and raises if it fails
+        return wds.gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def spool(url: str) -> tuple:
+    """A shard at a URL (data.shards_url) copied into an anonymous temporary file, which a seek can read (deleted
+    when closed); with its sha256. DataError naming the URL when it cannot be read."""
+    digest, out = hashlib.sha256(), tempfile.TemporaryFile()
+    try:
+        with _open_url(url) as src:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+    except Exception as exc:
+        out.close()
+        raise DataError(f"cannot read shard {url} (data.shards_url): {type(exc).__name__}: {exc}") from None
+    out.seek(0)
+    return out, digest.hexdigest()
+
+
 class ShardReader:
-    """Samples of local tar shards by ordinal. A shard is checked (checksums, e.g. ShardChecksums) and indexed the
-    first time this reader opens it. samples_read / bytes_read count what it read, per shard; read_log: a file
+    """Samples of tar shards by ordinal: local files, or URLs (is_url) copied to a temporary file when first read
+    (spool). A shard is checked (checksums, e.g. ShardChecksums) and indexed the first time this reader opens it. samples_read / bytes_read count what it read, per shard; read_log: a file
     each read is appended to as {"rank", "pid", "shard", "sample", "bytes"}."""
 
     def __init__(self, checksums=None, read_log: str = "", rank: int = 0):
@@ -220,9 +254,14 @@ class ShardReader:
         if shard in self._files:
             self._files.move_to_end(shard)
             return self._files[shard]
-        if self.checksums is not None:
-            self.checksums.check(shard)
-        f = open(shard, "rb", buffering=0)  # reads exactly the headers and members asked for
+        if is_url(shard):
+            f, digest = spool(shard)
+            if self.checksums is not None:
+                self.checksums.check_digest(shard, digest)
+        else:
+            if self.checksums is not None:
+                self.checksums.check(shard)
+            f = open(shard, "rb", buffering=0)  # reads exactly the headers and members asked for
         self._files[shard] = f
         if len(self._files) > OPEN_FILES:
             self._files.popitem(last=False)[1].close()
