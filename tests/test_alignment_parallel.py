@@ -10,7 +10,7 @@ from mmfm.train.trainer import Trainer
 from parallel_runs import local_full_params, run_layout
 
 PAIRS_PER_STEP = 8
-DPO = ["stage=dpo", "stage.preference.beta=0.5", "train.optim.lr=1e-3"]
+DPO = ["stage=dpo", "stage.preference.beta=0.5", "train.optim.lr=1e-3", "data.partitions=2"]  # one order at dp 1, 2
 
 
 @pytest.fixture(scope="module")

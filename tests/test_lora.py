@@ -30,6 +30,7 @@ import peft  # noqa: E402  (the dev extra installs it: a missing one fails, neve
 
 ATOL = 1e-4
 LORA = ["model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=8"]
+SAME_ORDER = "data.partitions=2"  # one process reads the samples of 2 data-parallel ranks in their order
 # SMALL_MODEL's language model (64 wide, 2 layers, 4 heads / 2 kv heads, SwiGLU 176, 64 positions, tied)
 HF_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -353,14 +354,14 @@ def test_export_of_a_lora_run_merged_and_as_peft(data, hf_folders, tmp_path, cap
 @pytest.fixture(scope="module")
 def one_process(data, pretrained_run, tmp_path_factory):
     cfg = cfg_of(data / "sft", *LORA, "stage=sft", f"stage.init_from={pretrained_run}", "train.optim.lr=1e-2",
-                 "data.batch_size=4")
+                 "data.batch_size=4", SAME_ORDER)
     trainer = Trainer(cfg, tmp_path_factory.mktemp("one"))
     return {**trainer.fit(), "params": local_full_params(trainer)}
 
 
 def test_lora_with_activation_checkpointing_matches(one_process, data, pretrained_run, tmp_path):
     cfg = cfg_of(data / "sft", *LORA, "stage=sft", f"stage.init_from={pretrained_run}", "train.optim.lr=1e-2",
-                 "data.batch_size=4", "train.activation_checkpoint=full")
+                 "data.batch_size=4", "train.activation_checkpoint=full", SAME_ORDER)
     trainer = Trainer(cfg, tmp_path)
     got = {**trainer.fit(), "params": local_full_params(trainer)}
     for step, loss in one_process["losses"].items():
@@ -372,7 +373,7 @@ def test_lora_with_activation_checkpointing_matches(one_process, data, pretraine
 def test_dpo_with_lora_under_fsdp2_matches_one_process(data, pretrained_run, tmp_path):
     """The reference forward (adapters disabled) runs through the same FSDP-sharded model, no second copy."""
     overrides = [f"data.path={data / 'pref'}", *SMALL_MODEL, *STEPS, *LORA, "stage=dpo", "stage.preference.beta=0.5",
-                 f"stage.init_from={pretrained_run}", "train.optim.lr=1e-2"]
+                 f"stage.init_from={pretrained_run}", "train.optim.lr=1e-2", SAME_ORDER]
     single = Trainer(load_config([*overrides, "data.batch_size=4"]), tmp_path / "one").fit()
     got = run_layout(2, [*overrides, "data.batch_size=2", "parallel=fsdp2"], tmp_path / "fsdp2")
     assert abs(single["losses"][3] - single["losses"][1]) > 1e-3
@@ -383,10 +384,12 @@ def test_dpo_with_lora_under_fsdp2_matches_one_process(data, pretrained_run, tmp
 @pytest.mark.parametrize("layout,world,dp", [("fsdp2", 2, 2), ("tp2", 2, 1)])
 def test_lora_matches_one_process(layout, world, dp, one_process, data, pretrained_run, tmp_path):
     """3 steps of 2 micro-batches: losses within rel 1e-5, grad norms 1e-4, every parameter (adapters trained,
-    base untouched) within 1e-5."""
+    base untouched) within 1e-4 = lr / 100: Adam moves an entry whose gradient is near zero by up to lr times a
+    fraction, so rounding can show there (measured: 1.9e-5 on one lora_B entry, every other entry under 6e-6); a
+    missing gradient reduction moves entries by ~lr."""
     overrides = [f"data.path={data / 'sft'}", *SMALL_MODEL, *STEPS, *LORA, "stage=sft",
                  f"stage.init_from={pretrained_run}", "train.optim.lr=1e-2", f"data.batch_size={4 // dp}",
-                 f"parallel={layout}"]
+                 f"parallel={layout}", SAME_ORDER]
     got = run_layout(world, overrides, tmp_path)
     assert sorted(got["losses"]) == [1, 2, 3]
     for step, loss in one_process["losses"].items():
@@ -394,7 +397,7 @@ def test_lora_matches_one_process(layout, world, dp, one_process, data, pretrain
         assert got["grad_norms"][step] == pytest.approx(one_process["grad_norms"][step], rel=1e-4), step
     assert set(got["params"]) == set(one_process["params"])
     for name, value in one_process["params"].items():
-        torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-4, msg=name)
     assert any(torch.count_nonzero(v) > 0 for n, v in got["params"].items() if n.endswith("lora_B.weight"))
 
 
@@ -402,7 +405,7 @@ def test_bf16_base_under_fsdp2_matches_one_process(data, pretrained_run, tmp_pat
     """FSDP2 units then hold bf16 base weights beside fp32 adapters (gathered together as bytes): losses within rel
     1e-5 and every parameter within 1e-5 of one process with the same bf16 base."""
     overrides = [f"data.path={data / 'sft'}", *SMALL_MODEL, *STEPS, *LORA, "stage=sft", "model.lora.base_dtype=bf16",
-                 f"stage.init_from={pretrained_run}", "train.optim.lr=1e-2"]
+                 f"stage.init_from={pretrained_run}", "train.optim.lr=1e-2", SAME_ORDER]
     trainer = Trainer(load_config([*overrides, "data.batch_size=4"]), tmp_path / "one")
     single = {**trainer.fit(), "params": local_full_params(trainer)}
     got = run_layout(2, [*overrides, "data.batch_size=2", "parallel=fsdp2"], tmp_path / "fsdp2")

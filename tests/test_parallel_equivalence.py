@@ -20,7 +20,7 @@ from mmfm.train.trainer import Trainer
 from parallel_runs import local_full_params, run_layout
 
 GLOBAL_BATCH = 8
-MODEL = [*SMALL_MODEL, "model.language.num_layers=4"]
+MODEL = [*SMALL_MODEL, "model.language.num_layers=4", "data.partitions=4"]  # the order of 1, 2 and 4 data ranks
 
 LAYOUTS = {  # id: (world, data-parallel size, overrides)
     "fsdp2": (2, 2, ["parallel=fsdp2"]),

@@ -30,7 +30,7 @@ def test_fsdp_resume_from_sharded_checkpoint_is_exact(synth_dir, tmp_path):
 def test_fsdp_bf16_parameters_with_fp32_reduction_track_one_process(synth_dir, tmp_path):
     """train.precision=bf16 under FSDP2: parameters gathered and used in bf16, gradients reduced in fp32;
     against one bf16-autocast process, the losses agree to bf16 rounding (~3 significant digits)."""
-    base = [f"data.path={synth_dir}", *SMALL_MODEL, *STEPS, "train.precision=bf16"]
+    base = [f"data.path={synth_dir}", *SMALL_MODEL, *STEPS, "train.precision=bf16", "data.partitions=2"]
     got = run_layout(2, base + ["parallel=fsdp2", "data.batch_size=4"], tmp_path / "fsdp")
     want = Trainer(load_config(base + ["data.batch_size=8"]), tmp_path / "one").fit()["losses"]
     for step, loss in want.items():

@@ -1,5 +1,5 @@
 """`mmfm bench <name>`: benchmarks. `parallel`: communication per layout and pipeline bubbles; `kernels`:
-time and memory of each fused kernel against its references; `data`: data loading throughput; `hf-load`: each
+time and memory of each fused kernel against its references; `data`: data loading throughput; `data-scale`: what each of W data-parallel ranks reads; `hf-load`: each
 rank's memory while importing a Hugging Face checkpoint sharded; `lora`: memory of LoRA vs full fine-tuning."""
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=5, help="timed training steps (default 5)")
     d.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader processes (default 0 1 2)")
     d.add_argument("overrides", nargs="*", help="Hydra overrides on top of experiment=demo, e.g. data.pack=true")
+    from mmfm.data.scale_bench import __doc__ as scale_doc, add_arguments as scale_arguments
+
+    scale_arguments(add_tool(sub, "bench", "data-scale", description=scale_doc,
+                             formatter_class=argparse.RawDescriptionHelpFormatter))
     from mmfm.checkpoint.hf_bench import __doc__ as hf_load_doc, add_arguments as hf_load_arguments
 
     h = add_tool(sub, "bench", "hf-load", description=hf_load_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,6 +71,12 @@ def main(argv: list[str]) -> int:
 
         with one_line_errors("mmfm bench data"):
             print(data_bench(args.data, args.overrides, args.samples, args.steps, args.workers))
+        return 0
+    if args.bench == "data-scale":
+        from mmfm.data.scale_bench import run as scale_bench
+
+        with one_line_errors("mmfm bench data-scale"):
+            print(scale_bench(args))
         return 0
     if args.bench == "hf-load":
         from mmfm.checkpoint.hf_bench import run as hf_load_bench

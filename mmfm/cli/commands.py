@@ -36,6 +36,8 @@ TOOLS: dict[str, dict[str, str]] = {
         "kernels": "each kernel vs eager / torch.compile / Liger: time and peak memory (GPU); fused linear "
                    "cross-entropy memory (CPU)",
         "data": "loader samples/s (in-process, 1 and 2 workers) vs raw tar read and vs what training consumes",
+        "data-scale": "bytes and shards each of W data-parallel ranks reads per epoch (W up to 1024), and the time to "
+                      "the first sample after a resume",
         "hf-load": "each rank's peak private memory while importing a Hugging Face checkpoint at tp=N and fsdp=N, "
                    "vs the full model's size",
         "lora": "peak private memory, trainable parameters, optimizer and reference bytes: full fine-tuning vs "

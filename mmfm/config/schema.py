@@ -158,6 +158,17 @@ class DataConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     # Check each shard against the manifest's sha256 when a process first opens it (once per shard and process).
     verify_shards: bool = True
+    # Spans the epoch's shuffled shards are cut into, shuffled apart and taken in turn (docs/data.md, "Which rank
+    # reads what"): a data-parallel rank reads only its own spans' shards when the data-parallel size divides
+    # it. 0: the data-parallel size. The sample order depends on it, not on the layout; a resume keeps the
+    # checkpoint's.
+    partitions: int = 0
+    # A file every loader process appends each sample it reads to (shard, sample, bytes; one JSON line each).
+    read_log: str = ""
+    # Where data.path's shards are read from instead of its folder (manifest and tokenizer stay there): a template
+    # whose {shard} is a manifest shard name, e.g. s3://bucket/caps/{shard} (fsspec; the scheme's package
+    # installed) or "pipe:aws s3 cp s3://bucket/caps/{shard} -". Taken from the config only, never from a file.
+    shards_url: str = ""
 
 
 @dataclass

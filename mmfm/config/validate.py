@@ -102,6 +102,11 @@ def _validate_data(cfg: JobConfig) -> None:
              f"data.seq_len={d.seq_len} exceeds model.language.max_seq_len={lm.max_seq_len}; raise "
              "model.language.max_seq_len or lower data.seq_len")
     _require(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0 (0: decode in the training process)")
+    _require(d.partitions >= 0, f"data.partitions={d.partitions} must be >= 0 (0: the data-parallel size)")
+    _require(not d.shards_url or (d.shards_url.count("{shard}") == 1
+                                  and (d.shards_url.startswith("pipe:") or "://" in d.shards_url)),
+             f"data.shards_url={d.shards_url!r} must be a URL (scheme://...) or a pipe: command with {{shard}} once, "
+             "e.g. s3://bucket/caps/{shard}")
     for i, w in enumerate([d.weight] + [m.weight for m in d.mix]):
         name = "data.weight" if i == 0 else f"data.mix[{i - 1}].weight"
         _require(math.isfinite(w) and w > 0, f"{name}={w} must be a finite number > 0")

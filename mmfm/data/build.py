@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from mmfm.data.loader import BatchLoader, SampleEncoder, SampleStream, reshard_s
 from mmfm.data.mixing import MixedStream, reshard_mixed_states
 from mmfm.data.packing import PackedBatchLoader
 from mmfm.data.processor import image_processor
-from mmfm.data.manifest import TOKENIZER, ShardChecksums, read_manifest, shard_counts, shard_paths
+from mmfm.data.manifest import TOKENIZER, ShardChecksums, read_manifest, split_locations
 from mmfm.data.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
 
 
 def load_tokenizer(cfg: JobConfig) -> TextTokenizer:
@@ -69,14 +72,22 @@ def sample_encoder(cfg: JobConfig, tokenizer: TextTokenizer) -> SampleEncoder | 
 
 
 def _stream(cfg: JobConfig, path: str, split: str, encoder, **kw) -> SampleStream:
-    """The split's shards of the data set in `path`, with their manifest counts and (data.verify_shards) sha256."""
-    checksums = ShardChecksums.of(path, split) if cfg.data.verify_shards else None
-    return SampleStream(shard_paths(path, split), encoder, cfg.seed, cfg.data.shuffle_buffer,
-                        expected_counts=shard_counts(path, split), checksums=checksums, **kw)
+    """The split's shards of the data set in `path` (read from data.shards_url for data.path when set), with their
+    manifest counts and (data.verify_shards) sha256."""
+    url = cfg.data.shards_url if path == cfg.data.path else ""
+    shards = split_locations(path, split, url)
+    checksums = ShardChecksums.of(path, split, url) if cfg.data.verify_shards else None
+    return SampleStream(list(shards), encoder, cfg.seed, cfg.data.shuffle_buffer, checksums=checksums,
+                        expected_counts={p: s["samples"] for p, s in shards.items() if "samples" in s}, **kw)
 
 
 def _train_stream(cfg: JobConfig, path: str, encoder: SampleEncoder, dp_rank: int, dp_size: int) -> SampleStream:
-    return _stream(cfg, path, "train", encoder, rank=dp_rank, world=dp_size, workers=cfg.data.num_workers)
+    partitions = cfg.data.partitions or dp_size
+    if partitions % dp_size and dp_rank == 0:
+        log.warning("data.partitions=%d is not a multiple of the %d data-parallel ranks: each rank reads from more "
+                    "shards than its share", partitions, dp_size)
+    return _stream(cfg, path, "train", encoder, rank=dp_rank, world=dp_size, workers=cfg.data.num_workers,
+                   partitions=partitions, read_log=cfg.data.read_log)
 
 
 def _same_tokenizer(main: str, other: str) -> None:
@@ -123,6 +134,9 @@ def check_val_split(cfg: JobConfig, validates: bool) -> bool:
     sha256 with data.verify_shards; each is hashed once per process), so that reading them after training fails
     for no reason known before it."""
     splits = read_manifest(cfg.data.path)["splits"]
+    if splits.get("val", {}).get("shards") and cfg.data.shards_url:
+        split_locations(cfg.data.path, "val", cfg.data.shards_url)  # names it can carry; checked when read
+        return True
     if splits.get("val", {}).get("shards"):
         checksums = ShardChecksums.of(cfg.data.path, "val")  # DataError for a missing shard file
         for shard in checksums.sha256 if cfg.data.verify_shards else ():

@@ -17,17 +17,16 @@ import itertools
 import json
 import logging
 import pickle
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
-import webdataset as wds
 from PIL import Image
 
 from mmfm.data.manifest import DataError, ShardChecksums
 from mmfm.data.processor import ImageProcessor
+from mmfm.data.shards import EpochLayout, ShardReader, ShardReadError
 from mmfm.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -183,114 +182,118 @@ def owns(index: int, rank: int, world: int, base: int = 0, consumed: frozenset |
 class SampleStream:
     """Encoded samples from shards, epoch after epoch; resumable through state_dict().
 
-    Shard order and the shuffle buffer are seeded by (seed, epoch), so replaying the first `position`
-    raw samples of an epoch reproduces the stream exactly: that is how load_state_dict resumes.
-    Data-parallel rank `rank` of `world` serves raw sample `i` (its index in that global stream) iff
-    `i >= base`, `(i - base) % world == rank` and `i` is not in `consumed`; samples before `base` and
-    those in `consumed` were served before a change of data-parallel size (see reshard_stream_states).
-    Over an epoch every sample goes to exactly one rank, and one step of `world` ranks reads the same
-    samples as one process with a `world` times larger batch. A new epoch starts with base 0, nothing
-    consumed.
+    The epoch's global order comes from the shards' sample counts and (seed, epoch, partitions) alone
+    (mmfm.data.shards): one partition gives webdataset's buffer shuffle over the seeded shard order; P partitions
+    cut the shuffled shards into P spans shuffled apart and taken in turn. Data-parallel rank `rank` of `world`
+    serves global index `i` iff `i >= base`, `(i - base) % world == rank` and `i` is not in `consumed`, and reads
+    only those samples: with `world` dividing `partitions` (and base 0), only the shards of its own spans.
+    Samples before `base` and those in `consumed` were served before a change of data-parallel size (see
+    reshard_stream_states). Over an epoch every sample goes to exactly one rank, and one step of `world` ranks
+    reads the same samples as one process with the same partitions and a `world` times larger batch. A resume
+    seeks to its position: nothing before it is read again. A new epoch starts with base 0, nothing consumed.
 
-    State: {"epoch", "position" (raw samples passed: index of the next one), "skipped" (counts by
-    reason), "base", "consumed" (sorted indices >= base)}; the last two default to 0 and [].
+    counts: samples per shard (the manifest's); a shard without one is counted from its tar headers. A shard
+    that holds fewer readable samples has the missing ones skipped as "truncated_shard".
 
-    workers > 0: decoding and tokenization run in that many loader processes, the rank's samples dealt to
-    them in chunks (`_WorkerShare`); the samples, their order and the state are those of workers=0.
-    Read errors of damaged shards are counted with workers=0 only (the workers log them).
+    State: {"epoch", "position" (global indices passed: the next one), "skipped" (counts by reason), "base",
+    "consumed" (sorted indices >= base), "partitions"}; the last three default to 0, [] and 1.
+
+    workers > 0: reading, decoding and tokenization run in that many loader processes, the rank's samples dealt
+    to them in chunks (`_WorkerShare`); each worker reads only its own samples; the samples, their order and the
+    state are those of workers=0.
 
     checksums: each shard is checked against the manifest's sha256 when this process (or a loader worker)
     first opens it, and again if it was replaced since (ShardChecksums); None reads shards unverified.
+    read_log: a file each reading process appends its reads to (mmfm.data.shards.ShardReader).
     """
 
     def __init__(self, shards: list[str], encoder: SampleEncoder, seed: int, shuffle_buffer: int,
                  shuffle: bool = True, loop: bool = True, rank: int = 0, world: int = 1, workers: int = 0,
-                 expected_counts: Optional[dict[str, int]] = None, checksums: Optional[ShardChecksums] = None):
+                 expected_counts: Optional[dict[str, int]] = None, checksums: Optional[ShardChecksums] = None,
+                 partitions: int = 1, read_log: str = ""):
         if not shards:
             raise ValueError("no shards to read")
-        self.rank, self.world, self.workers = rank, world, workers
+        if partitions < 1:
+            raise ValueError(f"partitions must be >= 1, got {partitions}")
+        self.rank, self.world, self.workers, self.partitions = rank, world, workers, partitions
         self.expected_counts = expected_counts or {}  # shard -> samples, from the manifest
-        self.checksums = checksums
+        self.reader = ShardReader(checksums, read_log, rank)
         self.shards, self.encoder, self.seed = list(shards), encoder, seed
         self.shuffle_buffer, self.shuffle, self.loop = shuffle_buffer, shuffle, loop
         self.epoch, self.position, self.base = 0, 0, 0
         self.consumed: list[int] = []
         self.skipped: Counter = Counter()
+        self._counts: Optional[dict[str, int]] = None
+        self._orders: dict = {}  # the span orders' state at `position` (EpochLayout.state), loaded to resume
+        self._served: Optional[EpochLayout] = None  # the current epoch's order as far as it was consumed
         self._it: Optional[Iterator] = None
-        self._replaying = False
 
     def state_dict(self) -> dict:
+        orders = self._served.state() if self._served is not None else self._orders
         return {"epoch": self.epoch, "position": self.position, "skipped": dict(self.skipped),
-                "base": self.base, "consumed": list(self.consumed)}
+                "base": self.base, "consumed": list(self.consumed), "partitions": self.partitions, "orders": orders}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.base = int(state.get("base", 0))  # states from before resharding have neither key
         self.consumed = sorted(int(i) for i in state.get("consumed", []))
+        self.partitions = int(state.get("partitions", 1))  # states from before partitions: one global stream
+        self._orders = dict(state.get("orders", {}))  # none: the orders are replayed up to the position
         self.skipped = Counter(state.get("skipped", {}))
-        self._it = None
-
-    def _on_read_error(self, exc: Exception) -> bool:
-        if not self._replaying:  # replayed errors were counted before the checkpoint
-            self._skip("read_error", "", f"{type(exc).__name__}: {exc}")
-        return True
+        self._served, self._it = None, None
 
     def _skip(self, reason: str, key: str, detail: str) -> None:
         self.skipped[reason] += 1
         log.warning("skipped sample %s (%s): %s", key or "?", reason, detail)
 
-    def _raw_epoch(self, epoch: int) -> Iterator[dict]:
-        rng = random.Random(f"{self.seed}-{epoch}")
-        shards = list(self.shards)
-        if self.shuffle:
-            rng.shuffle(shards)
-        samples = self._counted(shards)
-        if not self.shuffle:
-            return samples
-        return iter(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples))
+    def _layout(self, epoch: int) -> EpochLayout:
+        """Epoch `epoch`'s order; the loaded state's epoch continues from its saved span orders."""
+        if self._counts is None:
+            self._counts = {s: self.expected_counts[s] if s in self.expected_counts else self.reader.count(s)
+                            for s in self.shards}
+        layout = EpochLayout(self.shards, self._counts, self.seed, epoch, self.partitions, self.shuffle,
+                             self.shuffle_buffer)
+        if self.partitions > max(layout.total, 1):
+            raise DataError(f"the data set holds {layout.total} samples in {len(self.shards)} shard(s), fewer than "
+                            f"its {self.partitions} partitions (data.partitions, by default the data-parallel size); "
+                            "use fewer partitions or more data")
+        if epoch == self.epoch and self._orders:
+            layout.restore(self._orders)
+        return layout
 
-    def _counted(self, shards: list[str]) -> Iterator[dict]:
-        """The shards' samples in order; a shard that ends short of its manifest count (Python's tarfile stops
-        silently at a bad header mid-stream) has its missing samples counted as skipped "truncated_shard"."""
-        for shard in shards:
-            if self.checksums is not None:
-                self.checksums.check(shard)
-            read = 0
-            reader = wds.DataPipeline(wds.SimpleShardList([shard]), wds.tarfile_to_samples(handler=self._on_read_error))
-            for sample in reader:
-                read += 1
-                yield sample
-            missing = self.expected_counts.get(shard, read) - read
-            if missing > 0 and not self._replaying:
-                self.skipped["truncated_shard"] += missing
-                log.warning("shard %s ended after %d of its %d samples (truncated or damaged)", shard, read,
-                            read + missing)
+    def _indices(self, total: int, position: int, base: int, consumed: set) -> Iterator[int]:
+        """The global indices from `position` on that this rank serves (see `owns`)."""
+        start = max(position, base)
+        for g in range(start + (self.rank - (start - base)) % self.world, total, self.world):
+            if g not in consumed:
+                yield g
 
-    def _owned(self) -> Iterator[tuple[int, int, dict]]:
-        """(epoch, raw index, raw sample) of every raw sample this rank serves, from the current state on."""
+    def _owned(self) -> Iterator[tuple[int, int, tuple[str, int]]]:
+        """(epoch, global index, (shard, sample ordinal)) of every sample this rank serves, from the state on."""
         epoch, position, base, consumed = self.epoch, self.position, self.base, set(self.consumed)
         while True:
-            raw_iter = self._raw_epoch(epoch)
-            self._replaying = True
-            replayed = sum(1 for _ in itertools.islice(raw_iter, position))
-            self._replaying = False
-            if replayed < position:
+            layout = self._layout(epoch)
+            if position > layout.total:
                 raise DataError(f"loader state says epoch {epoch} consumed {position} samples, but the "
-                                f"shards hold only {replayed}: the data set changed since the checkpoint")
+                                f"shards hold only {layout.total}: the data set changed since the checkpoint")
             served = 0
-            for index, raw in enumerate(raw_iter, start=position):
-                if owns(index, self.rank, self.world, base, consumed):
-                    served += 1
-                    yield epoch, index, raw
+            for index in self._indices(layout.total, position, base, consumed):
+                served += 1
+                yield epoch, index, layout.sample(index)
             if not self.loop:
                 return
             if served == 0 and position == 0:
-                raise DataError(f"a whole epoch of {len(self.shards)} shard(s) held no readable sample for this "
+                raise DataError(f"a whole epoch of {len(self.shards)} shard(s) held no sample for this "
                                 f"rank; check the data set, e.g. {self.shards[0]}")
             epoch, position, base, consumed = epoch + 1, 0, 0, set()
 
-    def _encode(self, raw: dict):
-        """The encoded sample, or (reason, key, detail) for one to skip."""
+    def _encode(self, where: tuple[str, int]):
+        """Sample `ordinal` of `shard`, read and encoded, or (reason, key, detail) for one to skip."""
+        shard, ordinal = where
+        try:
+            raw = self.reader.read(shard, ordinal)
+        except ShardReadError as exc:
+            return exc.args[0], f"{shard}#{ordinal}", exc.args[1]
         try:
             return self.encoder(raw)
         except SkipSample as skip:
@@ -299,7 +302,10 @@ class SampleStream:
     def _consume(self, epoch: int, index: int, payload) -> Optional[EncodedSample]:
         """Advance the state past raw sample `index` of `epoch`; the sample, or None when it is skipped."""
         if epoch != self.epoch:
-            self.epoch, self.base, self.consumed = epoch, 0, []
+            self.epoch, self.base, self.consumed, self._orders, self._served = epoch, 0, [], {}, None
+        if self._served is None:
+            self._served = self._layout(epoch)
+        self._served.sample(index)  # this process's copy of the order, for state_dict (workers run their own)
         self.position = index + 1
         if isinstance(payload, tuple):
             self._skip(*payload)
@@ -313,7 +319,7 @@ class SampleStream:
     def _items(self) -> Iterator[tuple[int, int, object]]:
         """(epoch, index, sample or skip) in stream order: encoded here, or by `workers` loader processes."""
         if self.workers == 0:
-            return ((epoch, index, self._encode(raw)) for epoch, index, raw in self._owned())
+            return ((epoch, index, self._encode(where)) for epoch, index, where in self._owned())
         loader = torch.utils.data.DataLoader(_WorkerShare(self), batch_size=None, num_workers=self.workers,
                                              collate_fn=_as_is, multiprocessing_context="spawn", prefetch_factor=4)
         return (item for blob in loader for item in _unpickle_chunk(blob))
@@ -351,8 +357,8 @@ def _unpickle_chunk(blob: bytes) -> list:
 
 
 class _WorkerShare(torch.utils.data.IterableDataset):
-    """Loader worker w of W: walks the rank's stream from its state and encodes the rank's samples
-    k with (k // CHUNK) % W == w, handing them over CHUNK at a time (one pickled message: cheaper than a
+    """Loader worker w of W: walks the rank's sample order from its state and reads and encodes the rank's
+    samples k with (k // CHUNK) % W == w, handing them over CHUNK at a time (one pickled message: cheaper than a
     shared-memory tensor per sample). The DataLoader takes one chunk from each worker in turn, so the rank
     gets its samples in stream order, each encoded by exactly one worker, and its state advances as in one
     process."""
@@ -371,9 +377,9 @@ class _WorkerShare(torch.utils.data.IterableDataset):
     def _chunks(self):
         info = torch.utils.data.get_worker_info()
         s, chunk = self.stream, []
-        for k, (epoch, index, raw) in enumerate(s._owned()):
+        for k, (epoch, index, where) in enumerate(s._owned()):
             if (k // self.CHUNK) % info.num_workers == info.id:
-                chunk.append((epoch, index, s._encode(raw)))
+                chunk.append((epoch, index, s._encode(where)))
                 if len(chunk) == self.CHUNK:
                     yield pickle.dumps(chunk)
                     chunk = []
@@ -401,7 +407,11 @@ def reshard_stream_states(states: list[dict], new_world: int) -> list[dict]:
         raise DataError(f"the {world} data-loader states are at different {where}, so they cannot be resharded "
                         f"to {new_world} data-parallel ranks; resume at the same data-parallel size ({world}) "
                         "or from another checkpoint")
-    (epoch,), (base,) = epochs, bases
+    partitions = {int(s.get("partitions", 1)) for s in states}
+    if len(partitions) > 1:
+        raise DataError(f"the {world} data-loader states have different data.partitions {sorted(partitions)}; they "
+                        "come from different runs")
+    (epoch,), (base,), (parts,) = epochs, bases, partitions
     old_consumed = {int(i) for s in states for i in s.get("consumed", [])}
     positions = [int(s["position"]) for s in states]
     new_base = min(positions)
@@ -410,7 +420,7 @@ def reshard_stream_states(states: list[dict], new_world: int) -> list[dict]:
                 if i in old_consumed or i < positions[(i - base) % world]]
     skipped = sum((Counter(s.get("skipped", {})) for s in states), Counter())
     return [{"epoch": epoch, "position": new_base, "skipped": dict(skipped) if r == 0 else {},
-             "base": new_base, "consumed": list(consumed)} for r in range(new_world)]
+             "base": new_base, "consumed": list(consumed), "partitions": parts} for r in range(new_world)]
 
 
 def pad_sequence(batch: Batch, length: int, pad_id: int) -> Batch:

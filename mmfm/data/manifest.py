@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Optional
@@ -140,9 +141,9 @@ def _check_shard(path: Path, where: str, shard) -> None:
         raise _bad(path, f"{where} sha256={shard['sha256']!r} is not a sha256 hex digest")
 
 
-def split_shards(data_dir: str | Path, split: str) -> dict[str, dict]:
+def split_shards(data_dir: str | Path, split: str, local: bool = True) -> dict[str, dict]:
     """{shard path: its manifest entry} of `split`, in manifest order; DataError when the split is unknown, lists
-    no shards or a shard file is missing."""
+    no shards or (local) a shard file is missing."""
     manifest = read_manifest(data_dir)
     if split not in manifest["splits"]:
         raise DataError(f"data set {data_dir} has no split {split!r} (it has {sorted(manifest['splits'])}); "
@@ -150,7 +151,7 @@ def split_shards(data_dir: str | Path, split: str) -> dict[str, dict]:
     shards = {str(Path(data_dir) / s["file"]): s for s in manifest["splits"][split]["shards"]}
     if not shards:
         raise DataError(f"split {split!r} of {data_dir}/{MANIFEST} lists no shards; rebuild the data set")
-    missing = [p for p in shards if not os.path.isfile(p)]
+    missing = [p for p in shards if local and not os.path.isfile(p)]
     if missing:
         raise DataError(f"{len(missing)} shard(s) listed in {data_dir}/{MANIFEST} are missing, e.g. {missing[0]}; "
                         "rebuild the data set")
@@ -166,6 +167,28 @@ def shard_counts(data_dir: str | Path, split: str) -> dict[str, int]:
     return {p: s["samples"] for p, s in split_shards(data_dir, split).items() if "samples" in s}
 
 
+_URL_SAFE_NAME = re.compile(r"[A-Za-z0-9._/-]+")
+
+
+def shard_url(template: str, name: str) -> str:
+    """Where a shard of the manifest is read from with data.shards_url: the template with {shard} replaced by the
+    shard's file name (quoted for the shell in a pipe: command). Names with other characters than letters,
+    digits and ._/- are refused: they come from a file."""
+    if not _URL_SAFE_NAME.fullmatch(name):
+        raise UnsafePath(f"shard file name {name!r} has characters that data.shards_url cannot carry safely "
+                         "(letters, digits and ._/- only); rename the shards or read them from data.path")
+    return template.replace("{shard}", shlex.quote(name) if template.startswith("pipe:") else name)
+
+
+def split_locations(data_dir: str | Path, split: str, url_template: str = "") -> dict[str, dict]:
+    """{where the shard is read from: its manifest entry} of `split`: its path in data_dir, or (url_template) its
+    URL, the local files then not required."""
+    shards = split_shards(data_dir, split, local=not url_template)
+    if not url_template:
+        return shards
+    return {shard_url(url_template, s["file"]): s for s in shards.values()}
+
+
 _VERIFIED: set[tuple] = set()  # (path, size, mtime, ctime, inode) of every shard this process has verified
 
 
@@ -179,8 +202,8 @@ class ShardChecksums:
     sha256: dict[str, Optional[str]]
 
     @classmethod
-    def of(cls, data_dir: str | Path, split: str) -> "ShardChecksums":
-        shards = split_shards(data_dir, split)
+    def of(cls, data_dir: str | Path, split: str, url_template: str = "") -> "ShardChecksums":
+        shards = split_locations(data_dir, split, url_template)
         return cls(str(Path(data_dir) / MANIFEST), {p: s.get("sha256") for p, s in shards.items()})
 
     def check(self, shard: str) -> None:
@@ -188,14 +211,21 @@ class ShardChecksums:
         key = (os.path.abspath(shard), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
         if key in _VERIFIED:
             return
+        self.check_digest(shard, self._expected(shard) and sha256_file(Path(shard)))
+        _VERIFIED.add(key)
+
+    def _expected(self, shard: str) -> str:
         expected = self.sha256.get(shard)
         if expected is None:
             raise DataError(f"{self.manifest} records no sha256 for shard {shard}; rebuild the data set, or set "
                             "data.verify_shards=false to read it unverified")
-        if sha256_file(Path(shard)) != expected:
+        return expected
+
+    def check_digest(self, shard: str, digest: str) -> None:
+        """DataError unless `digest` is the sha256 the manifest records for the shard."""
+        if digest != self._expected(shard):
             raise DataError(f"shard {shard} does not match the sha256 that {self.manifest} records for it (it was "
                             "replaced or changed); rebuild the data set or restore the shard")
-        _VERIFIED.add(key)
 
 
 def existing_build(out: Path, params: dict, force: bool):
