@@ -174,11 +174,6 @@ def collate(samples: list[EncodedSample], pad_id: int) -> Batch:
                  prompt_lengths=[s.prompt_len for s in samples], pairs=len(pairs), extras=extras)
 
 
-def owns(index: int, rank: int, world: int, base: int = 0, consumed: frozenset | set = frozenset()) -> bool:
-    """Whether data-parallel rank `rank` of `world` serves raw sample `index` of an epoch's global stream."""
-    return index >= base and (index - base) % world == rank and index not in consumed
-
-
 class SampleStream:
     """Encoded samples from shards, epoch after epoch; resumable through state_dict().
 
@@ -196,7 +191,8 @@ class SampleStream:
     that holds fewer readable samples has the missing ones skipped as "truncated_shard".
 
     State: {"epoch", "position" (global indices passed: the next one), "skipped" (counts by reason), "base",
-    "consumed" (sorted indices >= base), "partitions"}; the last three default to 0, [] and 1.
+    "consumed" (sorted indices >= base), "partitions", "orders" (where each span order this rank sampled
+    stands, EpochLayout.state)}; the last four default to 0, [], 1 and {} (orders then computed again).
 
     workers > 0: reading, decoding and tokenization run in that many loader processes, the rank's samples dealt
     to them in chunks (`_WorkerShare`); each worker reads only its own samples; the samples, their order and the
@@ -262,7 +258,8 @@ class SampleStream:
         return layout
 
     def _indices(self, total: int, position: int, base: int, consumed: set) -> Iterator[int]:
-        """The global indices from `position` on that this rank serves (see `owns`)."""
+        """The global indices g from `position` on that this rank serves: g >= base, (g - base) % world == rank,
+        g not in consumed."""
         start = max(position, base)
         for g in range(start + (self.rank - (start - base)) % self.world, total, self.world):
             if g not in consumed:
