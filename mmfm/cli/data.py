@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pair-fraction", type=float, default=0.45, help="share of two-object scenes among scenes")
     s.add_argument("--instruct-text", action="store_true",
                    help="tokenizer also trained on the instruction data's text (for later sft/dpo/grpo stages)")
-    s.add_argument("--pair-captions", choices=("ordered", "shuffled"), default="ordered",
+    s.add_argument("--pair-captions", choices=("ordered", "shuffled", "one-place"), default="ordered",
                    help="two-object captions: objects first, left/top one first ('a red circle on the left and ...'), "
                         "or places first in random order ('on the right is a blue square and ...'), which teaches the "
                         "place-to-object binding that the later stages' questions need")

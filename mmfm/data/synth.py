@@ -63,20 +63,22 @@ def render_scene(objects: list[tuple[str, str, float, float]], size: int, rng: r
     return img.resize((size, size), Image.BOX)
 
 
-PAIR_CAPTIONS = ("ordered", "shuffled")
+PAIR_CAPTIONS = ("ordered", "shuffled", "one-place")
 
 
 def pair_caption(first: tuple[str, str, str], second: tuple[str, str, str], style: str, rng: random.Random) -> str:
     """(shape, colour, where) x 2 -> caption. "ordered": objects first, left/top one first ("a red circle on the left
     and a blue square on the right."). "shuffled": places first, in random order ("on the right is a blue square and
     on the left is a red circle."): the captioner must bind each named place to its object, which the position
-    questions of the later stages (`mmfm data instruct`) build on."""
+    questions of the later stages (`mmfm data instruct`) build on. There the second object's colour and shape follow
+    from the first's by elimination, so one colour a caption needs the binding. "one-place": one of the two places,
+    picked at random, and its object ("on the right is a blue square."): colour and shape both need it."""
     if style == "ordered":
         return " and ".join(f"a {c} {s} {w}" for s, c, w in (first, second)) + "."
     phrases = [f"{w} is a {c} {s}" for s, c, w in (first, second)]
     if rng.random() < 0.5:
         phrases.reverse()
-    return " and ".join(phrases) + "."
+    return (phrases[0] if style == "one-place" else " and ".join(phrases)) + "."
 
 
 def scene_sample(rng: random.Random, size: int, pair_fraction: float,
@@ -156,6 +158,8 @@ def all_caption_texts(prompt: str, pair_captions: str = "ordered") -> list[str]:
             if pair_captions == "shuffled":
                 texts += [f"{where} is a {colour} {shape} and {where} is a {colour} {shape}."
                           for where in SINGLE_POSITIONS]
+            elif pair_captions == "one-place":
+                texts += [f"{where} is a {colour} {shape}." for where in SINGLE_POSITIONS]
     texts += [f"the handwritten digit {w}." for w in DIGIT_WORDS]
     return texts
 
@@ -175,7 +179,8 @@ def build_synth_dataset(out: str | Path, seed: int = 0, train_size: int = 20000,
     An existing data set built with the same parameters is reused; different parameters need force=True.
     instruct_text: train the tokenizer on the instruction data's text too (questions, answers, chat markers), for
     a model that goes on to the sft/dpo/grpo stages with `mmfm data instruct` data.
-    pair_captions: "ordered" or "shuffled" two-object captions (see pair_caption); the later stages need "shuffled".
+    pair_captions: "ordered", "shuffled" or "one-place" two-object captions (see pair_caption); the later stages need
+    a place-first style.
     tokenizer: a pretrained tokenizer (a Hugging Face folder, or a tokenizer.json) to copy instead of training one
     (mmfm.data.tokenizer.install_tokenizer; vocab_size and instruct_text then do not apply).
     """
