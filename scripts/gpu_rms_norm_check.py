@@ -73,19 +73,22 @@ def check_case(ops, shape, dtype, wdtype):
 
 
 def check_errors(ops):
-    """TORCH_CHECK messages on bad inputs, and empty inputs."""
+    """Bad inputs refused with a ValueError before the extension runs (check_rms_norm_inputs: a failed TORCH_CHECK
+    inside it ended the process on the H200), non-contiguous inputs, and empty inputs through the op."""
     x, w = torch.randn(4, 8, device="cuda"), torch.ones(8, device="cuda")
-    bad = {"contiguous": lambda: ops.forward(x.t(), torch.ones(4, device="cuda"), EPS),
-           "weight must have shape": lambda: ops.forward(x, torch.ones(7, device="cuda"), EPS),
-           "float32, float16 or bfloat16": lambda: ops.forward(x.double(), w.double(), EPS),
-           "dy must have the shape": lambda: ops.backward(x[:2], x, w, torch.ones(4, device="cuda"))}
+    bad = {"weight must have shape": lambda: rms_norm_cuda(x, torch.ones(7, device="cuda"), EPS),
+           "float32, float16 or bfloat16": lambda: rms_norm_cuda(x.double(), w.double(), EPS),
+           "dtype of x": lambda: rms_norm_cuda(x.half(), w.bfloat16(), EPS)}
     out = {}
     for expect, call in bad.items():
         try:
             call()
             out[expect] = "no error"
-        except RuntimeError as e:
+        except ValueError as e:
             out[expect] = "ok" if expect in str(e) else f"other error: {str(e)[:200]}"
+    xt = torch.randn(8, 4, device="cuda").t()
+    out["non-contiguous"] = "ok" if torch.allclose(rms_norm_cuda(xt, torch.ones(8, device="cuda"), EPS),
+                                                   reference(xt, torch.ones(8, device="cuda"), EPS), atol=1e-5) else "wrong"
     e = torch.empty(0, 8, device="cuda")
     y, rstd = ops.forward(e, w, EPS)
     dx, dw = ops.backward(e, e, w, rstd)

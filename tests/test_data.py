@@ -66,7 +66,7 @@ def dominant_colour(image, box) -> str:
     return min(COLOURS, key=lambda c: float(((torch.tensor(COLOURS[c], dtype=torch.float32) - mean) ** 2).sum()))
 
 
-def test_shuffled_pair_captions_name_each_place_with_its_object():
+def test_place_first_pair_captions_name_each_place_with_its_object():
     samples = list(generate_samples("train", 300, 1, 64, 0.0, 1.0, ([], []), pair_captions="shuffled"))
     halves = {"on the left": (0, 0, 32, 64), "on the right": (32, 0, 64, 64), "at the top": (0, 0, 64, 32),
               "at the bottom": (0, 32, 64, 64)}
@@ -81,6 +81,12 @@ def test_shuffled_pair_captions_name_each_place_with_its_object():
         for place, colour, shape in found:
             assert shape in SHAPES and dominant_colour(s.image, halves[place]) == colour, (s.caption, place)
     assert first_places == set(halves)  # either object may come first
+    one_place = {}
+    for s in generate_samples("train", 200, 1, 64, 0.0, 1.0, ([], []), pair_captions="one-place"):
+        place, colour, shape = phrase.fullmatch(s.caption.removesuffix(".")).groups()
+        assert shape in SHAPES and dominant_colour(s.image, halves[place]) == colour, s.caption
+        one_place[place] = one_place.get(place, 0) + 1
+    assert set(one_place) == set(halves) and min(one_place.values()) >= 30  # either object of the pair is named
     with pytest.raises(DataError, match="pair_captions='sideways' is unknown"):
         build_synth_dataset(Path("unused"), pair_captions="sideways", progress=False)
 

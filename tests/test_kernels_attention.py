@@ -13,7 +13,7 @@ from mmfm.models.attention import document_mask
 LENGTHS = [[5, 7, 4], [16], [1, 9, 6]]  # documents per row, 16 positions each
 
 
-def packed_inputs(dtype=torch.float32, heads=2, dim=8):
+def packed_inputs(dtype=torch.float32, heads=2, dim=16):  # FlexAttention on CUDA needs dim >= 16
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(len(LENGTHS), heads, 16, dim, generator=g, dtype=dtype).to(DEVICE).requires_grad_()
                for _ in range(3))

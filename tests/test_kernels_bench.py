@@ -26,7 +26,8 @@ def test_fused_loss_peak_memory_is_at_least_4x_lower(capsys):
 
 
 def test_cli_runs_the_memory_comparison_on_cpu(capsys):
-    assert bench_main(["kernels", "--tokens", "256", "--vocab", "4096", "--hidden", "128", "--repeats", "1"]) == 0
+    assert bench_main(["kernels", "--memory", "--device", "cpu", "--tokens", "256", "--vocab", "4096", "--hidden", "128",
+                       "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "N=256 tokens, V=4096 vocab, H=128 hidden" in out and "measured ratio:" in out
 

@@ -89,3 +89,18 @@ def test_autograd_function_matches_reference(monkeypatch):
     torch.testing.assert_close(xa.grad, xb.grad)
     torch.testing.assert_close(wa.grad, wb.grad)
     assert calls == [("forward", True), ("backward", True)]
+
+
+@pytest.mark.parametrize("x, w, message", [
+    (torch.ones(4, 0), torch.ones(0), "non-empty last dimension"),
+    (torch.ones(4, 8), torch.ones(7), r"weight must have shape \[8\]"),
+    (torch.ones(4, 8, dtype=torch.float64), torch.ones(8, dtype=torch.float64), "float32, float16 or bfloat16"),
+    (torch.ones(4, 8, dtype=torch.bfloat16), torch.ones(8, dtype=torch.float16), "dtype of x"),
+    (torch.ones(4, 8), torch.ones(8, device="meta"), "on one device"),
+])
+def test_bad_inputs_are_refused_before_the_extension(monkeypatch, x, w, message):
+    calls = []
+    monkeypatch.setattr(cuda_ext, "load_rms_norm_extension", lambda: _fake_ops(calls))
+    with pytest.raises(ValueError, match=message):
+        cuda_ext.rms_norm_cuda(x, w, 1e-5)
+    assert calls == []

@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer also trained on the instruction data's text (for later sft/dpo/grpo stages)")
     s.add_argument("--pair-captions", choices=("ordered", "shuffled", "one-place"), default="ordered",
                    help="two-object captions: objects first, left/top one first ('a red circle on the left and ...'), "
-                        "or places first in random order ('on the right is a blue square and ...'), which teaches the "
-                        "place-to-object binding that the later stages' questions need")
+                        "places first in random order ('on the right is a blue square and ...'), or one place, picked at "
+                        "random, and its object ('on the right is a blue square.'); the place-first styles teach the "
+                        "place-to-object binding that the later stages' questions need (the alignment tests use one-place)")
     s.add_argument("--tokenizer", help="a pretrained model's Hugging Face folder (or a tokenizer.json) whose tokenizer to "
                    "copy instead of training one (<image> added if it lacks one)")
     s.add_argument("--force", action="store_true", help="rebuild a folder built with other parameters")

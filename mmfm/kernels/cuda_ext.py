@@ -73,11 +73,31 @@ class _RMSNormCUDA(torch.autograd.Function):
         return dx, dweight, None
 
 
+INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_rms_norm_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """The extension's rules for its inputs, checked before the call: on the H200, a check failing inside the
+    extension (TORCH_CHECK in rms_norm.cu) ended the process with a segmentation fault (docs/kernels.md)."""
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"rms_norm_cuda: x must have a non-empty last dimension, got shape {list(x.shape)}")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm_cuda: weight must have shape [{x.shape[-1]}] (the last dimension of x), "
+                         f"got {list(weight.shape)}")
+    if x.dtype not in INPUT_DTYPES:
+        raise ValueError(f"rms_norm_cuda: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if weight.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"rms_norm_cuda: weight must have the dtype of x ({x.dtype}) or float32, got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"rms_norm_cuda: x and weight must be on one device, got {x.device} and {weight.device}")
+
+
 def rms_norm_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension (as mmfm.models.ops.RMSNorm) with the CUDA kernels.
 
     x: float32, float16 or bfloat16 on a GPU; weight: x's dtype or float32. Output in x's dtype.
     """
+    check_rms_norm_inputs(x, weight)
     return _RMSNormCUDA.apply(x, weight, eps)
 
 
