@@ -35,6 +35,26 @@ class ProjectorConfig:
 
 
 @dataclass
+class MoEConfig:
+    """A mixture of experts in place of the dense SwiGLU (mmfm.models.moe; docs/moe.md). num_experts 0: dense."""
+    num_experts: int = 0
+    top_k: int = 2  # experts per token
+    expert_intermediate_size: int = 0  # each expert's SwiGLU width; 0: language.intermediate_size
+    num_shared_experts: int = 0  # experts every token goes through (one SwiGLU this many experts wide)
+    score_func: str = "softmax"  # softmax | sigmoid (DeepSeek-V3)
+    normalize_weights: bool = True  # the top-k weights divided by their sum (Mixtral, Qwen3-MoE, DeepSeek-V3)
+    route_scale: float = 1.0  # the combine weights multiplied by this (DeepSeek-V3: 2.5)
+    num_groups: int = 1  # group-limited routing: experts in this many groups, each token choosing among the
+    topk_groups: int = 1  # ... best topk_groups of them
+    aux_loss_coef: float = 0.01  # the load-balancing loss E * sum_e f_e P_e, times this; 0: off
+    z_loss_coef: float = 0.0  # the router z-loss, times this
+    bias_update_rate: float = 0.0  # DeepSeek-V3's auxiliary-loss-free balancing bias step (e.g. 1e-3); 0: off
+    capacity_factor: float = 0.0  # 0: dropless; else each expert takes ceil(factor * tokens * top_k / E) tokens
+    first_dense_layers: int = 0  # the first layers keep a dense SwiGLU (DeepSeek-V3: 3)
+    every: int = 1  # after them, every n-th layer is a mixture of experts
+
+
+@dataclass
 class LanguageConfig:
     kind: str = "llama"  # the language family (mmfm.models.spec.LANGUAGE)
     vocab_size: int = 512
@@ -57,6 +77,7 @@ class LanguageConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_positions: int = 8192
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass

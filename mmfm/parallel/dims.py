@@ -63,6 +63,11 @@ class ParallelDims(ParallelConfig):
                 raise ConfigError(f"{field}={value} is not divisible by parallel.tp={self.tp}; choose a tp that "
                                   f"divides it{pad}")
         self._validate_pipeline(spec.pipeline_layers(model))
+        experts = model.language.moe.num_experts
+        if experts and (self.tp > 1 or self.pp > 1 or self.cp > 1):
+            raise ConfigError(f"model.language.moe.num_experts={experts} with parallel.tp/pp/cp > 1 is not supported "
+                              "yet (docs/moe.md); train a mixture of experts data-parallel (parallel.dp_shard / "
+                              "dp_replicate)")
         if self.cp > 1 and (self.tp > 1 or self.pp > 1):
             raise ConfigError(f"parallel.cp={self.cp} together with tp or pp is not supported yet; combine context "
                               "parallelism with data parallelism only (parallel.dp_shard / dp_replicate)")

@@ -42,6 +42,7 @@ from mmfm.parallel.parallelize import parallelize
 from mmfm.parallel.pipeline_parallel import build_schedule, pixel_rows, sync_tied_embedding
 from mmfm.parallel.tensor_parallel import loss_context
 from mmfm.train import evaluate
+from mmfm.train.experts import expert_step, scale_aux_losses
 from mmfm.train.metrics import MetricsLogger, peak_flops, peak_memory_gib, plot_loss
 from mmfm.train.loss_guard import LossGuard, TrainingDiverged
 from mmfm.train.objectives import build_objective, next_token_loss
@@ -300,6 +301,7 @@ class Trainer:
         micro = self.objective.prepare(self, micro)
         (total_units,) = all_reduce_sums([sum(self.objective.units(b) for b in micro) / self.replicas], self.device)
         scale = self.grad_divisor / max(total_units, 1)
+        scale_aux_losses(self.parts.parts, len(micro))
         if self.parts.pipelined:
             loss_sum, stats = self.pipeline_step(micro, scale), {}
         else:
@@ -323,6 +325,7 @@ class Trainer:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         per_unit = {k: v / max(total_units, 1) for k, v in zip(stats, stat_sums)}
+        per_unit.update(expert_step(self.parts.parts, updated=skipped is None))
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "positions": positions, "samples": samples,
                 "images": images, "seq_len": seq_len, "stats": per_unit, "skipped": skipped}
 

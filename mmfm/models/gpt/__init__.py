@@ -40,6 +40,9 @@ def _check_unused_options(cfg: ModelConfig) -> None:
     require(not lm.qk_norm and lm.rope_scaling == "none",
             f"model.language.qk_norm={lm.qk_norm} / rope_scaling={lm.rope_scaling} apply to the llama family; "
             "kind=gpt has learned positions and no q/k norm: set qk_norm=false rope_scaling=none")
+    require(lm.moe.num_experts == 0,
+            f"model.language.moe.num_experts={lm.moe.num_experts}: kind=gpt has dense MLPs only; use a llama-family "
+            "kind (llama, qwen2, qwen3) for a mixture of experts, or set model.language.moe.num_experts=0")
 
 
 def validate(cfg: ModelConfig) -> None:

@@ -13,6 +13,7 @@ from mmfm.config.schema import ModelConfig
 from mmfm.models.llama import counts, parallelize
 from mmfm.models.llama.model import KVCache, LanguageModel, head_dim
 from mmfm.models.llama.state_dict_adapter import ADAPTERS
+from mmfm.models.moe import validate_moe
 from mmfm.models.spec import LanguagePartSpec, register_part
 
 ROPE_SCALINGS = ("none", "llama3")
@@ -61,6 +62,7 @@ def validate(cfg: ModelConfig) -> None:
     _check_shapes(cfg)
     _check_rope(cfg)
     _check_kind_flags(cfg)
+    validate_moe(cfg.language)
 
 
 def tp_divisible(cfg: ModelConfig) -> dict[str, int]:

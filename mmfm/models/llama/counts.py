@@ -4,12 +4,32 @@ from __future__ import annotations
 
 from mmfm.config.schema import LanguageConfig, ModelConfig
 from mmfm.models.llama.model import head_dim
+from mmfm.models.moe import is_moe_layer
+
+
+def attention_params(lm: LanguageConfig) -> int:
+    d, hd = lm.hidden_size, head_dim(lm)
+    return d * lm.num_heads * hd * 2 + d * lm.num_kv_heads * hd * 2
 
 
 def layer_matmul_params(lm: LanguageConfig) -> int:
-    d, hd = lm.hidden_size, head_dim(lm)
-    attn = d * lm.num_heads * hd * 2 + d * lm.num_kv_heads * hd * 2
-    return attn + 3 * d * lm.intermediate_size
+    """A dense layer's matmul parameters: attention and SwiGLU."""
+    return attention_params(lm) + 3 * lm.hidden_size * lm.intermediate_size
+
+
+def ffn_params(lm: LanguageConfig, layer_id: int, active: bool = False) -> int:
+    """Layer layer_id's feed-forward matmul parameters: the SwiGLU, or of a mixture of experts the router, the
+    shared experts and every routed expert (active=True: the top_k experts a token goes through)."""
+    if not is_moe_layer(lm, layer_id):
+        return 3 * lm.hidden_size * lm.intermediate_size
+    moe, d = lm.moe, lm.hidden_size
+    expert = 3 * d * (moe.expert_intermediate_size or lm.intermediate_size)
+    return d * moe.num_experts + expert * (moe.num_shared_experts + (moe.top_k if active else moe.num_experts))
+
+
+def matmul_params(lm: LanguageConfig, active: bool = False) -> int:
+    """Every layer's matmul parameters (active=True: those one token goes through)."""
+    return sum(attention_params(lm) + ffn_params(lm, i, active) for i in range(lm.num_layers))
 
 
 def layer_vector_params(lm: LanguageConfig) -> int:
@@ -23,7 +43,7 @@ def num_params(cfg: ModelConfig) -> int:
     lm = cfg.language
     d = lm.hidden_size
     embed = lm.vocab_size * d * (1 if lm.tie_embeddings else 2)
-    return embed + lm.num_layers * (layer_matmul_params(lm) + layer_vector_params(lm)) + d
+    return embed + matmul_params(lm) + lm.num_layers * layer_vector_params(lm) + d
 
 
 def attention_width(lm: LanguageConfig) -> int:
@@ -32,17 +52,19 @@ def attention_width(lm: LanguageConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per sequence position: 6 x matmul params + attention scores."""
+    """Training FLOPs (forward + backward) per sequence position: 6 x matmul params (of a mixture of experts the
+    active ones) + attention scores."""
     lm = cfg.language
-    matmul = lm.num_layers * layer_matmul_params(lm) + lm.vocab_size * lm.hidden_size
+    matmul = matmul_params(lm, active=True) + lm.vocab_size * lm.hidden_size
     attention = 12 * lm.num_layers * attention_width(lm) * seq_len
     return 6.0 * matmul + attention
 
 
 def layer_flops(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs of one decoder layer for one sample of seq_len positions."""
+    """Training FLOPs of one decoder layer for one sample of seq_len positions (with experts, the mean over the
+    layers of their active parameters)."""
     lm = cfg.language
-    return 6.0 * layer_matmul_params(lm) * seq_len + 12.0 * attention_width(lm) * seq_len ** 2
+    return 6.0 * matmul_params(lm, active=True) / lm.num_layers * seq_len + 12.0 * attention_width(lm) * seq_len ** 2
 
 
 def head_flops(cfg: ModelConfig, seq_len: int) -> float:

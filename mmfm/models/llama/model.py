@@ -15,6 +15,7 @@ from torch import nn
 from mmfm.config.schema import LanguageConfig
 from mmfm.models.attention import CoreAttention
 from mmfm.models.context import BlockContext
+from mmfm.models.moe import MoE, is_moe_layer
 from mmfm.models.ops import LinearCrossEntropy, RMSNorm, Rotary, SiluMul, rotary_frequencies, rotary_tables
 
 
@@ -120,7 +121,8 @@ class DecoderBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attention = Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.hidden_size, cfg.intermediate_size)
+        self.feed_forward = (MoE(cfg.hidden_size, cfg.moe, cfg.intermediate_size) if is_moe_layer(cfg, layer_id)
+                             else FeedForward(cfg.hidden_size, cfg.intermediate_size))
 
     def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), ctx)
@@ -159,9 +161,9 @@ class LanguageModel(TokenEmbeddingOutput, nn.Module):
             nn.init.ones_(tensor)
         elif name.endswith(".bias"):  # q/k/v biases
             nn.init.zeros_(tensor)
-        elif name.endswith(("wo.weight", "w2.weight")):  # residual-branch outputs scaled down with depth
+        elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):  # residual-branch outputs scaled down with depth
             nn.init.normal_(tensor, std=std / (2 * self.cfg.num_layers) ** 0.5, generator=generator)
-        else:  # embeddings, output, q/k/v and w1/w3
+        else:  # embeddings, output, q/k/v, w1/w3 (of the experts too) and the routers' gates
             nn.init.normal_(tensor, std=std, generator=generator)
 
     def init_buffers(self) -> None:
@@ -170,6 +172,10 @@ class LanguageModel(TokenEmbeddingOutput, nn.Module):
         with torch.no_grad():
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
+            for module in self.modules():
+                if isinstance(module, MoE):
+                    module.router.expert_bias.zero_()
+                    module.reset_counts()
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         c = self.cfg

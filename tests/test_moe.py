@@ -1,0 +1,226 @@
+"""The mixture-of-experts layer (mmfm.models.moe) against hand-written references: routing, dropless and capacity
+dispatch, the balancing losses and bias, and the model and config around it."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from mmfm.config import ConfigError, load_config, validate
+from mmfm.config.schema import LanguageConfig, MoEConfig
+from mmfm.models import build_model, model_spec
+from mmfm.models.moe import MoE, Router, load_balancing_loss, z_loss
+from mmfm.train.trainer import Trainer
+
+DIM, HIDDEN = 16, 24
+
+
+def make_moe(seed: int = 0, **options) -> MoE:
+    moe = MoE(DIM, MoEConfig(**{"num_experts": 8, "top_k": 2, **options}), HIDDEN)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return moe
+
+
+def tokens(n: int = 40, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_route(router: Router, x: torch.Tensor):
+    """Per token, by hand: scores, the k best (biased, group-limited) experts, their weights."""
+    moe = router.moe
+    out_w, out_e = [], []
+    for row in x:
+        logits = row @ router.gate.weight.T
+        scores = logits.softmax(-1) if moe.score_func == "softmax" else logits.sigmoid()
+        choice = (scores + router.expert_bias).tolist()
+        per_group = moe.num_experts // moe.num_groups
+        if moe.num_groups > 1:
+            group_score = [sum(sorted(choice[g * per_group:(g + 1) * per_group])[-2:]) for g in range(moe.num_groups)]
+            best = sorted(range(moe.num_groups), key=lambda g: -group_score[g])[:moe.topk_groups]
+            choice = [c if e // per_group in best else float("-inf") for e, c in enumerate(choice)]
+        chosen = sorted(range(moe.num_experts), key=lambda e: -choice[e])[:moe.top_k]
+        w = scores[chosen]
+        if moe.normalize_weights:
+            w = w / w.sum()
+        out_w.append(w * moe.route_scale)
+        out_e.append(chosen)
+    return torch.stack(out_w), torch.tensor(out_e)
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"score_func": "sigmoid", "route_scale": 2.5},
+    {"score_func": "sigmoid", "num_groups": 4, "topk_groups": 2, "bias_update_rate": 1e-3},
+    {"normalize_weights": False, "top_k": 3},
+])
+def test_router_picks_the_top_k_experts_with_their_weights(options):
+    moe = make_moe(**options)
+    if options.get("bias_update_rate"):
+        moe.router.expert_bias.copy_(torch.linspace(-0.2, 0.2, 8))  # the bias changes the choice, not the weights
+    x = tokens()
+    weights, experts, _, _ = moe.router(x)
+    want_w, want_e = reference_route(moe.router, x)
+    assert torch.equal(experts.sort(-1).values, want_e.sort(-1).values)
+    order = experts.argsort(-1)
+    torch.testing.assert_close(weights.gather(-1, order), want_w.gather(-1, want_e.argsort(-1)), rtol=1e-5, atol=1e-6)
+
+
+def expert_output(moe: MoE, row: torch.Tensor, e: int) -> torch.Tensor:
+    w = moe.experts
+    return (torch.nn.functional.silu(row @ w.w1[e]) * (row @ w.w3[e])) @ w.w2[e]
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_dropless_dispatch_equals_each_tokens_experts_computed_densely(shared):
+    moe = make_moe(num_shared_experts=shared)
+    x = tokens(64)
+    out = moe(x.view(4, 16, DIM)).view(64, DIM)
+    weights, experts, _, _ = moe.router(x)
+    for i, row in enumerate(x):
+        want = sum(weights[i, j] * expert_output(moe, row, int(experts[i, j])) for j in range(2))
+        if shared:
+            want = want + moe.shared(row)
+        torch.testing.assert_close(out[i], want, rtol=1e-5, atol=1e-6)
+    assert moe.stats["dropped"] == 0
+
+
+def test_capacity_drops_the_overflow_of_each_expert_in_token_order():
+    moe = make_moe(capacity_factor=0.5)  # ceil(0.5 * 40 * 2 / 8) = 5 slots per expert
+    x = tokens(40)
+    out = moe(x)
+    weights, experts, _, _ = moe.router(x)
+    seen = [0] * 8
+    kept_per_expert = [0] * 8
+    for i, row in enumerate(x):
+        want = torch.zeros(DIM)
+        for j in range(2):
+            e = int(experts[i, j])
+            if seen[e] < 5:
+                want = want + weights[i, j] * expert_output(moe, row, e)
+                kept_per_expert[e] += 1
+            seen[e] += 1
+        torch.testing.assert_close(out[i], want, rtol=1e-5, atol=1e-6)
+    assert max(kept_per_expert) == 5
+    assert moe.stats["dropped"] == sum(seen) - sum(kept_per_expert) > 0
+
+
+def test_auxiliary_losses_reach_the_router_through_the_output():
+    x = tokens(32).double()  # float64: the difference of two gradients is compared
+    plain, balanced = make_moe(aux_loss_coef=0.0).double(), make_moe(aux_loss_coef=0.1, z_loss_coef=0.01).double()
+    for moe in (plain, balanced):
+        moe.train()
+        moe(x).sum().backward()
+    with torch.no_grad():
+        _, experts, _, _ = balanced.router(x)
+    logits = x @ balanced.router.gate.weight.detach().T
+    gate = balanced.router.gate.weight.detach().clone().requires_grad_()
+    scores = (x @ gate.T).softmax(-1)
+    extra = 0.1 * load_balancing_loss(scores, experts, 8) + 0.01 * z_loss(x @ gate.T)
+    (extra_grad,) = torch.autograd.grad(extra, gate)
+    torch.testing.assert_close(balanced.router.gate.weight.grad - plain.router.gate.weight.grad, extra_grad,
+                               rtol=1e-9, atol=1e-12)
+    assert logits.shape == (32, 8) and extra_grad.abs().sum() > 0
+    # balanced: E * sum f P = 1 when every expert gets the same share with uniform scores
+    uniform = torch.full((16, 4), 0.25)
+    assert load_balancing_loss(uniform, torch.arange(16).remainder(4).view(8, 2), 4).item() == pytest.approx(1.0)
+
+
+def test_loss_free_bias_moves_load_toward_balance():
+    moe = make_moe(score_func="sigmoid", bias_update_rate=0.02, aux_loss_coef=0.0)
+    with torch.no_grad():
+        moe.router.gate.weight[0] += 1.5  # expert 0 favoured by every token with a positive sum
+    x = tokens(256).abs()
+    moe.train()
+    ratios = []
+    for _ in range(60):
+        moe.reset_counts()
+        with torch.no_grad():
+            moe(x)
+        load = moe.tokens_per_expert
+        ratios.append(float(load.max() / load.mean()))
+        moe.update_expert_bias()
+    assert ratios[0] > 3.0 and ratios[-1] < 1.6, ratios[::10]
+    assert moe.router.expert_bias[0] < 0
+
+
+def moe_overrides(*extra):
+    return ["model.language.moe.num_experts=4", "model.language.moe.top_k=2", "model.language.moe.first_dense_layers=1",
+            "model.language.moe.every=2", *extra]
+
+
+def test_model_places_experts_and_counts_their_parameters():
+    cfg = load_config(moe_overrides("model.language.moe.num_shared_experts=1"))
+    model = build_model(cfg.model, "cpu")
+    kinds = [type(b.feed_forward).__name__ for b in model.language.layers.values()]
+    assert kinds == ["FeedForward", "MoE", "FeedForward", "MoE"]
+    assert model_spec(cfg.model).num_params(cfg.model) == sum(p.numel() for p in model.parameters())
+    dense = load_config([])
+    lm = cfg.model.language
+    per_token = model_spec(cfg.model).training_flops(cfg.model, 1, 1, 0) - model_spec(dense.model).training_flops(
+        dense.model, 1, 1, 0)
+    # each of the 2 MoE layers: router + (top_k + shared - 1 dense FFN) experts of intermediate_size, active
+    assert per_token == pytest.approx(6.0 * 2 * (lm.hidden_size * 4 + 2 * 3 * lm.hidden_size * lm.intermediate_size))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.language.moe.top_k=5", r"top_k=5 must lie in \[1, num_experts=4\]"),
+    ("model.language.moe.num_groups=3", "num_groups=3 must divide num_experts=4"),
+    ("model.language.moe.score_func=relu", "score_func='relu' is unknown"),
+    ("model.language.moe.first_dense_layers=4", "leaves no mixture-of-experts layer"),
+    ("model.language.moe.capacity_factor=-1", "capacity_factor=-1.0 must be >= 0"),
+    ("parallel=tp2", "not supported yet"),
+])
+def test_bad_expert_config_is_one_line(override, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        validate(load_config(moe_overrides(override)))
+    assert "\n" not in str(err.value)
+
+
+def test_gpt_kind_refuses_experts():
+    with pytest.raises(ConfigError, match="kind=gpt has dense MLPs only"):
+        model_spec(load_config(["model=gpt", "model.language.moe.num_experts=4"]).model).validate(
+            load_config(["model=gpt", "model.language.moe.num_experts=4"]).model)
+
+
+def test_training_logs_expert_load_and_updates_the_bias(make_cfg, tmp_path):
+    cfg = make_cfg(*moe_overrides("model.language.moe.bias_update_rate=0.01", "model.language.moe.aux_loss_coef=0.01"),
+                   "train.max_steps=4", "train.schedule.warmup_steps=1", "logger.log_every=1", "checkpoint.every=0")
+    trainer = Trainer(cfg, tmp_path)
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == 4
+    layers = [str(i) for i in range(1, cfg.model.language.num_layers, 2)]  # first_dense_layers=1, every=2
+    for r in train:
+        assert {*(f"moe_load_max_over_mean/{i}" for i in layers), "moe_aux_loss", "moe_dropped_tokens"} <= set(r)
+        assert 1.0 <= r["moe_load_max_over_mean"] <= 4.0 and r["moe_dropped_tokens"] == 0
+    bias = trainer.model.language.layers["1"].feed_forward.router.expert_bias
+    steps = bias / 0.01  # each update moves every expert's bias by -0.01, 0 or +0.01
+    assert bias.abs().sum() > 0 and torch.allclose(steps, steps.round(), atol=1e-4)
+    assert dataclasses.asdict(LanguageConfig())["moe"]["num_experts"] == 0  # dense by default
+
+
+def test_fsdp2_trains_the_experts_as_one_process(synth_dir, tmp_path):
+    """2 gloo processes (FSDP over 2) against one, 3 AdamW steps of 8 samples in 2 micro-batches: the experts'
+    gradients are reduced like every other parameter's (a dropped or doubled expert gradient moves its weights by
+    ~lr = 1e-3, far outside atol 1e-4). Without the auxiliary losses and the bias: each rank's padding differs
+    from the one process's, and those would count it (docs/moe.md)."""
+    from conftest import SMALL_MODEL, STEPS
+    from parallel_runs import local_full_params, run_layout
+
+    base = [f"data.path={synth_dir}", *SMALL_MODEL, *STEPS, "data.partitions=2", "model.language.moe.num_experts=4",
+            "model.language.moe.aux_loss_coef=0"]
+    single = Trainer(load_config([*base, "data.batch_size=4"]), tmp_path / "single")
+    want = single.fit()
+    want_params = local_full_params(single)
+    got = run_layout(2, [*base, "data.batch_size=2", "parallel=fsdp2"], tmp_path / "fsdp2")
+    for step, loss in want["losses"].items():
+        assert got["losses"][step] == pytest.approx(loss, rel=1e-5), step
+        assert got["grad_norms"][step] == pytest.approx(want["grad_norms"][step], rel=1e-4), step
+    assert any("experts.w2" in name for name in want_params)
+    for name, value in want_params.items():
+        torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-4, msg=name)
