@@ -224,3 +224,23 @@ def test_fsdp2_trains_the_experts_as_one_process(synth_dir, tmp_path):
     assert any("experts.w2" in name for name in want_params)
     for name, value in want_params.items():
         torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-4, msg=name)
+
+
+def test_resume_restores_the_balancing_bias(make_cfg, tmp_path):
+    """The bias is state: a run stopped before step 4 and resumed from its step-3 checkpoint ends as a run in one
+    go, bias and parameters bit for bit."""
+    from test_train import Interrupted, StopsAt
+
+    cfg = lambda: make_cfg(*moe_overrides("model.language.moe.bias_update_rate=0.01"), "train.max_steps=5",  # noqa: E731
+                           "train.schedule.warmup_steps=1", "checkpoint.every=3")
+    straight = Trainer(cfg(), tmp_path / "straight")
+    straight.fit()
+    with pytest.raises(Interrupted):
+        StopsAt(cfg(), tmp_path / "stopped").fit()
+    resumed = Trainer(cfg(), tmp_path / "stopped")
+    resumed.fit()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert any(name.endswith("expert_bias") for name in a)
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=0, atol=0, msg=name)
+    assert straight.model.language.layers["1"].feed_forward.router.expert_bias.abs().sum() > 0
