@@ -244,3 +244,17 @@ def test_resume_restores_the_balancing_bias(make_cfg, tmp_path):
     for name, value in a.items():
         torch.testing.assert_close(b[name], value, rtol=0, atol=0, msg=name)
     assert straight.model.language.layers["1"].feed_forward.router.expert_bias.abs().sum() > 0
+
+
+def test_qwen3_235b_preset_counts_the_published_sizes():
+    """model=qwen3_235b_a22b: 235B parameters, 22B active (the release's figures), on the meta device too."""
+    from mmfm.models.llama import counts
+
+    cfg = load_config(["model=qwen3_235b_a22b"])
+    spec, lm = model_spec(cfg.model), cfg.model.language
+    spec.validate(cfg.model)
+    total = spec.num_params(cfg.model)
+    active = total - counts.matmul_params(lm) + counts.matmul_params(lm, active=True)
+    assert total == pytest.approx(235.09e9, rel=1e-3) and active == pytest.approx(22.19e9, rel=1e-3)
+    model = build_model(cfg.model, "meta")
+    assert sum(p.numel() for p in model.parameters()) == total
