@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="two-object captions: objects first, left/top one first ('a red circle on the left and ...'), "
                         "places first in random order ('on the right is a blue square and ...'), or one place, picked at "
                         "random, and its object ('on the right is a blue square.'); the place-first styles teach the "
-                        "place-to-object binding that the later stages' questions need (the alignment tests use one-place)")
+                        "place-to-object binding that the later stages' questions need (docs/alignment.md)")
     s.add_argument("--tokenizer", help="a pretrained model's Hugging Face folder (or a tokenizer.json) whose tokenizer to "
                    "copy instead of training one (<image> added if it lacks one)")
     s.add_argument("--force", action="store_true", help="rebuild a folder built with other parameters")
