@@ -258,3 +258,16 @@ def test_qwen3_235b_preset_counts_the_published_sizes():
     assert total == pytest.approx(235.09e9, rel=1e-3) and active == pytest.approx(22.19e9, rel=1e-3)
     model = build_model(cfg.model, "meta")
     assert sum(p.numel() for p in model.parameters()) == total
+
+
+def test_hugging_face_export_refuses_experts_in_one_line(tmp_path):
+    from mmfm.checkpoint.hf import HFCheckpointError, export_language
+
+    cfg = load_config(["model=gpt", "model.language.kind=llama", "model.language.num_kv_heads=2",
+                       "model.language.hidden_size=64", "model.language.num_heads=4", "model.language.num_layers=2",
+                       "model.language.intermediate_size=96", "model.language.vocab_size=128",
+                       "model.language.moe.num_experts=4"])
+    lm = build_model(cfg.model, "cpu").language
+    with pytest.raises(HFCheckpointError, match="mixture of experts is not built yet") as err:
+        export_language(lm, tmp_path / "hf")
+    assert "\n" not in str(err.value) and not (tmp_path / "hf").exists()

@@ -395,6 +395,9 @@ def _adapter(lm: LanguageConfig, what: str):
     adapter = part_spec(ModelConfig(language=lm), "language").hf
     if adapter is None:
         raise HFCheckpointError(f"model.language.kind={lm.kind} has no Hugging Face form; cannot {what}")
+    if lm.moe.num_experts:
+        raise HFCheckpointError(f"model.language.moe.num_experts={lm.moe.num_experts}: the Hugging Face form of a "
+                                f"mixture of experts is not built yet (docs/moe.md); cannot {what}")
     return adapter
 
 
