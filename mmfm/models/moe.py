@@ -146,7 +146,7 @@ class MoE(nn.Module):
         # tokens each expert received since the last bias update (for the aux-free balancing)
         self.register_buffer("tokens_per_expert", torch.zeros(moe.num_experts), persistent=False)
         self.register_buffer("dropped_tokens", torch.zeros(()), persistent=False)
-        self.stats: dict[str, float] = {}
+        self.stats: dict[str, torch.Tensor] = {}
         # the auxiliary losses' weight in this forward: the training loop sets 1 / micro-batches per step, so that
         # they count as their mean over the step's micro-batches (and, FSDP averaging, over its ranks)
         self.aux_scale = 1.0
@@ -157,9 +157,10 @@ class MoE(nn.Module):
         weights, experts, scores, logits = self.router(flat)
         routed, kept = self.dispatch_and_combine(flat, weights, experts)
         out = routed if self.shared is None else routed + self.shared(flat)
-        self.record(experts, kept, scores, logits)
+        balance, z = load_balancing_loss(scores, experts, self.moe.num_experts), z_loss(logits)
+        self.record(experts, kept, balance, z)
         if self.training and torch.is_grad_enabled():
-            aux = self.aux_loss(scores, experts, logits)
+            aux = self.aux_loss(balance, z)
             if aux is not None:
                 out = AuxLossInGraph.apply(out, aux * self.aux_scale)
         return out.view(shape)
@@ -187,26 +188,21 @@ class MoE(nn.Module):
         out = torch.zeros_like(x).index_add_(0, token, out_sorted.to(x.dtype))
         return out, kept
 
-    def aux_loss(self, scores: torch.Tensor, experts: torch.Tensor, logits: torch.Tensor) -> Optional[torch.Tensor]:
-        moe, total = self.moe, None
-        if moe.aux_loss_coef > 0:
-            total = moe.aux_loss_coef * load_balancing_loss(scores, experts, moe.num_experts)
-        if moe.z_loss_coef > 0:
-            z = moe.z_loss_coef * z_loss(logits)
-            total = z if total is None else total + z
-        return total
+    def aux_loss(self, balance: torch.Tensor, z: torch.Tensor) -> Optional[torch.Tensor]:
+        """The weighted sum of the losses whose coefficient is set; None when neither is."""
+        terms = [coef * loss for coef, loss in ((self.moe.aux_loss_coef, balance), (self.moe.z_loss_coef, z))
+                 if coef > 0]
+        return sum(terms) if terms else None
 
     @torch.no_grad()
-    def record(self, experts: torch.Tensor, kept: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor) -> None:
-        load = torch.bincount(experts.flatten()[kept], minlength=self.moe.num_experts).float()
+    def record(self, experts: torch.Tensor, kept: torch.Tensor, balance: torch.Tensor, z: torch.Tensor) -> None:
+        """Count each expert's tokens (training) and keep this forward's figures as tensors: read once a step by
+        mmfm.train.experts, so that a forward waits on no device-to-host copy."""
+        dropped = (~kept).sum()
         if self.training:
-            self.tokens_per_expert += load
-            self.dropped_tokens += (~kept).sum()
-        share = load / load.sum().clamp_min(1)
-        self.stats = {"load_max_over_mean": float(share.max() * self.moe.num_experts),
-                      "dropped": int((~kept).sum()),
-                      "aux_loss": float(load_balancing_loss(scores, experts, self.moe.num_experts)),
-                      "z_loss": float(z_loss(logits))}
+            self.tokens_per_expert += torch.bincount(experts.flatten()[kept], minlength=self.moe.num_experts)
+            self.dropped_tokens += dropped
+        self.stats = {"dropped": dropped, "aux_loss": balance.detach(), "z_loss": z.detach()}
 
     @torch.no_grad()
     def update_expert_bias(self, tokens_per_expert: Optional[torch.Tensor] = None) -> None:
@@ -244,8 +240,7 @@ def validate_moe(lm: LanguageConfig) -> None:
     require(moe.top_k <= moe.topk_groups * (moe.num_experts // moe.num_groups),
             f"{p}.top_k={moe.top_k} exceeds the {moe.topk_groups * (moe.num_experts // moe.num_groups)} experts of "
             f"topk_groups={moe.topk_groups} groups; raise topk_groups or lower top_k")
-    for name in ("route_scale",):
-        require(getattr(moe, name) > 0, f"{p}.{name}={getattr(moe, name)} must be > 0")
+    require(moe.route_scale > 0, f"{p}.route_scale={moe.route_scale} must be > 0")
     for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor"):
         require(getattr(moe, name) >= 0, f"{p}.{name}={getattr(moe, name)} must be >= 0 (0: off)")
     require(moe.every >= 1, f"{p}.every={moe.every} must be >= 1")

@@ -44,6 +44,6 @@ def expert_step(parts: list[nn.Module], updated: bool) -> dict[str, float]:
             module.update_expert_bias(load)
         module.reset_counts()
     metrics["moe_load_max_over_mean"] = max(v for k, v in metrics.items() if k.startswith("moe_load_max_over_mean/"))
-    metrics["moe_aux_loss"] = sum(m.stats.get("aux_loss", 0.0) for _, m in layers) / len(layers)
-    metrics["moe_z_loss"] = sum(m.stats.get("z_loss", 0.0) for _, m in layers) / len(layers)
+    metrics["moe_aux_loss"] = float(sum(m.stats.get("aux_loss", 0.0) for _, m in layers)) / len(layers)
+    metrics["moe_z_loss"] = float(sum(m.stats.get("z_loss", 0.0) for _, m in layers)) / len(layers)
     return metrics

@@ -325,9 +325,9 @@ class Trainer:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         per_unit = {k: v / max(total_units, 1) for k, v in zip(stats, stat_sums)}
-        per_unit.update(expert_step(self.parts.parts, updated=skipped is None))
+        experts = expert_step(self.parts.parts, updated=skipped is None)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "positions": positions, "samples": samples,
-                "images": images, "seq_len": seq_len, "stats": per_unit, "skipped": skipped}
+                "images": images, "seq_len": seq_len, "stats": {**per_unit, **experts}, "skipped": skipped}
 
     def targets_of(self, batch: Batch) -> torch.Tensor:
         if self.dims.cp > 1:
