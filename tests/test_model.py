@@ -39,6 +39,21 @@ def test_param_count_matches_modules(tied, stem):
     assert sum(p.numel() for p in model.parameters()) == model_spec(cfg).num_params(cfg)
 
 
+def test_sincos_position_init_is_maes_2d_table():
+    """position_init=sincos: patch (row r, column c) starts at [sin r w, cos r w, sin c w, cos c w] for the dim / 4
+    frequencies w = 1 / 10000 ** (i / (dim / 4)); here dim 32, so 8 frequencies a block."""
+    cfg = tiny()
+    cfg.vision.position_init = "sincos"
+    table = make(cfg).vision.pos_embed.detach()[0]  # [16 patches (4 x 4), 32]
+    freqs = torch.tensor([10000 ** (-i / 8) for i in range(8)], dtype=torch.float64)
+    for row, col in [(0, 0), (1, 2), (3, 3), (2, 0)]:
+        want = torch.cat([(row * freqs).sin(), (row * freqs).cos(), (col * freqs).sin(), (col * freqs).cos()])
+        torch.testing.assert_close(table[row * 4 + col], want.float())
+    assert table[1 * 4 + 2, 0] == pytest.approx(0.8414710)  # sin(1): the second row's first channel
+    normal = make(tiny()).vision.pos_embed.detach()
+    assert 0.01 < normal.std() < 0.03  # the default stays a draw at the init std (0.02)
+
+
 def test_7b_layout_on_meta_device_costs_no_memory():
     cfg = load_config(["model=vlm_7b"]).model
     model = build_model(cfg, "meta")

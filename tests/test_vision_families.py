@@ -275,6 +275,10 @@ BAD = [
     (["model.vision.kind=siglip", "model.vision.intermediate_size=-1"], "model.vision.intermediate_size=-1 must be"),
     (["model.vision.kind=vit", "model.vision.feature_layer=-2"], "not supported by model.vision.kind=vit"),
     (["model.vision.kind=vit", "model.vision.act=quick_gelu"], "model.vision.act='quick_gelu' is not supported"),
+    (["model.vision.kind=clip", "model.vision.position_init=sincos"], "model.vision.position_init='sincos' is only"),
+    (["model.vision.kind=vit", "model.vision.position_init=rope"], "model.vision.position_init='rope' is unknown"),
+    (["model.vision.kind=vit", "model.vision.position_init=sincos", "model.vision.hidden_size=34",
+      "model.vision.num_heads=2"], "model.vision.position_init=sincos needs model.vision.hidden_size divisible by 4"),
 ]
 
 

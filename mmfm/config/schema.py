@@ -18,6 +18,9 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
     stem: str = "patch"  # kind=vit: patch or conv (the others patchify)
+    # kind=vit: how the learned position embeddings start: normal (drawn at the init std) or sincos (MAE's 2D
+    # sine-cosine table, then learned), which tells places apart from the first step.
+    position_init: str = "normal"
     # The MLP's width; 0: hidden_size * mlp_ratio (SigLIP-so400m's 4304 is no round ratio of its 1152).
     intermediate_size: int = 0
     # The MLP's activation: gelu (erf), gelu_tanh or quick_gelu; "": the kind's own (vit gelu, siglip

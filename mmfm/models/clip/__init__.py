@@ -24,6 +24,8 @@ def validate(cfg: ModelConfig) -> None:
             "no patch fits; raise image_size or lower patch_size")
     require(v.stem == "patch", f"model.vision.stem={v.stem!r} is only for kind=vit; kind={v.kind} patchifies: "
             "set model.vision.stem=patch")
+    require(v.position_init == "normal", f"model.vision.position_init={v.position_init!r} is only for kind=vit; "
+            f"kind={v.kind} loads its position embeddings from its checkpoint: set model.vision.position_init=normal")
     require(v.hidden_size % v.num_heads == 0,
             f"model.vision.hidden_size={v.hidden_size} is not divisible by model.vision.num_heads="
             f"{v.num_heads}; change one so that hidden_size % num_heads == 0")

@@ -22,6 +22,11 @@ def validate(cfg: ModelConfig) -> None:
     require(v.stem != "conv" or v.patch_size & (v.patch_size - 1) == 0,
             f"model.vision.stem=conv needs a power-of-two model.vision.patch_size, not {v.patch_size}; "
             "use stem=patch or patch_size 2, 4, 8, 16")
+    require(v.position_init in ("normal", "sincos"),
+            f"model.vision.position_init={v.position_init!r} is unknown; use 'normal' or 'sincos'")
+    require(v.position_init != "sincos" or v.hidden_size % 4 == 0,
+            f"model.vision.position_init=sincos needs model.vision.hidden_size divisible by 4 (a sine and a cosine "
+            f"per axis), not {v.hidden_size}; change hidden_size or use position_init=normal")
     require(v.intermediate_size >= 0, f"model.vision.intermediate_size={v.intermediate_size} must be >= 0 "
             "(0: hidden_size * mlp_ratio)")
     require(v.act in ("", "gelu"), f"model.vision.act={v.act!r} is not supported by model.vision.kind=vit "

@@ -72,6 +72,17 @@ def conv_stem(cfg: VisionConfig) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Conv2d(channels, cfg.hidden_size, 1))
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """[grid * grid, dim] 2D sine-cosine position table (MAE): the first half of the channels encodes the row, the
+    second the column, each as sines then cosines at dim / 4 frequencies from 1 down to 1/10000."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    angles = [axis.reshape(-1, 1) * omega for axis in (rows, cols)]
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float()
+
+
 class VisionTransformer(nn.Module):
     """Images [N, C, H, W] -> patch features [N, (H/p)*(W/p), hidden]."""
 
@@ -89,7 +100,10 @@ class VisionTransformer(nn.Module):
 
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> None:
         """Initialize the full tensor of parameter `name` (relative to this module)."""
-        if name == "pos_embed":
+        if name == "pos_embed" and self.cfg.position_init == "sincos":
+            grid = self.cfg.image_size // self.cfg.patch_size
+            tensor.copy_(sincos_2d(grid, tensor.shape[-1]).view_as(tensor))
+        elif name == "pos_embed":
             nn.init.normal_(tensor, std=std, generator=generator)
         elif name.endswith("bias"):
             nn.init.zeros_(tensor)
