@@ -173,10 +173,14 @@ def test_model_places_experts_and_counts_their_parameters():
     ("model.language.moe.first_dense_layers=4", "leaves no mixture-of-experts layer"),
     ("model.language.moe.capacity_factor=-1", "capacity_factor=-1.0 must be >= 0"),
     ("parallel=tp2", "not supported yet"),
+    ("parallel.ep=3", "parallel.ep=3 does not divide model.language.moe.num_experts=4"),
+    ("parallel.ep=2", "parallel.ep=2 does not divide parallel.dp_shard=1; the ep ranks are data-parallel ranks"),
+    ("model.language.moe.num_experts=0", "parallel.ep=2 needs a mixture of experts"),
 ])
 def test_bad_expert_config_is_one_line(override, message):
+    ep = ["parallel.ep=2", "parallel.dp_shard=2"] if "num_experts=0" in override else []
     with pytest.raises(ConfigError, match=message) as err:
-        validate(load_config(moe_overrides(override)))
+        validate(load_config(moe_overrides(*ep, override)))
     assert "\n" not in str(err.value)
 
 
@@ -204,20 +208,38 @@ def test_training_logs_expert_load_and_updates_the_bias(make_cfg, tmp_path):
     assert dataclasses.asdict(LanguageConfig())["moe"]["num_experts"] == 0  # dense by default
 
 
-def test_fsdp2_trains_the_experts_as_one_process(synth_dir, tmp_path):
-    """2 gloo processes (FSDP over 2) against one, 3 AdamW steps of 8 samples in 2 micro-batches: the experts'
-    gradients are reduced like every other parameter's (a dropped or doubled expert gradient moves its weights by
-    ~lr = 1e-3, far outside atol 1e-4). Without the auxiliary losses and the bias: each rank's padding differs
-    from the one process's, and those would count it (docs/moe.md)."""
+def expert_base(synth_dir) -> list[str]:
     from conftest import SMALL_MODEL, STEPS
-    from parallel_runs import local_full_params, run_layout
 
-    base = [f"data.path={synth_dir}", *SMALL_MODEL, *STEPS, "data.partitions=2", "model.language.moe.num_experts=4",
+    # Without the auxiliary losses and the bias: each rank's padding differs from the one process's, and those
+    # would count it (docs/moe.md)
+    return [f"data.path={synth_dir}", *SMALL_MODEL, *STEPS, "data.partitions=4", "model.language.moe.num_experts=4",
             "model.language.moe.aux_loss_coef=0"]
-    single = Trainer(load_config([*base, "data.batch_size=4"]), tmp_path / "single")
-    want = single.fit()
-    want_params = local_full_params(single)
-    got = run_layout(2, [*base, "data.batch_size=2", "parallel=fsdp2"], tmp_path / "fsdp2")
+
+
+@pytest.fixture(scope="module")
+def one_process(synth_dir, tmp_path_factory):
+    """3 AdamW steps of 8 samples in 2 micro-batches on one process: losses, grad norms and parameters."""
+    from parallel_runs import local_full_params
+
+    single = Trainer(load_config([*expert_base(synth_dir), "data.batch_size=4"]), tmp_path_factory.mktemp("single"))
+    return single.fit(), local_full_params(single)
+
+
+@pytest.mark.parametrize("world,layout", [
+    (2, ["parallel.dp_shard=2"]),
+    (2, ["parallel.dp_shard=2", "parallel.ep=2"]),
+    (4, ["parallel.dp_shard=4", "parallel.ep=2"]),
+    (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"]),
+], ids=["fsdp2", "ep2", "ep2xfsdp2", "ep2xhsdp2"])
+def test_expert_layouts_train_as_one_process(world, layout, one_process, synth_dir, tmp_path):
+    """N gloo processes against one, same 8 samples a step: the experts' gradients are reduced like every other
+    parameter's (a dropped or doubled expert gradient moves its weights by ~lr = 1e-3, far outside atol 1e-4).
+    Under ep each rank holds 2 of the 4 experts and its tokens reach them by all-to-all."""
+    from parallel_runs import run_layout
+
+    want, want_params = one_process
+    got = run_layout(world, [*expert_base(synth_dir), f"data.batch_size={8 // world // 2}", *layout], tmp_path)
     for step, loss in want["losses"].items():
         assert got["losses"][step] == pytest.approx(loss, rel=1e-5), step
         assert got["grad_norms"][step] == pytest.approx(want["grad_norms"][step], rel=1e-4), step

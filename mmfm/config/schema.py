@@ -246,6 +246,10 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    # Expert parallelism: the experts of each mixture-of-experts layer split over ep ranks carved out of dp_shard
+    # (ep divides dp_shard and the expert count); their weights are sharded by FSDP over the dp_shard / ep ranks
+    # left (docs/moe.md).
+    ep: int = 1
     # Pipeline: the schedule (gpipe | 1f1b | interleaved_1f1b | zero_bubble), stages per rank (>= 2 for
     # the interleaved and zero-bubble schedules), and decoder layers per stage (empty: balanced by cost).
     # Each loader batch is split into pp_microbatches (0: pp of them); a step's pipeline micro-batches are

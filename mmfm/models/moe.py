@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mmfm.config.schema import LanguageConfig, MoEConfig
 from mmfm.models.ops import SiluMul
@@ -115,9 +116,12 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.act = SiluMul()
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x [M, D], rows grouped by expert (counts[e] rows for expert e) -> [M, D]."""
-        return grouped_swiglu(x, counts, self.w1, self.w3, self.w2, self.act)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [M, D], rows grouped by expert (counts[e] rows for expert e) -> [M, D]. Under expert parallelism the
+        weights are DTensors sharded on the expert dim, and x and counts are this rank's experts' (hooks in
+        mmfm.parallel.expert_parallel)."""
+        w1, w3, w2 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2))
+        return grouped_swiglu(x, counts.tolist(), w1, w3, w2, self.act)
 
 
 def grouped_swiglu(x: torch.Tensor, counts: list[int], w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
@@ -183,7 +187,7 @@ class MoE(nn.Module):
             order = order[kept[order]]
             counts = counts.clamp(max=limit)
         token = order // k
-        out_sorted = self.experts(x[token], counts.tolist())
+        out_sorted = self.experts(x[token], counts)
         out_sorted = out_sorted * weights.flatten()[order].unsqueeze(-1).to(out_sorted.dtype)
         out = torch.zeros_like(x).index_add_(0, token, out_sorted.to(x.dtype))
         return out, kept

@@ -64,6 +64,7 @@ class ParallelDims(ParallelConfig):
                                   f"divides it{pad}")
         self._validate_pipeline(spec.pipeline_layers(model))
         experts = model.language.moe.num_experts
+        self._validate_experts(experts)
         if experts and (self.tp > 1 or self.pp > 1 or self.cp > 1):
             raise ConfigError(f"model.language.moe.num_experts={experts} with parallel.tp/pp/cp > 1 is not supported "
                               "yet (docs/moe.md); train a mixture of experts data-parallel (parallel.dp_shard / "
@@ -75,6 +76,21 @@ class ParallelDims(ParallelConfig):
             raise ConfigError(f"parallel dims {self.sizes} multiply to {self.world_size} but the job has "
                               f"{world_size} processes; make their product equal the world size")
         return self
+
+    def _validate_experts(self, experts: int) -> None:
+        if self.ep < 1:
+            raise ConfigError(f"parallel.ep={self.ep} must be >= 1")
+        if self.ep == 1:
+            return
+        if not experts:
+            raise ConfigError(f"parallel.ep={self.ep} needs a mixture of experts (model.language.moe.num_experts > 0); "
+                              "set parallel.ep=1 for a dense model")
+        if experts % self.ep:
+            raise ConfigError(f"parallel.ep={self.ep} does not divide model.language.moe.num_experts={experts}; every "
+                              "ep rank holds num_experts / ep of them: pick an ep that divides it")
+        if self.dp_shard % self.ep:
+            raise ConfigError(f"parallel.ep={self.ep} does not divide parallel.dp_shard={self.dp_shard}; the ep ranks "
+                              "are data-parallel ranks: make dp_shard a multiple of ep")
 
     def _validate_pipeline(self, num_layers: int) -> None:
         from mmfm.parallel.pipeline_parallel import MULTI_STAGE_SCHEDULES, SCHEDULES
@@ -125,8 +141,13 @@ class ParallelDims(ParallelConfig):
         return self
 
     def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
-        """(sizes, names) of the dims larger than one, in MESH_ORDER; ((1,), ("dp_shard",)) for one process."""
+        """(sizes, names) of the dims larger than one, in MESH_ORDER; ((1,), ("dp_shard",)) for one process. With
+        expert parallelism dp_shard is built as (efsdp, ep), efsdp = dp_shard / ep kept even at size 1: the mesh
+        the experts' weights are sharded over by FSDP."""
         used = [(size, name) for name, size in self.sizes.items() if size > 1] or [(1, "dp_shard")]
+        if self.ep > 1:
+            at = [name for _, name in used].index("dp_shard")
+            used[at:at + 1] = [(self.dp_shard // self.ep, "efsdp"), (self.ep, "ep")]
         sizes, names = zip(*used)
         return tuple(sizes), tuple(names)
 
@@ -134,7 +155,10 @@ class ParallelDims(ParallelConfig):
         from torch.distributed.device_mesh import init_device_mesh
 
         sizes, names = self.mesh_shape()
-        return init_device_mesh(device_type, sizes, mesh_dim_names=names)
+        mesh = init_device_mesh(device_type, sizes, mesh_dim_names=names)
+        if self.ep > 1:
+            mesh[("efsdp", "ep")]._flatten("dp_shard")
+        return mesh
 
     def fsdp_mesh(self, mesh):
         """The (1-D, or 2-D for HSDP) mesh FSDP runs on: dp_shard and cp flattened into one shard dim."""
@@ -145,9 +169,14 @@ class ParallelDims(ParallelConfig):
         names = (["dp_replicate"] if self.dp_replicate > 1 else []) + shard
         return mesh[tuple(names)] if names else None
 
+    def expert_fsdp_mesh(self, mesh):
+        """The mesh FSDP shards the experts' weights over under expert parallelism: the data-parallel ranks left
+        after ep (dp_replicate, efsdp)."""
+        return mesh[("dp_replicate", "efsdp") if self.dp_replicate > 1 else ("efsdp",)]
+
     def coordinate(self, mesh, name: str) -> int:
         """This rank's index along mesh dim `name` (0 when that dim has size 1)."""
-        return mesh.get_local_rank(name) if self.sizes[name] > 1 else 0
+        return mesh[name].get_local_rank() if self.sizes[name] > 1 else 0
 
     def dp_rank(self, mesh) -> int:
         return self.coordinate(mesh, "dp_replicate") * self.dp_shard + self.coordinate(mesh, "dp_shard")

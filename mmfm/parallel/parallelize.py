@@ -29,6 +29,7 @@ from mmfm.models.lora import apply_lora
 from mmfm.parallel.activation_checkpoint import apply_activation_checkpointing
 from mmfm.parallel.data_parallel import apply_fsdp, sharding_units
 from mmfm.parallel.dims import ParallelDims
+from mmfm.parallel.expert_parallel import apply_expert_parallel
 from mmfm.parallel.pipeline_parallel import layer_assignment, split_stage, stage_indices, tied_embedding_groups
 from mmfm.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -84,7 +85,7 @@ class ModelParts:
                 part.reshard()
 
     def group(self, name: str) -> Optional[dist.ProcessGroup]:
-        return self.mesh.get_group(name) if self.mesh is not None and self.dims.sizes[name] > 1 else None
+        return self.mesh[name].get_group() if self.mesh is not None and self.dims.sizes[name] > 1 else None
 
 
 def compute_dtype(cfg: JobConfig) -> torch.dtype:
@@ -122,6 +123,8 @@ def parallelize(cfg: JobConfig, dims: ParallelDims, device: torch.device, mesh=N
     for part in parts:
         if dims.tp > 1:
             apply_tensor_parallel(part, mesh["tp"])
+        if dims.ep > 1:
+            apply_expert_parallel(part, mesh["ep"])
         if cfg.model.lora.enabled:  # after tp: the adapters take their base layer's placements
             adapted = apply_lora(part, cfg.model.lora)
             log.info("LoRA rank %d on %d linears; only the adapters train", cfg.model.lora.rank, len(adapted))
@@ -131,8 +134,9 @@ def parallelize(cfg: JobConfig, dims: ParallelDims, device: torch.device, mesh=N
         if fsdp_mesh is not None:
             # bf16: parameters gathered and computed in bf16, gradients reduced in fp32
             param_dtype = torch.bfloat16 if t.precision == "bf16" else None
+            experts = (dims.expert_fsdp_mesh(mesh), dims.fsdp_size) if dims.ep > 1 else None
             apply_fsdp(part, fsdp_mesh, containers, param_dtype=param_dtype,
-                       reshard_after_forward=dims.reshard_after_forward)
+                       reshard_after_forward=dims.reshard_after_forward, experts=experts)
         if dims.cp > 1:
             from mmfm.parallel.context_parallel import apply_context_parallel
 
