@@ -88,6 +88,18 @@ def test_dropless_dispatch_equals_each_tokens_experts_computed_densely(shared):
     assert moe.stats["dropped"] == 0
 
 
+def test_experts_without_rows_keep_the_output_in_the_autograd_graph():
+    """No expert got a row (an expert-parallel rank that received no tokens): the empty output still descends from
+    x, so that backward reaches the all-to-all before it, which the rank's peers wait in."""
+    experts = make_moe().experts
+    x = torch.zeros(0, experts.w1.shape[1], requires_grad=True)
+    out = experts(x, torch.zeros(experts.w1.shape[0], dtype=torch.long))
+    assert out.shape == (0, experts.w2.shape[-1]) and out.grad_fn is not None
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert experts.w1.grad is not None and not experts.w1.grad.any()
+
+
 def test_capacity_drops_the_overflow_of_each_expert_in_token_order():
     moe = make_moe(capacity_factor=0.5)  # ceil(0.5 * 40 * 2 / 8) = 5 slots per expert
     x = tokens(40)
@@ -231,7 +243,10 @@ def one_process(synth_dir, tmp_path_factory):
     (2, ["parallel.dp_shard=2", "parallel.ep=2"]),
     (4, ["parallel.dp_shard=4", "parallel.ep=2"]),
     (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"]),
-], ids=["fsdp2", "ep2", "ep2xfsdp2", "ep2xhsdp2"])
+    (2, ["parallel.pp=2"]),
+    (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.ep=2"]),
+    (8, ["parallel.pp=2", "parallel.dp_shard=4", "parallel.ep=2", "parallel.pp_microbatches=1"]),
+], ids=["fsdp2", "ep2", "ep2xfsdp2", "ep2xhsdp2", "pp2", "ep2xpp2", "ep2xfsdp2xpp2"])
 def test_expert_layouts_train_as_one_process(world, layout, one_process, synth_dir, tmp_path):
     """N gloo processes against one, same 8 samples a step: the experts' gradients are reduced like every other
     parameter's (a dropped or doubled expert gradient moves its weights by ~lr = 1e-3, far outside atol 1e-4).
@@ -239,7 +254,8 @@ def test_expert_layouts_train_as_one_process(world, layout, one_process, synth_d
     from parallel_runs import run_layout
 
     want, want_params = one_process
-    got = run_layout(world, [*expert_base(synth_dir), f"data.batch_size={8 // world // 2}", *layout], tmp_path)
+    pp = 2 if "parallel.pp=2" in layout else 1
+    got = run_layout(world, [*expert_base(synth_dir), f"data.batch_size={8 * pp // world // 2}", *layout], tmp_path)
     for step, loss in want["losses"].items():
         assert got["losses"][step] == pytest.approx(loss, rel=1e-5), step
         assert got["grad_norms"][step] == pytest.approx(want["grad_norms"][step], rel=1e-4), step

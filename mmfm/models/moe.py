@@ -126,13 +126,10 @@ class GroupedExperts(nn.Module):
 
 def grouped_swiglu(x: torch.Tensor, counts: list[int], w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
                    act: nn.Module) -> torch.Tensor:
-    """The portable grouped product: one matmul per expert over its rows (an expert with no rows is skipped;
-    its weights still get a zero gradient under FSDP, which reduces whole tensors)."""
-    outs = []
-    for e, chunk in enumerate(torch.split(x, counts)):
-        if chunk.shape[0]:
-            outs.append(act(chunk @ w1[e], chunk @ w3[e]) @ w2[e])
-    return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[-1])
+    """The portable grouped product: one matmul per expert over its rows. An expert with no rows still runs (an
+    empty product), so that the result stays in x's autograd graph when no expert got a row: under expert
+    parallelism every rank's backward must then still reach the all-to-all its peers wait in."""
+    return torch.cat([act(chunk @ w1[e], chunk @ w3[e]) @ w2[e] for e, chunk in enumerate(torch.split(x, counts))])
 
 
 class MoE(nn.Module):

@@ -1,5 +1,5 @@
 """After each optimizer step: the mixture-of-experts layers' balancing-bias update (from the tokens every expert
-received on every data-parallel rank) and their load figures for metrics.jsonl (docs/moe.md)."""
+received on every rank) and their load figures for metrics.jsonl (docs/moe.md)."""
 
 from __future__ import annotations
 
@@ -7,43 +7,63 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mmfm.config.schema import LanguageConfig
 from mmfm.models.init import canonical_name
-from mmfm.models.moe import MoE
+from mmfm.models.moe import MoE, is_moe_layer
 from mmfm.parallel.distributed import is_distributed
 
 
-def expert_layers(parts: list[nn.Module]) -> list[tuple[str, MoE]]:
-    """(layer id, module) of every mixture-of-experts layer this rank holds."""
-    return [(canonical_name(name).split(".layers.")[-1].split(".")[0], module)
-            for part in parts for name, module in part.named_modules() if isinstance(module, MoE)]
+def expert_layers(parts: list[nn.Module]) -> dict[str, MoE]:
+    """{layer id: module} of every mixture-of-experts layer this rank holds."""
+    return {canonical_name(name).split(".layers.")[-1].split(".")[0]: module
+            for part in parts for name, module in part.named_modules() if isinstance(module, MoE)}
 
 
-def scale_aux_losses(parts: list[nn.Module], micro_batches: int) -> None:
-    """Weigh each layer's auxiliary losses by 1 / micro_batches: their mean over a step's micro-batches."""
-    for _, module in expert_layers(parts):
-        module.aux_scale = 1.0 / micro_batches
+def scale_aux_losses(parts: list[nn.Module], forwards: int) -> None:
+    """Weigh each layer's auxiliary losses by 1 / forwards (the step's micro-batches): their mean over the step."""
+    for module in expert_layers(parts).values():
+        module.aux_scale = 1.0 / forwards
 
 
-def expert_step(parts: list[nn.Module], updated: bool) -> dict[str, float]:
-    """Sum each layer's token counts (and dropped tokens) over the ranks, update the balancing bias when the step
-    was taken (`updated`), reset the counts; return the step's load figures ({} for a dense model). Under data
-    parallelism only (tensor, pipeline and context parallelism are refused with experts), so every rank holds
-    every layer and the sum is over data-parallel ranks."""
-    layers = expert_layers(parts)
-    if not layers:
+def expert_table(parts: list[nn.Module], lm: LanguageConfig) -> tuple[list[str], dict[str, MoE], torch.Tensor]:
+    """Every mixture-of-experts layer of the model (this rank's or not), a row each: the tokens each expert
+    received, the dropped tokens, the balance and z losses; zero in the rows of layers held elsewhere."""
+    held = expert_layers(parts)
+    ids = [str(i) for i in range(lm.num_layers) if is_moe_layer(lm, i)]
+    device = next(iter(held.values())).tokens_per_expert.device if held else torch.device("cpu")
+    table = torch.zeros(len(ids), lm.moe.num_experts + 3, dtype=torch.float64, device=device)
+    for row, layer in enumerate(ids):
+        if layer in held:
+            m = held[layer]
+            zero = m.dropped_tokens.new_zeros(())
+            stats = torch.stack([m.dropped_tokens, m.stats.get("aux_loss", zero), m.stats.get("z_loss", zero)])
+            table[row] = torch.cat([m.tokens_per_expert, stats.to(m.tokens_per_expert.dtype)]).double()
+    return ids, held, table
+
+
+def expert_step(parts: list[nn.Module], lm: LanguageConfig, updated: bool, holders: int = 1,
+                copies: int = 1) -> dict[str, float]:
+    """Sum each layer's token counts over the ranks, update the balancing bias when the step was taken
+    (`updated`), reset the counts; return the step's load figures ({} for a dense model).
+
+    One all-reduce over all ranks of a table with a row per layer, so that pipeline stages report the layers
+    they hold: `holders` ranks hold each layer (the world / pp), of which `copies` (the tp peers) route the same
+    tokens."""
+    if not lm.moe.num_experts:
         return {}
-    counts = torch.stack([torch.cat([m.tokens_per_expert, m.dropped_tokens.view(1)]) for _, m in layers])
+    ids, held, table = expert_table(parts, lm)
     if is_distributed():
-        dist.all_reduce(counts)
-    metrics: dict[str, float] = {}
-    for (layer, module), row in zip(layers, counts):
-        load, dropped = row[:-1], row[-1]
-        metrics[f"moe_load_max_over_mean/{layer}"] = float(load.max() / load.mean().clamp_min(1e-9))
-        metrics["moe_dropped_tokens"] = metrics.get("moe_dropped_tokens", 0.0) + float(dropped)
-        if updated:
-            module.update_expert_bias(load)
-        module.reset_counts()
-    metrics["moe_load_max_over_mean"] = max(v for k, v in metrics.items() if k.startswith("moe_load_max_over_mean/"))
-    metrics["moe_aux_loss"] = float(sum(m.stats.get("aux_loss", 0.0) for _, m in layers)) / len(layers)
-    metrics["moe_z_loss"] = float(sum(m.stats.get("z_loss", 0.0) for _, m in layers)) / len(layers)
-    return metrics
+        dist.all_reduce(table)
+    num_experts = lm.moe.num_experts
+    loads, dropped = table[:, :num_experts] / copies, table[:, num_experts] / copies
+    losses = table[:, num_experts + 1:] / holders
+    for layer, load in zip(ids, loads):
+        if layer in held:
+            if updated:
+                held[layer].update_expert_bias(load.to(held[layer].tokens_per_expert.dtype))
+            held[layer].reset_counts()
+    ratios = (loads.max(1).values / loads.mean(1).clamp_min(1e-9)).tolist()
+    metrics = {f"moe_load_max_over_mean/{layer}": ratio for layer, ratio in zip(ids, ratios)}
+    aux, z = losses.mean(0).tolist()
+    return {**metrics, "moe_load_max_over_mean": max(ratios), "moe_dropped_tokens": float(dropped.sum()),
+            "moe_aux_loss": aux, "moe_z_loss": z}

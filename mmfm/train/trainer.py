@@ -301,7 +301,8 @@ class Trainer:
         micro = self.objective.prepare(self, micro)
         (total_units,) = all_reduce_sums([sum(self.objective.units(b) for b in micro) / self.replicas], self.device)
         scale = self.grad_divisor / max(total_units, 1)
-        scale_aux_losses(self.parts.parts, len(micro))
+        scale_aux_losses(self.parts.parts, self.dims.pipeline_microbatches(len(micro)) if self.parts.pipelined
+                         else len(micro))
         if self.parts.pipelined:
             loss_sum, stats = self.pipeline_step(micro, scale), {}
         else:
@@ -325,7 +326,8 @@ class Trainer:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         per_unit = {k: v / max(total_units, 1) for k, v in zip(stats, stat_sums)}
-        experts = expert_step(self.parts.parts, updated=skipped is None)
+        experts = expert_step(self.parts.parts, self.cfg.model.language, skipped is None, self.world // self.dims.pp,
+                              self.dims.tp)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "positions": positions, "samples": samples,
                 "images": images, "seq_len": seq_len, "stats": {**per_unit, **experts}, "skipped": skipped}
 
