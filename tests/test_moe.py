@@ -184,7 +184,7 @@ def test_model_places_experts_and_counts_their_parameters():
     ("model.language.moe.score_func=relu", "score_func='relu' is unknown"),
     ("model.language.moe.first_dense_layers=4", "leaves no mixture-of-experts layer"),
     ("model.language.moe.capacity_factor=-1", "capacity_factor=-1.0 must be >= 0"),
-    ("parallel=tp2", "not supported yet"),
+    ("parallel=cp2", "with parallel.cp=2 is not supported yet"),
     ("parallel.ep=3", "parallel.ep=3 does not divide model.language.moe.num_experts=4"),
     ("parallel.ep=2", "parallel.ep=2 does not divide parallel.dp_shard=1; the ep ranks are data-parallel ranks"),
     ("model.language.moe.num_experts=0", "parallel.ep=2 needs a mixture of experts"),
@@ -243,10 +243,10 @@ def one_process(synth_dir, tmp_path_factory):
     (2, ["parallel.dp_shard=2", "parallel.ep=2"]),
     (4, ["parallel.dp_shard=4", "parallel.ep=2"]),
     (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"]),
-    (2, ["parallel.pp=2"]),
     (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.ep=2"]),
     (8, ["parallel.pp=2", "parallel.dp_shard=4", "parallel.ep=2", "parallel.pp_microbatches=1"]),
-], ids=["fsdp2", "ep2", "ep2xfsdp2", "ep2xhsdp2", "pp2", "ep2xpp2", "ep2xfsdp2xpp2"])
+    (4, ["parallel.tp=2", "parallel.dp_shard=2", "parallel.ep=2"]),
+], ids=["fsdp2", "ep2", "ep2xfsdp2", "ep2xhsdp2", "ep2xpp2", "ep2xfsdp2xpp2", "ep2xtp2"])
 def test_expert_layouts_train_as_one_process(world, layout, one_process, synth_dir, tmp_path):
     """N gloo processes against one, same 8 samples a step: the experts' gradients are reduced like every other
     parameter's (a dropped or doubled expert gradient moves its weights by ~lr = 1e-3, far outside atol 1e-4).
@@ -254,8 +254,9 @@ def test_expert_layouts_train_as_one_process(world, layout, one_process, synth_d
     from parallel_runs import run_layout
 
     want, want_params = one_process
-    pp = 2 if "parallel.pp=2" in layout else 1
-    got = run_layout(world, [*expert_base(synth_dir), f"data.batch_size={8 * pp // world // 2}", *layout], tmp_path)
+    replicas = 2 if "parallel.pp=2" in layout or "parallel.tp=2" in layout else 1  # ranks that read the same batch
+    got = run_layout(world, [*expert_base(synth_dir), f"data.batch_size={8 * replicas // world // 2}", *layout],
+                     tmp_path)
     for step, loss in want["losses"].items():
         assert got["losses"][step] == pytest.approx(loss, rel=1e-5), step
         assert got["grad_norms"][step] == pytest.approx(want["grad_norms"][step], rel=1e-4), step

@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInputOutput, RowwiseParallel, SequenceParallel,
+                                               parallelize_module)
 
 from mmfm.parallel.tensor_parallel import gather_sequence, scatter_sequence, sharded_sequence_in
 
@@ -27,13 +28,23 @@ def attention_plan() -> dict:
     }
 
 
+def experts_plan() -> dict:
+    """A mixture-of-experts feed-forward runs whole on every tp rank: the sequence gathered in, the output cut back
+    to this rank's slice. Its router and experts stay unsplit by tp (plain tensors, or split over ep), and the tp
+    peers compute the same gradients for them."""
+    return {"feed_forward": PrepareModuleInputOutput(
+        input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+        output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)}
+
+
 def _block_plan(block: nn.Module) -> dict:
     plan = {
         **attention_plan(),
         "ffn_norm": SequenceParallel(),
-        "feed_forward": sharded_sequence_in(),
-        "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        **(experts_plan() if hasattr(block.feed_forward, "router") else {
+            "feed_forward": sharded_sequence_in(),
+            "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1))}),
     }
     if block.attention.q_norm is not None:
         # q and k [B, T, heads, head_dim] arrive split by heads (dim 2); the norm weight is replicated, and its
