@@ -100,6 +100,34 @@ def test_experts_without_rows_keep_the_output_in_the_autograd_graph():
     assert experts.w1.grad is not None and not experts.w1.grad.any()
 
 
+def test_expert_parallel_layer_equals_one_process_and_sends_the_counted_bytes(tmp_path):
+    """2 gloo processes, each holding 4 of the 8 experts, each routing its own 40 tokens: output and input gradient
+    equal the whole layer's on one process, and each rank's all-to-all bytes equal ep_expected_bytes for the rows
+    it routed (40 x 2) and the rows routed to its experts by both ranks (counted here from the router)."""
+    import functools
+
+    import torch.multiprocessing as mp
+    from expert_runs import worker
+    from mmfm.parallel.comm import ep_expected_bytes
+    from mmfm.parallel.distributed import free_port
+
+    inputs = [tokens(seed=1), tokens(seed=2) * 3]  # rank 1's tokens lean elsewhere: uneven splits
+    mp.spawn(worker, args=(2, free_port(), functools.partial(make_moe, 0), inputs, str(tmp_path)), nprocs=2)
+    layer = make_moe(0)
+    for rank, x in enumerate(inputs):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        x = x.clone().requires_grad_(True)
+        want = layer(x)
+        want.square().sum().backward()
+        torch.testing.assert_close(got["out"], want.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["grad"], x.grad, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            chosen = torch.cat([layer.router(other)[1].flatten() for other in inputs])
+        received = int(((chosen >= 4 * rank) & (chosen < 4 * rank + 4)).sum())
+        assert 0 < received != 40 * 2
+        assert got["all_to_all"] == ep_expected_bytes(8, DIM, 40 * 2, received)["all_to_all"]
+
+
 def test_capacity_drops_the_overflow_of_each_expert_in_token_order():
     moe = make_moe(capacity_factor=0.5)  # ceil(0.5 * 40 * 2 / 8) = 5 slots per expert
     x = tokens(40)

@@ -17,7 +17,8 @@ Payload of one call, in bytes, as seen by the calling rank (numel x element size
 These are buffer sizes, not bytes on the wire: a ring all-gather moves (world-1)/world of them.
 
 `fsdp_expected_bytes` is the analytic count of what FSDP2 as applied by `apply_fsdp` should issue
-per optimizer step, `tp_expected_bytes` that of the tensor + sequence parallel plan, and
+per optimizer step, `tp_expected_bytes` that of the tensor + sequence parallel plan, `ep_expected_bytes`
+a mixture-of-experts layer's all-to-alls under expert parallelism, and
 `step_expected_bytes` all that `Trainer.train_step` issues (layout, gradient norm, the loop's sums);
 `EXPECTATIONS` indexes them by parallel layout. `mmfm bench parallel` compares them with CommCounter.
 """
@@ -239,6 +240,16 @@ def fsdp_tp_expected_bytes(model: nn.Module, model_cfg, containers: tuple[str, .
     return dict(out)
 
 
+def ep_expected_bytes(num_experts: int, hidden: int, rows_sent: int, rows_received: int, act_bytes: int = 4,
+                      backward: bool = True) -> dict[str, int]:
+    """One mixture-of-experts layer's forward (and backward) on one rank under expert parallelism
+    (mmfm.parallel.expert_parallel): the per-expert counts (E int64), the rows this rank routed (N x k when
+    dropless) out and the rows its experts received back as results; backward sends the gradients of both
+    the other way. Each all-to-all counts its input, this rank's own chunk included."""
+    rows = (rows_sent + rows_received) * hidden * act_bytes
+    return {"all_to_all": num_experts * 8 + rows * (2 if backward else 1)}
+
+
 def grad_norm_bytes(model: nn.Module) -> dict[str, int]:
     """`clip_grad_norm` over `model`'s parameters: per device mesh its DTensor parameters live on, one
     all-reduce per mesh dimension of the stacked per-parameter norms (fp32); plain tensors: none."""
@@ -302,4 +313,5 @@ EXPECTATIONS: dict[str, Callable[..., dict[str, int]]] = {
     "tp": tp_expected_bytes,
     "fsdp+tp": fsdp_tp_expected_bytes,
     "step": step_expected_bytes,
+    "ep": ep_expected_bytes,
 }
