@@ -327,14 +327,95 @@ def test_qwen3_235b_preset_counts_the_published_sizes():
     assert sum(p.numel() for p in model.parameters()) == total
 
 
-def test_hugging_face_export_refuses_experts_in_one_line(tmp_path):
+def lm_overrides(kind: str, *extra: str) -> list[str]:
+    return ["model=gpt", f"model.language.kind={kind}", "model.language.num_kv_heads=2", "model.language.hidden_size=64",
+            "model.language.num_heads=4", "model.language.num_layers=3", "model.language.intermediate_size=96",
+            "model.language.vocab_size=128", "model.language.moe.num_experts=4", *extra]
+
+
+@pytest.mark.parametrize("kind, extra, message", [
+    ("llama", [], "kind=llama has no Hugging Face mixture-of-experts form (qwen3 has: Qwen3MoeForCausalLM)"),
+    ("qwen3", ["model.language.moe.num_shared_experts=1"], "num_shared_experts=1 has no place in Qwen3MoeForCausalLM"),
+    ("qwen3", ["model.language.moe.score_func=sigmoid"], "score_func=sigmoid has no place"),
+    ("qwen3", ["model.language.moe.every=2"],  # layers 0 and 2; Qwen3-MoE's step 2 would put them on 1 and 3
+     "experts from layer 0 every 2: Qwen3-MoE's sparse layers are those i with (i + 1) a multiple"),
+])
+def test_hugging_face_export_refuses_what_qwen3_moe_cannot_hold(kind, extra, message, tmp_path):
     from mmfm.checkpoint.hf import HFCheckpointError, export_language
 
-    cfg = load_config(["model=gpt", "model.language.kind=llama", "model.language.num_kv_heads=2",
-                       "model.language.hidden_size=64", "model.language.num_heads=4", "model.language.num_layers=2",
-                       "model.language.intermediate_size=96", "model.language.vocab_size=128",
-                       "model.language.moe.num_experts=4"])
-    lm = build_model(cfg.model, "cpu").language
-    with pytest.raises(HFCheckpointError, match="mixture of experts is not built yet") as err:
+    lm = build_model(load_config(lm_overrides(kind, *extra)).model, "cpu").language
+    with pytest.raises(HFCheckpointError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+"))\
+            as err:
         export_language(lm, tmp_path / "hf")
     assert "\n" not in str(err.value) and not (tmp_path / "hf").exists()
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory):
+    """A tiny random Qwen3MoeForCausalLM saved in 40 KB shards: 3 layers, the first dense (mlp_only_layers), 4
+    experts of width 24, top-2 renormalized, q/k norms."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=24,
+                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0],
+                            max_position_embeddings=128, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5 if "norm" in name else torch.randn(p.shape, generator=g) * 0.1)
+    folder = tmp_path_factory.mktemp("qwen3_moe") / "hf"
+    model.save_pretrained(folder, max_shard_size="40KB")
+    return folder, model
+
+
+def logits_of(model, lm=None) -> torch.Tensor:
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return lm(lm.embed(ids)) if lm is not None else model(ids).logits
+
+
+def test_qwen3_moe_import_matches_transformers_logits(qwen3_moe):
+    """Import: model.language with the experts placed and sized as config.json says, logits within 1e-4 of
+    transformers' (both compute the same math in fp32; a wrong expert transposition or order moves them by 1e-1)."""
+    from mmfm.checkpoint.hf import language_model_from_hf
+
+    folder, model = qwen3_moe
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    lm = language_model_from_hf(folder)
+    moe = lm.cfg.moe
+    assert (lm.cfg.kind, moe.num_experts, moe.top_k, moe.expert_intermediate_size) == ("qwen3", 4, 2, 24)
+    assert (moe.first_dense_layers, moe.every, moe.normalize_weights) == (1, 1, True)
+    assert [type(b.feed_forward).__name__ for b in lm.layers.values()] == ["FeedForward", "MoE", "MoE"]
+    assert (logits_of(None, lm) - logits_of(model)).abs().max().item() <= 1e-4
+
+
+def test_qwen3_moe_export_round_trip(qwen3_moe, tmp_path):
+    """Export: transformers loads the folder, its logits equal ours and its weights the original's bit for bit."""
+    from transformers import Qwen3MoeForCausalLM
+
+    from mmfm.checkpoint.hf import export_language, language_config_from_hf, language_model_from_hf
+
+    folder, model = qwen3_moe
+    lm = language_model_from_hf(folder)
+    export_language(lm, tmp_path / "out", max_shard_bytes=100_000)
+    back = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert (logits_of(back) - logits_of(None, lm)).abs().max().item() <= 1e-4
+    theirs, ours = model.state_dict(), back.state_dict()
+    assert set(theirs) == set(ours) and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    assert language_config_from_hf(tmp_path / "out") == lm.cfg
+
+
+def test_qwen3_moe_checkpoint_of_other_experts_is_refused(qwen3_moe):
+    """A model with 8 experts against the 4-expert checkpoint: one line naming the field, before any weight moves."""
+    from mmfm.checkpoint.hf import HFCheckpointError, language_config_from_hf, load_language
+
+    folder, _ = qwen3_moe
+    cfg = language_config_from_hf(folder)
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=8))
+    lm = build_model(load_config(["model=gpt"]).model.__class__(language=cfg), "cpu").language
+    with pytest.raises(HFCheckpointError, match=r"moe.num_experts=8 \(checkpoint: 4\)") as err:
+        load_language(lm, folder)
+    assert "\n" not in str(err.value)

@@ -37,7 +37,7 @@ from mmfm.config.schema import LanguageConfig, ModelConfig
 from mmfm.errors import ConfigError
 from mmfm.models.init import canonical_name
 from mmfm.models.lora import is_adapter
-from mmfm.models.spec import LANGUAGE, part_spec
+from mmfm.models.spec import LANGUAGE, Stacked, part_spec
 from mmfm.parallel.distributed import barrier, is_main_process
 
 CONFIG = "config.json"
@@ -159,6 +159,29 @@ def _read(f, name: str, box: tuple[slice, ...]) -> torch.Tensor:
     return f.get_slice(name)[box] if box else f.get_tensor(name)
 
 
+def checkpoint_names(theirs) -> tuple[str, ...]:
+    """The checkpoint tensors behind one adapter name: itself, or a Stacked parameter's per-expert tensors."""
+    return theirs.names if isinstance(theirs, Stacked) else (theirs,)
+
+
+def _all_names(names: dict) -> list[str]:
+    return [t for theirs in names.values() for t in checkpoint_names(theirs)]
+
+
+def _expected_shape(theirs, param: torch.Tensor) -> tuple[int, ...]:
+    """The shape of each checkpoint tensor behind `theirs` for a model parameter of param's shape."""
+    return tuple(param.shape[1:][::-1]) if isinstance(theirs, Stacked) else tuple(param.shape)
+
+
+def _read_stacked(folder: Path, infos: dict, theirs: Stacked, box: tuple[slice, ...]) -> torch.Tensor:
+    """This rank's box of a Stacked parameter: its experts' tensors, each read transposed to the box's last dims."""
+    rows = []
+    for name in theirs.names[box[0]]:
+        with _open(folder, infos[name][0]) as f:
+            rows.append(_read(f, name, (box[2], box[1])).t())
+    return torch.stack(rows)
+
+
 def _model_params(module: nn.Module, names: dict[str, str]) -> dict[str, torch.Tensor]:
     """The module's parameters by canonical name, less LoRA adapters (a pretrained base has none)."""
     params = {canonical_name(n): p for n, p in module.named_parameters() if not is_adapter(canonical_name(n))}
@@ -175,8 +198,8 @@ def _model_params(module: nn.Module, names: dict[str, str]) -> dict[str, torch.T
 
 def _check_names(folder: Path, infos: dict, names: dict[str, str], copies: dict[str, str],
                  ignored: Callable[[str], bool]) -> None:
-    wanted = set(names.values())
-    missing = [t for t in names.values() if t not in infos]
+    wanted = set(_all_names(names))
+    missing = [t for t in _all_names(names) if t not in infos]
     if missing:
         raise HFCheckpointError(f"{folder} lacks tensors the model needs ({len(missing)}): {_few(missing)}; the "
                                 "checkpoint does not match its config.json or the model's config")
@@ -190,12 +213,13 @@ def _check_shapes(folder: Path, infos: dict, params: dict, names: dict[str, str]
                   sized_by: Callable[[str], str], grown: frozenset = frozenset()) -> None:
     bad = []
     for ours, param in params.items():
-        theirs = names[ours]
-        shape = infos[theirs][1]
-        if ours in grown and shape[1:] == tuple(param.shape[1:]) and shape[0] <= param.shape[0]:
-            continue
-        if shape != tuple(param.shape):
-            bad.append((theirs, shape, tuple(param.shape), ours))
+        want = _expected_shape(names[ours], param)
+        for theirs in checkpoint_names(names[ours]):
+            shape = infos[theirs][1]
+            if ours in grown and shape[1:] == tuple(param.shape[1:]) and shape[0] <= param.shape[0]:
+                continue
+            if shape != want:
+                bad.append((theirs, shape, want, ours))
     for copy, original in copies.items():
         if copy in infos and infos[copy][1] != infos[original][1]:
             bad.append((copy, infos[copy][1], infos[original][1], original))
@@ -206,7 +230,7 @@ def _check_shapes(folder: Path, infos: dict, params: dict, names: dict[str, str]
         raise HFCheckpointError(f"{folder}: {theirs} has shape {list(shape)} in the checkpoint but {ours} is "
                                 f"{list(want)} in the model{more}{' (sized by ' + hint + ')' if hint else ''}; the "
                                 "weights do not match config.json: fix config.json or use the folder they came from")
-    not_float = [t for t in names.values() if not infos[t][2].startswith(("F", "BF"))]
+    not_float = [t for t in _all_names(names) if not infos[t][2].startswith(("F", "BF"))]
     if not_float:
         raise HFCheckpointError(f"{folder}: {_few(not_float)} hold {infos[not_float[0]][2]} values, not floating "
                                 "point; the checkpoint is quantized or damaged")
@@ -274,7 +298,10 @@ def load_parameters(module: nn.Module, folder: str | Path, names: dict[str, str]
     _check_copies(folder, infos, params, names, copies)
     by_file: dict[str, list[str]] = {}
     for ours in params:
-        by_file.setdefault(infos[names[ours]][0], []).append(ours)
+        if isinstance(names[ours], Stacked):
+            _copy_stacked(folder, infos, names[ours], params[ours])
+        else:
+            by_file.setdefault(infos[names[ours]][0], []).append(ours)
     for file, ours_in_file in by_file.items():
         with _open(folder, file) as f:
             for ours in ours_in_file:
@@ -293,6 +320,12 @@ def load_parameters(module: nn.Module, folder: str | Path, names: dict[str, str]
                 local.copy_(piece.to(local.dtype))
 
 
+def _copy_stacked(folder: Path, infos: dict, theirs: Stacked, param: torch.Tensor) -> None:
+    local = param.to_local() if isinstance(param, DTensor) else param
+    if local.numel():
+        local.copy_(_read_stacked(folder, infos, theirs, local_box(param)).to(local.dtype))
+
+
 # ---------------------------------------------------------------- writing a folder
 
 
@@ -305,12 +338,18 @@ def refuse_adapters(module: nn.Module) -> None:
                                 "with `mmfm export --format peft`")
 
 
-def _gathered(params: Iterable[tuple[str, torch.Tensor]], dtype: Optional[torch.dtype]):
-    """(name, full tensor on the CPU) on the main process; a collective for DTensors, on every rank."""
+def _gathered(params: Iterable[tuple], dtype: Optional[torch.dtype]):
+    """(name, full tensor on the CPU) on the main process; a collective for DTensors, on every rank. A Stacked
+    name yields its experts' tensors, each transposed."""
     for name, param in params:
         full = param.full_tensor() if isinstance(param, DTensor) else param
-        if is_main_process():
-            yield name, full.detach().to("cpu", dtype or full.dtype).contiguous()
+        if not is_main_process():
+            continue
+        full = full.detach().to("cpu", dtype or full.dtype)
+        if isinstance(name, Stacked):
+            yield from ((each, full[e].t().contiguous()) for e, each in enumerate(name.names))
+        else:
+            yield name, full.contiguous()
 
 
 def _flush(tmp: Path, shard: dict, shards: list) -> None:
@@ -396,8 +435,14 @@ def _adapter(lm: LanguageConfig, what: str):
     if adapter is None:
         raise HFCheckpointError(f"model.language.kind={lm.kind} has no Hugging Face form; cannot {what}")
     if lm.moe.num_experts:
-        raise HFCheckpointError(f"model.language.moe.num_experts={lm.moe.num_experts}: the Hugging Face form of a "
-                                f"mixture of experts is not built yet (docs/moe.md); cannot {what}")
+        if adapter.moe is None:
+            raise HFCheckpointError(f"model.language.moe.num_experts={lm.moe.num_experts}: kind={lm.kind} has no "
+                                    f"Hugging Face mixture-of-experts form (qwen3 has: Qwen3MoeForCausalLM); "
+                                    f"cannot {what}")
+        adapter = adapter.moe
+        reason = adapter.inexpressible(lm)
+        if reason:
+            raise HFCheckpointError(f"model.language.moe: {reason}; cannot {what}")
     return adapter
 
 
@@ -406,10 +451,11 @@ def language_config_from_hf(folder: str | Path, **overrides) -> LanguageConfig:
     load_language fills; overrides: LanguageConfig fields to change (max_seq_len, ...)."""
     hf = read_hf_config(folder)
     model_type = hf.get("model_type")
-    adapter = next((s.hf for s in LANGUAGE.values() if s.hf is not None and s.hf.model_type == model_type), None)
+    adapters = [a for s in LANGUAGE.values() if s.hf is not None for a in (s.hf, s.hf.moe) if a is not None]
+    adapter = next((a for a in adapters if a.model_type == model_type), None)
     where = Path(folder) / CONFIG
     if adapter is None:
-        types = sorted(s.hf.model_type for s in LANGUAGE.values() if s.hf is not None)
+        types = sorted(a.model_type for a in adapters)
         raise HFCheckpointError(f"{where}: model_type={model_type!r} is not a language model mmfm reads; "
                                 f"supported: {types}")
     try:

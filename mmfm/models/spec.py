@@ -19,6 +19,13 @@ class UnsupportedConfig(ValueError):
     file)."""
 
 
+@dataclass(frozen=True)
+class Stacked:
+    """An adapter's checkpoint name for a parameter [E, a, b] that the checkpoint holds as E tensors [b, a], one
+    per expert (transposed: nn.Linear's [out, in]), in `names` order."""
+    names: tuple[str, ...]
+
+
 # A part's hooks take the whole ModelConfig: a projector needs both widths, a tower the image size.
 Build = Callable[[ModelConfig], nn.Module]
 Count = Callable[[ModelConfig], int]

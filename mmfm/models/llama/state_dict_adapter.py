@@ -7,11 +7,13 @@ files, refuses custom code, and uses this adapter through the kind's spec, `Lang
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
-from mmfm.config.schema import LanguageConfig
-from mmfm.models.spec import UnsupportedConfig
+from mmfm.config.schema import LanguageConfig, MoEConfig
+from mmfm.models.moe import is_moe_layer
+from mmfm.models.spec import Stacked, UnsupportedConfig
 
 ROPE_DEFAULT_THETA = 10000.0  # transformers' default_theta
 
@@ -97,6 +99,7 @@ class HFLanguageAdapter:
     defaults: dict = field(default_factory=dict)
     refused: tuple[str, ...] = ()
     sliding: bool = False
+    moe: Optional["HFLanguageAdapter"] = None  # the kind's mixture-of-experts form (Qwen3-MoE for qwen3)
 
     # ---- config.json -> model.language
     def config_from_hf(self, hf: dict) -> dict[str, Any]:
@@ -221,6 +224,108 @@ class HFLanguageAdapter:
         return [(f, value(model, f), value(checkpoint, f)) for f in fields if value(model, f) != value(checkpoint, f)]
 
 
+# The model.language.moe fields that must agree between a model and the checkpoint it loads.
+MOE_ARCH_FIELDS = ("num_experts", "top_k", "expert_intermediate_size", "num_shared_experts", "score_func",
+                   "normalize_weights", "route_scale", "num_groups", "topk_groups", "first_dense_layers", "every")
+EXPERT_NAMES = (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))  # ours -> each expert's Linear
+
+
+def _sparse_layers(hf: dict, layers: int) -> list[int]:
+    """transformers' Qwen3-MoE placement: layer i is sparse unless in mlp_only_layers, when (i + 1) is a multiple
+    of decoder_sparse_step."""
+    step = _get(hf, "decoder_sparse_step", int, 1)
+    dense = hf.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
+        raise UnsupportedConfig(f"mlp_only_layers={dense!r} is not a list of layer indices")
+    if step < 1:
+        raise UnsupportedConfig(f"decoder_sparse_step={step} must be >= 1")
+    return [i for i in range(layers) if i not in dense and (i + 1) % step == 0]
+
+
+@dataclass(frozen=True)
+class HFMoEAdapter(HFLanguageAdapter):
+    """Qwen3MoeForCausalLM: qwen3 decoder layers whose feed-forward is a mixture of experts (softmax top-k over the
+    router's logits, optionally renormalized, no shared experts), each expert a SwiGLU of three nn.Linear saved one
+    tensor per expert (mlp.experts.<e>.gate_proj/up_proj/down_proj), the router mlp.gate."""
+
+    def config_from_hf(self, hf: dict) -> dict[str, Any]:
+        fields = super().config_from_hf(hf)
+        # the published configs say num_experts; transformers 5 writes it as num_local_experts
+        key = "num_experts" if "num_experts" in hf else "num_local_experts"
+        experts, top_k = _get(hf, key, int), _get(hf, "num_experts_per_tok", int)
+        sparse = _sparse_layers(hf, fields["num_layers"])
+        if experts < 1 or not sparse:
+            raise UnsupportedConfig(f"num_experts={experts} leaves no mixture-of-experts layer; a dense checkpoint "
+                                    "is model_type qwen3")
+        first, every = sparse[0], (sparse[1] - sparse[0] if len(sparse) > 1 else 1)
+        if sparse != list(range(first, fields["num_layers"], every)):
+            raise UnsupportedConfig(f"experts on layers {sparse[:6]}: mmfm places them on every n-th layer from "
+                                    "the first sparse one on (moe.first_dense_layers, moe.every)")
+        normalize = _get(hf, "norm_topk_prob", bool, False)
+        if normalize and top_k == 1:
+            raise UnsupportedConfig("norm_topk_prob=true with num_experts_per_tok=1 (a constant weight of 1) is not "
+                                    "supported")
+        moe = MoEConfig(num_experts=experts, top_k=top_k,
+                        expert_intermediate_size=_get(hf, "moe_intermediate_size", int),
+                        normalize_weights=normalize, first_dense_layers=first, every=every,
+                        aux_loss_coef=_get(hf, "router_aux_loss_coef", float, 0.001))
+        return {**fields, "moe": moe}
+
+    def inexpressible(self, lm: LanguageConfig) -> str:
+        """Why Qwen3-MoE cannot hold a model of config lm ("" when it can)."""
+        moe = lm.moe
+        layers = [i for i in range(lm.num_layers) if is_moe_layer(lm, i)]
+        step = moe.every if layers else 1
+        for bad, why in ((moe.num_shared_experts, f"num_shared_experts={moe.num_shared_experts}"),
+                         (moe.score_func != "softmax", f"score_func={moe.score_func}"),
+                         (moe.num_groups > 1, f"num_groups={moe.num_groups}"),
+                         (moe.route_scale != 1.0, f"route_scale={moe.route_scale}"),
+                         (moe.bias_update_rate > 0, f"bias_update_rate={moe.bias_update_rate} (a routing bias)"),
+                         (any((i + 1) % step for i in layers),
+                          f"experts from layer {moe.first_dense_layers} every {step}: Qwen3-MoE's sparse layers are "
+                          f"those i with (i + 1) a multiple of decoder_sparse_step")):
+            if bad:
+                return f"{why} has no place in Qwen3MoeForCausalLM"
+        return ""
+
+    def config_to_hf(self, lm: LanguageConfig, dtype: str) -> dict[str, Any]:
+        moe, step = lm.moe, lm.moe.every
+        hf = super().config_to_hf(lm, dtype)
+        hf.update({
+            "num_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
+            "moe_intermediate_size": moe.expert_intermediate_size or lm.intermediate_size,
+            "norm_topk_prob": moe.normalize_weights and moe.top_k > 1, "decoder_sparse_step": step,
+            "mlp_only_layers": [i for i in range(lm.num_layers) if (i + 1) % step == 0 and not is_moe_layer(lm, i)],
+            "router_aux_loss_coef": moe.aux_loss_coef, "output_router_logits": False})
+        return hf
+
+    def names(self, lm: LanguageConfig) -> dict[str, Any]:
+        out = super().names(lm)
+        for i in (i for i in range(lm.num_layers) if is_moe_layer(lm, i)):
+            for ours, theirs in EXPERT_NAMES:
+                del out[f"layers.{i}.feed_forward.{ours}.weight"]
+                out[f"layers.{i}.feed_forward.experts.{ours}"] = Stacked(tuple(
+                    f"model.layers.{i}.mlp.experts.{e}.{theirs}.weight" for e in range(lm.moe.num_experts)))
+            out[f"layers.{i}.feed_forward.router.gate.weight"] = f"model.layers.{i}.mlp.gate.weight"
+        return out
+
+    @staticmethod
+    def sized_by(name: str) -> tuple[str, ...]:
+        if ".mlp.experts." in name or ".mlp.gate." in name:
+            return ("hidden_size",)  # and model.language.moe's sizes
+        return HFLanguageAdapter.sized_by(name)
+
+    @staticmethod
+    def mismatches(model: LanguageConfig, checkpoint: LanguageConfig) -> list[tuple[str, Any, Any]]:
+        dense = HFLanguageAdapter.mismatches(model, checkpoint)
+        return dense + [(f"moe.{f}", getattr(model.moe, f), getattr(checkpoint.moe, f)) for f in MOE_ARCH_FIELDS
+                        if getattr(model.moe, f) != getattr(checkpoint.moe, f)]
+
+
+QWEN3_MOE = HFMoEAdapter("qwen3", "qwen3_moe", "Qwen3MoeForCausalLM", qkv_bias=False, qk_norm=True,
+                         defaults={"max_position_embeddings": 32768, "num_key_value_heads": 4},
+                         refused=("attention_bias",), sliding=True)
+
 ADAPTERS = {
     "llama": HFLanguageAdapter("llama", "llama", "LlamaForCausalLM", qkv_bias=False, qk_norm=False,
                                defaults={"max_position_embeddings": 2048},
@@ -231,5 +336,5 @@ ADAPTERS = {
     "qwen3": HFLanguageAdapter("qwen3", "qwen3", "Qwen3ForCausalLM", qkv_bias=False, qk_norm=True,
                                defaults={"max_position_embeddings": 32768, "num_key_value_heads": 32,
                                          "head_dim": 128},
-                               refused=("attention_bias",), sliding=True),
+                               refused=("attention_bias",), sliding=True, moe=QWEN3_MOE),
 }
