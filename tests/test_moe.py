@@ -408,6 +408,28 @@ def test_qwen3_moe_export_round_trip(qwen3_moe, tmp_path):
     assert language_config_from_hf(tmp_path / "out") == lm.cfg
 
 
+def test_qwen3_moe_loads_each_ranks_experts_under_expert_parallelism(qwen3_moe, tmp_path):
+    """ep2 (FSDP over the same 2 ranks for the rest): each rank reads 2 of the 4 experts' tensors into its shard, and
+    the gathered weights equal the one-process import exactly."""
+    import torch.multiprocessing as mp
+    from expert_runs import load_worker
+
+    from mmfm.checkpoint.hf import language_model_from_hf
+    from mmfm.models.init import canonical_name
+    from mmfm.parallel.distributed import free_port
+
+    folder, _ = qwen3_moe
+    want = {n: p.detach() for n, p in language_model_from_hf(folder).named_parameters()}
+    mp.spawn(load_worker, args=(2, free_port(), str(folder), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert set(got["local_experts"].values()) == {2}  # half the experts each (2 layers x w1, w2, w3)
+        params = {canonical_name(n): p for n, p in got["params"].items()}
+        assert set(params) == set(want)
+        for name, value in want.items():
+            assert torch.equal(params[name], value), name
+
+
 def test_qwen3_moe_checkpoint_of_other_experts_is_refused(qwen3_moe):
     """A model with 8 experts against the 4-expert checkpoint: one line naming the field, before any weight moves."""
     from mmfm.checkpoint.hf import HFCheckpointError, language_config_from_hf, load_language
