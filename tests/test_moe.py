@@ -1,8 +1,10 @@
 """The mixture-of-experts layer (mmfm.models.moe) against hand-written references: routing, dropless and capacity
 dispatch, the balancing losses and bias, and the model and config around it."""
 
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
 
 import pytest
 import torch
@@ -331,6 +333,60 @@ def lm_overrides(kind: str, *extra: str) -> list[str]:
     return ["model=gpt", f"model.language.kind={kind}", "model.language.num_kv_heads=2", "model.language.hidden_size=64",
             "model.language.num_heads=4", "model.language.num_layers=3", "model.language.intermediate_size=96",
             "model.language.vocab_size=128", "model.language.moe.num_experts=4", *extra]
+
+
+def expert_slice(cfg, dims, rank: int) -> tuple[int, int]:
+    """(how many, the first) of the experts whose weights `rank` holds, in the meta-device parallel model."""
+    import torch.distributed as dist
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from mmfm.parallel.parallelize import parallelize
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dims.world_size)
+    try:
+        parts = parallelize(cfg, dims, "cpu", dims.build_mesh("cpu"), materialize=False)
+        w1 = next(p for part in parts.parts for n, p in part.named_parameters() if "experts.w1" in n)
+        shape, offset = compute_local_shape_and_global_offset(w1.shape, w1.device_mesh, w1.placements)
+        return shape[0], offset[0]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("layout, ranks", [
+    ({"pp": 4, "dp_shard": 16, "ep": 8}, [0, 21, 63]),  # efsdp 2: the experts FSDP-sharded over pairs
+    ({"dp_shard": 64, "ep": 64}, [5]),  # 2 of the 128 experts per rank, no further sharding
+], ids=["pp4xfsdp16xep8", "fsdp64xep64"])
+def test_qwen3_235b_shares_on_64_fake_ranks_equal_the_planners(layout, ranks):
+    """Qwen3-235B-A22B's language model as a VLM's, parallelized on the meta device on a fake 64-rank group: each
+    rank holds exactly the elements mmfm.plan.shares counts for it (its stage, E / ep experts, FSDP chunks), and
+    under ep 64 the 94 layers' experts give each rank 2 experts' weights."""
+    from test_plan import coordinates, meta_rank_numel
+
+    from mmfm.parallel import ParallelDims
+    from mmfm.plan.shares import rank_share, stage_layout
+
+    cfg = load_config(["model=qwen3_235b_a22b", "data.seq_len=4096", "train.precision=bf16",
+                       *(f"parallel.{k}={v}" for k, v in layout.items())])
+    dims = ParallelDims.from_config(cfg.parallel)
+    for rank in ranks:
+        at = coordinates(dims, rank)
+        layers = stage_layout(cfg.model, cfg.data.seq_len, dims.num_stages) if dims.pp > 1 else [list(range(94))]
+        stage = [(layers[at["pp"]], at["pp"] == 0, at["pp"] == dims.pp - 1)]
+        want = rank_share(cfg.model, 1, dims.dp_shard, stage, at["dp_shard"], ep=dims.ep)
+        assert meta_rank_numel(cfg, dims, rank) == want.numel, rank
+    lm = cfg.model.language
+    # in a fresh process: one process simulating several ranks gets meshes sliced for an earlier rank back
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        experts, first = pool.submit(expert_slice, cfg, dims, ranks[-1]).result()
+    at = coordinates(dims, ranks[-1])
+    ep_rank, efsdp_rank = at["dp_shard"] % dims.ep, at["dp_shard"] // dims.ep
+    per_ep_rank = lm.moe.num_experts // dims.ep
+    assert experts == per_ep_rank * dims.ep // dims.dp_shard  # E / ep, split further over efsdp
+    assert first == ep_rank * per_ep_rank + efsdp_rank * experts  # its ep rank's block, then its efsdp chunk
+    if dims.ep == 64:
+        per_rank_experts = 94 * 3 * 2 * lm.hidden_size * lm.moe.expert_intermediate_size
+        assert want.numel > per_rank_experts > 0.9 * want.numel
 
 
 @pytest.mark.parametrize("kind, extra, message", [

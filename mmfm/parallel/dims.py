@@ -176,7 +176,11 @@ class ParallelDims(ParallelConfig):
 
     def coordinate(self, mesh, name: str) -> int:
         """This rank's index along mesh dim `name` (0 when that dim has size 1)."""
-        return mesh[name].get_local_rank() if self.sizes[name] > 1 else 0
+        if self.sizes[name] == 1:
+            return 0
+        if name == "dp_shard" and self.ep > 1:  # built as (efsdp, ep), flattened in that order
+            return mesh.get_local_rank("efsdp") * self.ep + mesh.get_local_rank("ep")
+        return mesh.get_local_rank(name)
 
     def dp_rank(self, mesh) -> int:
         return self.coordinate(mesh, "dp_replicate") * self.dp_shard + self.coordinate(mesh, "dp_shard")

@@ -85,7 +85,9 @@ class ModelParts:
                 part.reshard()
 
     def group(self, name: str) -> Optional[dist.ProcessGroup]:
-        return self.mesh[name].get_group() if self.mesh is not None and self.dims.sizes[name] > 1 else None
+        if self.mesh is None or self.dims.sizes[name] == 1:
+            return None
+        return self.mesh.get_group(name) if name in self.mesh.mesh_dim_names else self.mesh[name].get_group()
 
 
 def compute_dtype(cfg: JobConfig) -> torch.dtype:

@@ -210,29 +210,37 @@ _SHARES: dict[tuple, RankShare] = {}
 
 
 def rank_share(cfg: ModelConfig, tp: int, shards: int, stages: list[tuple[list[int], bool, bool]],
-               shard_index: int = 0) -> RankShare:
+               shard_index: int = 0, ep: int = 1) -> RankShare:
     """The parameters a rank holds: its pipeline stages (layers, first, last), each parameter's tp-local shape,
-    FSDP chunk `shard_index` of `shards` (dp_shard x cp). Cached per layout."""
-    key = (_config_key(cfg), tp, shards, shard_index, tuple((tuple(l), f, la) for l, f, la in stages))
+    FSDP chunk `shard_index` of `shards` (dp_shard x cp). Under expert parallelism (ep > 1, carved out of dp_shard)
+    each expert weight [E, ...] is first cut to the rank's E / ep experts, which FSDP splits over the shards / ep
+    ranks left (their own unit). Cached per layout."""
+    key = (_config_key(cfg), tp, shards, shard_index, ep, tuple((tuple(l), f, la) for l, f, la in stages))
     if key not in _SHARES:
-        _SHARES[key] = _rank_share(cfg, tp, shards, stages, shard_index)
+        _SHARES[key] = _rank_share(cfg, tp, shards, stages, shard_index, ep)
     return _SHARES[key]
 
 
+def is_expert_weight(name: str) -> bool:
+    return ".feed_forward.experts.w" in name
+
+
 def _rank_share(cfg: ModelConfig, tp: int, shards: int, stages: list[tuple[list[int], bool, bool]],
-                shard_index: int) -> RankShare:
+                shard_index: int, ep: int) -> RankShare:
     table, shapes = param_table(cfg), tp_shapes(cfg, tp)
     numel = padded = local = root = 0
     blocks: dict[str, int] = {}
     for layers, first, last in stages:
         for r in stage_records(table, layers, first, last):
-            shape = shapes[r.name]
-            numel += fsdp_chunk_numel(shape, shards, shard_index)
-            padded += fsdp_padded_numel(shape, shards)
+            shape, n, index, unit = shapes[r.name], shards, shard_index, r.unit
+            if ep > 1 and is_expert_weight(r.name):
+                shape, n, index, unit = (shape[0] // ep, *shape[1:]), shards // ep, shard_index // ep, f"{unit}.experts"
+            numel += fsdp_chunk_numel(shape, n, index)
+            padded += fsdp_padded_numel(shape, n)
             local += math.prod(shape)
-            gathered = fsdp_padded_numel(shape, shards) * shards  # what FSDP2 all-gathers, dim 0 padded
-            if r.unit is None:
+            gathered = fsdp_padded_numel(shape, n) * n  # what FSDP2 all-gathers, dim 0 padded
+            if unit is None:
                 root += gathered
             else:
-                blocks[r.unit] = blocks.get(r.unit, 0) + gathered
+                blocks[unit] = blocks.get(unit, 0) + gathered
     return RankShare(numel, padded, local, max(blocks.values(), default=0), root, sum(blocks.values()))
