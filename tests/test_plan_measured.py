@@ -9,7 +9,11 @@ from mmfm.plan.bench import activation_bench
 MID_SIZE = ["model.language.hidden_size=384", "model.language.num_layers=6", "model.language.num_heads=6",
             "model.language.num_kv_heads=2", "model.language.intermediate_size=1024",
             "model.language.max_seq_len=512", "data.seq_len=384"]
-CONFIGS = {"tiny": (["data.seq_len=128"], 8), "mid": (MID_SIZE, 2)}  # overrides, micro-batch
+# 8 experts of a quarter of the dense width, 2 a token, after one dense layer (mmfm.plan.memory.moe_ffn_bytes)
+EXPERTS = ["model.language.moe.num_experts=8", "model.language.moe.top_k=2",
+           "model.language.moe.expert_intermediate_size=256", "model.language.moe.first_dense_layers=1"]
+CONFIGS = {"tiny": (["data.seq_len=128"], 8), "mid": (MID_SIZE, 2),  # overrides, micro-batch
+           "tiny_moe": (["data.seq_len=128", *EXPERTS], 8), "mid_moe": ([*MID_SIZE, *EXPERTS], 2)}
 
 
 @pytest.mark.parametrize("checkpoint", ["none", "full"])

@@ -9,6 +9,7 @@ from typing import Optional
 
 from mmfm.config.schema import JobConfig
 from mmfm.errors import ConfigError
+from mmfm.models.moe import is_moe_layer
 from mmfm.plan import memory, steptime
 from mmfm.plan.hardware import group_bandwidth
 from mmfm.plan.shares import meta_model, param_table, rank_share, stage_layout, tp_shapes
@@ -120,14 +121,16 @@ def _activation_bytes(cfg: JobConfig, layout: Layout, wl: Workload, stages, pp_r
     residual = memory.residual_bytes(layout.dp * cp > 1)
     norm = memory.fused_norm(cfg.kernels, tp)
     hook = part_spec(cfg.model, "language").layer_activation_bytes
-    full_layer = hook(cfg.model, tokens, tp, cp, cfg.kernels, residual, norm)
+    held = [i for s in stages for i in s[0]]
+    experts = sum(is_moe_layer(lm, i) for i in held)  # mixture-of-experts layers among the rank's
+    kinds = [(len(held) - experts, {})] + ([(experts, {"moe": True})] if experts else [])
     ckpt = layout.checkpoint == "full"
-    layer = memory.checkpointed_layer_bytes(lm.hidden_size, tokens, tp, cp, residual) if ckpt else full_layer
+    saved = sum(n * (memory.checkpointed_layer_bytes(lm.hidden_size, tokens, tp, cp, residual) if ckpt else
+                     hook(cfg.model, tokens, tp, cp, cfg.kernels, residual, norm, **kind)) for n, kind in kinds)
     encoders, full_block = _encoder_bytes(cfg, layout, wl, residual)
     flights = memory.in_flight(layout.schedule, layout.pp, layout.virtual, layout.microbatches, pp_rank)
     first, last = any(s[1] for s in stages), any(s[2] for s in stages)
-    layers = sum(len(s[0]) for s in stages)
-    acts = flights * layers * layer
+    acts = flights * saved
     if first:
         acts += flights * encoders
     loss = 0.0
@@ -135,7 +138,8 @@ def _activation_bytes(cfg: JobConfig, layout: Layout, wl: Workload, stages, pp_r
         fused = memory.fused_loss(cfg.kernels, tp, layout.pp)
         loss = memory.loss_bytes(lm, tokens, tp, fused, residual, norm)
     if ckpt:  # one block recomputed in backward, after the loss's backward freed its buffers
-        layer_peak = hook(cfg.model, tokens, tp, cp, cfg.kernels, residual, norm, backward=True)
+        layer_peak = max(hook(cfg.model, tokens, tp, cp, cfg.kernels, residual, norm, backward=True, **kind)
+                         for n, kind in kinds if n)
         recompute = max(layer_peak, full_block if first else 0.0)
         acts += max(0.0, recompute - loss)
     loss *= memory.in_flight(layout.schedule, layout.pp, layout.virtual, layout.microbatches, layout.pp - 1)

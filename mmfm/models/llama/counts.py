@@ -74,12 +74,12 @@ def head_flops(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, cp: int, kernels, residual: int = 2,
-                           fused_norm: bool = True, backward: bool = False) -> float:
+                           fused_norm: bool = True, backward: bool = False, moe: bool = False) -> float:
     """One decoder layer's saved activations (mmfm.plan.memory.decoder_layer_bytes: SwiGLU keeps 3 FFN-wide tensors
     with the fused kernel, 4 with kernels.swiglu=torch; `residual` the residual stream's element size, memory.
     residual_bytes; fused_norm whether the fused RMSNorm runs, memory.fused_norm); backward=True adds what the
-    layer's backward holds besides at its peak (memory.swiglu_backward_bytes)."""
+    layer's backward holds besides at its peak (memory.swiglu_backward_bytes); moe: a mixture-of-experts layer's."""
     from mmfm.plan.memory import decoder_layer_bytes, swiglu_backward_bytes
 
-    saved = decoder_layer_bytes(cfg.language, tokens, tp, cp, kernels.swiglu != "torch", fused_norm, residual)
-    return saved + (swiglu_backward_bytes(cfg.language, tokens, tp, cp) if backward else 0.0)
+    saved = decoder_layer_bytes(cfg.language, tokens, tp, cp, kernels.swiglu != "torch", fused_norm, residual, moe)
+    return saved + (swiglu_backward_bytes(cfg.language, tokens, tp, cp, moe) if backward else 0.0)
