@@ -335,6 +335,29 @@ def lm_overrides(kind: str, *extra: str) -> list[str]:
             "model.language.vocab_size=128", "model.language.moe.num_experts=4", *extra]
 
 
+def test_planner_counts_expert_parallelism_for_qwen3_235b():
+    """mmfm plan on 64 H100s for Qwen3-235B-A22B: ep layouts are searched; against the same layout without ep, ep8
+    holds the same parameter elements (E / ep experts, then FSDP over dp_shard / ep) but gathers only the rank's
+    experts (smaller FSDP buffers), and pays its all-to-alls: 4 x tokens x top_k x hidden x 2 B per MoE layer and
+    micro-batch, 7/8 of it off the rank, at the inter-node bandwidth."""
+    from mmfm.plan.hardware import group_bandwidth
+    from mmfm.plan.search import Layout, Workload, candidate_layouts, evaluate
+
+    cfg = load_config(["model=qwen3_235b_a22b", "train.precision=bf16", "data.seq_len=4096"])
+    wl = Workload(64, 64, 4096)
+    assert {layout.ep for layout in candidate_layouts(cfg, wl)} >= {1, 2, 8, 64}
+    dense, experts = (evaluate(cfg, Layout(pp=4, dp_shard=16, micro_batch=1, microbatches=4, checkpoint="full", ep=ep),
+                               wl) for ep in (1, 8))
+    assert experts.rank_params == dense.rank_params
+    assert experts.memory["buffers"] < dense.memory["buffers"]
+    lm = cfg.model.language
+    layers = 94 // 4 + (94 % 4 > 0)  # the fullest stage's MoE layers, every layer being one
+    payload = 4 * 4096 * lm.moe.top_k * lm.hidden_size * 2 + 8 * lm.moe.num_experts
+    bandwidth = group_bandwidth(cfg.hardware, 8, 1)
+    assert experts.time["ep_comm"] == pytest.approx(layers * 4 * payload * 7 / 8 / bandwidth, rel=0.05)
+    assert dense.time["ep_comm"] == 0.0
+
+
 def expert_slice(cfg, dims, rank: int) -> tuple[int, int]:
     """(how many, the first) of the experts whose weights `rank` holds, in the meta-device parallel model."""
     import torch.distributed as dist

@@ -65,7 +65,7 @@ def run_overrides(plan, user: list[str], wl, devices_per_node: int) -> list[str]
     return out + cluster + [f"cluster.nodes={nodes}", f"cluster.gpus_per_node={min(wl.devices, devices_per_node)}"]
 
 
-HEADER = (f"{'#':>3} {'tp':>2} {'pp':>2} {'dp_rep':>6} {'dp_shard':>8} {'schedule':>16} {'mb':>3} {'m':>4} {'ckpt':>4} | "
+HEADER = (f"{'#':>3} {'tp':>2} {'pp':>2} {'dp_rep':>6} {'dp_shard':>8} {'ep':>3} {'schedule':>16} {'mb':>3} {'m':>4} {'ckpt':>4} | "
           f"{'params':>6} {'grads':>6} {'optim':>6} {'buffers':>7} {'acts':>6} {'logits':>6} {'total':>6} GiB | "
           f"{'step s':>7} {'MFU':>6} {'tok/s/dev':>9}")
 
@@ -76,7 +76,7 @@ def table_row(i: int, plan) -> str:
     gib = " ".join(f"{mem[t] / GIB:>{w}.1f}" for t, w in (("params", 6), ("grads", 6), ("optimizer", 6),
                                                           ("buffers", 7), ("activations", 6), ("logits", 6),
                                                           ("total", 6)))
-    return (f"{i:>3} {lay.tp:>2} {lay.pp:>2} {lay.dp_replicate:>6} {lay.dp_shard:>8} {schedule:>16} "
+    return (f"{i:>3} {lay.tp:>2} {lay.pp:>2} {lay.dp_replicate:>6} {lay.dp_shard:>8} {lay.ep:>3} {schedule:>16} "
             f"{lay.micro_batch:>3} {lay.microbatches:>4} {lay.checkpoint:>4} | {gib}     | "
             f"{plan.time['step']:>7.3f} {plan.mfu:>6.1%} {plan.tokens_per_s_per_device:>9.0f}")
 
@@ -110,7 +110,9 @@ def explain(plan, wl, hw) -> str:
              "overlapped",
              f"    fsdp_comm_exposed  {t['fsdp_comm_exposed']:.3f} s  FSDP beyond the compute it overlaps + the first "
              "gather and last reduce-scatter",
-             f"    pp_p2p             {t['pp_p2p']:.3f} s  pipeline fill and drain sends"]
+             f"    pp_p2p             {t['pp_p2p']:.3f} s  pipeline fill and drain sends",
+             f"    ep_comm            {t['ep_comm']:.3f} s  expert-parallel all-to-alls (balanced load), not "
+             "overlapped"]
     return "\n".join(lines)
 
 

@@ -16,8 +16,9 @@ class NothingFits(MmfmError):
 
 def describe(layout) -> str:
     pipe = "" if layout.pp == 1 else f" {layout.schedule} x{layout.virtual}"
-    return (f"tp={layout.tp} pp={layout.pp}{pipe} dp_replicate={layout.dp_replicate} dp_shard={layout.dp_shard} "
-            f"micro-batch={layout.micro_batch} ckpt={layout.checkpoint}")
+    experts = f" ep={layout.ep}" if layout.ep > 1 else ""
+    return (f"tp={layout.tp} pp={layout.pp}{pipe} dp_replicate={layout.dp_replicate} dp_shard={layout.dp_shard}"
+            f"{experts} micro-batch={layout.micro_batch} ckpt={layout.checkpoint}")
 
 
 def layout_overrides(layout) -> list[str]:
@@ -25,7 +26,7 @@ def layout_overrides(layout) -> list[str]:
     `layout`: with a pipeline each loader batch holds all of a step's micro-batches (grad_accum_steps=1), else one
     micro-batch per accumulation step."""
     out = [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}", f"parallel.dp_replicate={layout.dp_replicate}",
-           f"parallel.dp_shard={layout.dp_shard}"]
+           f"parallel.dp_shard={layout.dp_shard}", f"parallel.ep={layout.ep}"]
     if layout.pp > 1:
         out += [f"parallel.pp_schedule={layout.schedule}", f"parallel.pp_virtual_stages={layout.virtual}",
                 f"parallel.pp_microbatches={layout.microbatches}",

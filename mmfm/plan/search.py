@@ -39,6 +39,7 @@ class Layout:
     micro_batch: int = 1  # samples per micro-batch
     microbatches: int = 1  # micro-batches per optimizer step on each data-parallel rank
     checkpoint: str = "none"
+    ep: int = 1  # expert parallelism, carved out of dp_shard
 
     @property
     def dp(self) -> int:
@@ -63,7 +64,7 @@ def layout_of(cfg: JobConfig) -> Layout:
     per_batch = (p.pp_microbatches or p.pp) if p.pp > 1 else 1  # a pipeline splits each batch (ParallelDims)
     micro, steps = cfg.data.batch_size // per_batch, cfg.train.grad_accum_steps * per_batch
     return Layout(p.tp, p.pp, p.dp_replicate, p.dp_shard, p.cp, p.pp_schedule, p.pp_virtual_stages, micro, steps,
-                  cfg.train.activation_checkpoint)
+                  cfg.train.activation_checkpoint, p.ep)
 
 
 @dataclass
@@ -253,7 +254,7 @@ def step_comm_bytes(cfg: JobConfig, layout: Layout, wl: Workload, pp_rank: int =
     layers = _stage_layout(cfg.model, wl.seq_len, layout.num_stages) if layout.pp > 1 else [
         list(range(model_spec(cfg.model).pipeline_layers(cfg.model)))]
     stages = rank_stages(layout, layers, pp_rank)
-    share = rank_share(cfg.model, layout.tp, layout.fsdp_shards, stages)
+    share = rank_share(cfg.model, layout.tp, layout.fsdp_shards, stages, ep=layout.ep)
     out: dict[str, float] = {}
     if layout.tp > 1:
         _add(out, tp_step_bytes(cfg, stages, micro_batches, tp_act_bytes))
@@ -263,7 +264,24 @@ def step_comm_bytes(cfg: JobConfig, layout: Layout, wl: Workload, pp_rank: int =
     if layout.dp_replicate > 1:
         _add(out, {"all_reduce": 4 * share.padded})
     _add(out, pp_step_bytes(cfg, layout, stages, micro_batches))
+    _add(out, ep_step_bytes(cfg, layout, stages, micro_batches))
     return out
+
+
+def ep_step_bytes(cfg: JobConfig, layout: Layout, stages, micro_batches: MicroBatches,
+                  act_bytes: int = memory.ACT) -> dict:
+    """The all-to-alls of the rank's mixture-of-experts layers per step under expert parallelism (mmfm.parallel.comm.
+    ep_expected_bytes: its routed rows out and back, forward and backward, and the counts), the experts' load taken
+    as balanced (a rank receives as many rows as it routes). Activations of act_bytes (bf16 under FSDP)."""
+    from mmfm.parallel.comm import ep_expected_bytes
+
+    lm = cfg.model.language
+    if layout.ep == 1:
+        return {}
+    layers = sum(is_moe_layer(lm, i) for s in stages for i in s[0])
+    rows = [b * t * lm.moe.top_k for b, t, _ in micro_batches]
+    return {"all_to_all": layers * sum(ep_expected_bytes(lm.moe.num_experts, lm.hidden_size, n, n, act_bytes)
+                                       ["all_to_all"] for n in rows)}
 
 
 def _tp_seconds(cfg: JobConfig, layout: Layout, wl: Workload, stages, hw) -> float:
@@ -305,6 +323,15 @@ def _p2p_seconds(cfg: JobConfig, layout: Layout, wl: Workload, hw) -> float:
     return (2 * (layout.num_stages - 1) * hop + tied) / group_bandwidth(hw, 2, stride)
 
 
+def _ep_seconds(cfg: JobConfig, layout: Layout, wl: Workload, stages, hw) -> float:
+    """The expert-parallel all-to-alls of the rank per step (ep_step_bytes), of which (ep - 1) / ep leaves the rank,
+    fully exposed (each sits between the router and the experts, or the experts and the combine)."""
+    if layout.ep == 1:
+        return 0.0
+    payload = ep_step_bytes(cfg, layout, stages, planned_micro_batches(layout, wl))["all_to_all"]
+    return payload * (layout.ep - 1) / layout.ep / group_bandwidth(hw, layout.ep, layout.tp)
+
+
 _LAYOUTS: dict[tuple, list[list[int]]] = {}
 
 
@@ -325,7 +352,7 @@ def evaluate(cfg: JobConfig, layout: Layout, wl: Workload, reserve: float = RESE
     worst, worst_rank, slowest, slowest_stages, rank_params = None, 0, -1.0, None, 0
     for r in range(layout.pp):
         stages = rank_stages(layout, layers, r)
-        share = rank_share(cfg.model, layout.tp, layout.fsdp_shards, stages)
+        share = rank_share(cfg.model, layout.tp, layout.fsdp_shards, stages, ep=layout.ep)
         mem = memory.model_state_bytes(share.padded)
         mem["buffers"] = memory.buffer_bytes(share.tp_local, share.largest_block, share.root, layout.fsdp_shards)
         mem.update(_activation_bytes(cfg, layout, wl, stages, r))
@@ -341,7 +368,7 @@ def evaluate(cfg: JobConfig, layout: Layout, wl: Workload, reserve: float = RESE
     time = {"compute": compute, "bubble": compute * bubble / (1 - bubble),
             "tp_comm": _tp_seconds(cfg, layout, wl, slowest_stages, hw),
             "fsdp_comm_exposed": steptime.exposed_overlapped(fsdp, compute, edge),
-            "pp_p2p": _p2p_seconds(cfg, layout, wl, hw)}
+            "pp_p2p": _p2p_seconds(cfg, layout, wl, hw), "ep_comm": _ep_seconds(cfg, layout, wl, slowest_stages, hw)}
     time["step"] = sum(time.values())
     model_flops = spec.training_flops(cfg.model, wl.global_batch * wl.seq_len, wl.seq_len,
                                       wl.global_batch * wl.images_per_sample)
@@ -395,8 +422,17 @@ def candidate_layouts(cfg: JobConfig, wl: Workload) -> list[Layout]:
                         if per_rank % b or (pp > 1 and m < pp) or (virtual > 1 and m % pp):
                             continue
                         for ckpt in CHECKPOINTS:
-                            out.append(Layout(tp, pp, replicate, dp // replicate, 1, schedule, virtual, b, m, ckpt))
+                            for ep in expert_parallel_sizes(cfg, dp // replicate):
+                                out.append(Layout(tp, pp, replicate, dp // replicate, 1, schedule, virtual, b, m,
+                                                  ckpt, ep))
     return out
+
+
+def expert_parallel_sizes(cfg: JobConfig, dp_shard: int) -> list[int]:
+    """ep sizes for a mixture of experts: powers of two dividing dp_shard and the expert count; [1] for a dense
+    model."""
+    experts = cfg.model.language.moe.num_experts
+    return [ep for ep in powers_of_two(dp_shard) if dp_shard % ep == 0 and experts % ep == 0] if experts else [1]
 
 
 @dataclass
