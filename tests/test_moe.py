@@ -376,27 +376,28 @@ def expert_slice(cfg, dims, rank: int) -> tuple[int, int]:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("layout, ranks", [
-    ({"pp": 4, "dp_shard": 16, "ep": 8}, [0, 21, 63]),  # efsdp 2: the experts FSDP-sharded over pairs
-    ({"dp_shard": 64, "ep": 64}, [5]),  # 2 of the 128 experts per rank, no further sharding
-], ids=["pp4xfsdp16xep8", "fsdp64xep64"])
-def test_qwen3_235b_shares_on_64_fake_ranks_equal_the_planners(layout, ranks):
-    """Qwen3-235B-A22B's language model as a VLM's, parallelized on the meta device on a fake 64-rank group: each
-    rank holds exactly the elements mmfm.plan.shares counts for it (its stage, E / ep experts, FSDP chunks), and
-    under ep 64 the 94 layers' experts give each rank 2 experts' weights."""
+@pytest.mark.parametrize("model, layout, ranks", [
+    ("qwen3_235b_a22b", {"pp": 4, "dp_shard": 16, "ep": 8}, [0, 21, 63]),  # efsdp 2: experts sharded over pairs
+    ("qwen3_235b_a22b", {"dp_shard": 64, "ep": 64}, [5]),  # 2 of the 128 experts per rank, no further sharding
+    ("llava_qwen3_235b_a22b", {"pp": 4, "tp": 2, "dp_shard": 8, "ep": 4}, [0, 63]),  # the tower on stage 0
+], ids=["pp4xfsdp16xep8", "fsdp64xep64", "vlm-pp4xtp2xfsdp8xep4"])
+def test_qwen3_235b_shares_on_64_fake_ranks_equal_the_planners(model, layout, ranks):
+    """Qwen3-235B-A22B's language model alone and behind a SigLIP tower, parallelized on the meta device on a fake
+    64-rank group: each rank holds exactly the elements mmfm.plan.shares counts for it (its stage, tp shards, E / ep
+    experts, FSDP chunks), and its ep rank's block of experts; under ep 64 each rank holds 2 experts' weights."""
     from test_plan import coordinates, meta_rank_numel
 
     from mmfm.parallel import ParallelDims
     from mmfm.plan.shares import rank_share, stage_layout
 
-    cfg = load_config(["model=qwen3_235b_a22b", "data.seq_len=4096", "train.precision=bf16",
+    cfg = load_config([f"model={model}", "data.seq_len=4096", "train.precision=bf16",
                        *(f"parallel.{k}={v}" for k, v in layout.items())])
     dims = ParallelDims.from_config(cfg.parallel)
     for rank in ranks:
         at = coordinates(dims, rank)
         layers = stage_layout(cfg.model, cfg.data.seq_len, dims.num_stages) if dims.pp > 1 else [list(range(94))]
         stage = [(layers[at["pp"]], at["pp"] == 0, at["pp"] == dims.pp - 1)]
-        want = rank_share(cfg.model, 1, dims.dp_shard, stage, at["dp_shard"], ep=dims.ep)
+        want = rank_share(cfg.model, dims.tp, dims.dp_shard, stage, at["dp_shard"], ep=dims.ep)
         assert meta_rank_numel(cfg, dims, rank) == want.numel, rank
     lm = cfg.model.language
     # in a fresh process: one process simulating several ranks gets meshes sliced for an earlier rank back
