@@ -90,6 +90,20 @@ def test_dropless_dispatch_equals_each_tokens_experts_computed_densely(shared):
     assert moe.stats["dropped"] == 0
 
 
+def test_expert_parallel_checkpoint_resumes_on_one_process(synth_dir, tmp_path):
+    """An ep2 x fsdp2 run's checkpoint (experts as DTensors split over ep, then FSDP) resumed on one process: the
+    weights, AdamW state and balancing bias reshard, and step 3 matches the 4-process run's (rel 1e-5)."""
+    from parallel_runs import run_layout
+
+    base = [*expert_base(synth_dir), "model.language.moe.bias_update_rate=0.01", "checkpoint.every=2"]
+    straight = run_layout(4, [*base, "data.batch_size=1", "parallel.dp_shard=4", "parallel.ep=2"], tmp_path / "ep")
+    resumed = Trainer(load_config([*base, "data.batch_size=4",
+                                   f"checkpoint.resume={tmp_path}/ep/run/checkpoints/step_00000002"]),
+                      tmp_path / "one").fit()
+    assert sorted(resumed["losses"]) == [3]
+    assert resumed["losses"][3] == pytest.approx(straight["losses"][3], rel=1e-5)
+
+
 def test_experts_without_rows_keep_the_output_in_the_autograd_graph():
     """No expert got a row (an expert-parallel rank that received no tokens): the empty output still descends from
     x, so that backward reaches the all-to-all before it, which the rank's peers wait in."""
