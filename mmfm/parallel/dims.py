@@ -65,10 +65,10 @@ class ParallelDims(ParallelConfig):
         self._validate_pipeline(spec.pipeline_layers(model))
         experts = model.language.moe.num_experts
         self._validate_experts(experts)
-        if experts and self.cp > 1:
-            raise ConfigError(f"model.language.moe.num_experts={experts} with parallel.cp={self.cp} is not supported "
-                              "yet (docs/moe.md); train a mixture of experts with data, expert, tensor and pipeline "
-                              "parallelism (parallel.dp_shard / dp_replicate / ep / tp / pp)")
+        if self.ep > 1 and self.cp > 1:
+            raise ConfigError(f"parallel.ep={self.ep} with parallel.cp={self.cp} is not supported yet (docs/moe.md); "
+                              "under context parallelism keep the experts whole on every rank (parallel.ep=1), or "
+                              "split them over data-parallel ranks only (parallel.cp=1)")
         if self.cp > 1 and (self.tp > 1 or self.pp > 1):
             raise ConfigError(f"parallel.cp={self.cp} together with tp or pp is not supported yet; combine context "
                               "parallelism with data parallelism only (parallel.dp_shard / dp_replicate)")
