@@ -153,7 +153,8 @@ def one_process(synth_dir, tmp_path_factory):
     (2, ["parallel.tp=2"]),
     (2, ["parallel.cp=2"]),
     (4, ["parallel.tp=2", "parallel.dp_shard=2", "parallel.ep=2"]),
-], ids=["tp2", "cp2", "ep2xtp2"])
+    (4, ["parallel.cp=2", "parallel.dp_shard=2", "parallel.ep=2"]),
+], ids=["tp2", "cp2", "ep2xtp2", "ep2xcp2"])
 def test_latent_attention_layouts_train_as_one_process(world, layout, one_process, synth_dir, tmp_path):
     """A DeepSeek-V3-shaped small model (latent attention, sigmoid group-limited experts with a shared one) in N gloo
     processes against one, 3 AdamW steps of 8 samples: losses rtol 1e-5, gradient norms 1e-4, parameters atol 1e-4.
@@ -162,7 +163,7 @@ def test_latent_attention_layouts_train_as_one_process(world, layout, one_proces
     from parallel_runs import run_layout
 
     want, want_params = one_process
-    data_ranks = world // 2 if "parallel.tp=2" in layout else 1
+    data_ranks = world // 2 if "parallel.tp=2" in layout or "parallel.cp=2" in layout else world
     got = run_layout(world, [*deepseek_base(synth_dir), f"data.batch_size={4 // data_ranks}", *layout], tmp_path)
     for step, loss in want["losses"].items():
         assert got["losses"][step] == pytest.approx(loss, rel=1e-5), step

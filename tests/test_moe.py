@@ -228,13 +228,12 @@ def test_model_places_experts_and_counts_their_parameters():
     ("model.language.moe.score_func=relu", "score_func='relu' is unknown"),
     ("model.language.moe.first_dense_layers=4", "leaves no mixture-of-experts layer"),
     ("model.language.moe.capacity_factor=-1", "capacity_factor=-1.0 must be >= 0"),
-    ("parallel.cp=2", "parallel.ep=2 with parallel.cp=2 is not supported yet"),
     ("parallel.ep=3", "parallel.ep=3 does not divide model.language.moe.num_experts=4"),
     ("parallel.ep=2", "parallel.ep=2 does not divide parallel.dp_shard=1; the ep ranks are data-parallel ranks"),
     ("model.language.moe.num_experts=0", "parallel.ep=2 needs a mixture of experts"),
 ])
 def test_bad_expert_config_is_one_line(override, message):
-    ep = ["parallel.ep=2", "parallel.dp_shard=2"] if "num_experts=0" in override or "cp=2" in override else []
+    ep = ["parallel.ep=2", "parallel.dp_shard=2"] if "num_experts=0" in override else []
     with pytest.raises(ConfigError, match=message) as err:
         validate(load_config(moe_overrides(*ep, override)))
     assert "\n" not in str(err.value)
