@@ -228,7 +228,6 @@ def test_model_places_experts_and_counts_their_parameters():
     ("model.language.moe.score_func=relu", "score_func='relu' is unknown"),
     ("model.language.moe.first_dense_layers=4", "leaves no mixture-of-experts layer"),
     ("model.language.moe.capacity_factor=-1", "capacity_factor=-1.0 must be >= 0"),
-    ("parallel=cp2", "with parallel.cp=2 is not supported yet"),
     ("parallel.ep=3", "parallel.ep=3 does not divide model.language.moe.num_experts=4"),
     ("parallel.ep=2", "parallel.ep=2 does not divide parallel.dp_shard=1; the ep ranks are data-parallel ranks"),
     ("model.language.moe.num_experts=0", "parallel.ep=2 needs a mixture of experts"),
@@ -329,18 +328,23 @@ def test_resume_restores_the_balancing_bias(make_cfg, tmp_path):
     assert straight.model.language.layers["1"].feed_forward.router.expert_bias.abs().sum() > 0
 
 
-def test_qwen3_235b_preset_counts_the_published_sizes():
-    """model=qwen3_235b_a22b: 235B parameters, 22B active (the release's figures), on the meta device too."""
+@pytest.mark.parametrize("model, total, active", [
+    ("qwen3_235b_a22b", 235.09e9, 22.19e9),  # the release: 235B / 22B
+    ("deepseek_v3", 671.03e9, 37.55e9),  # the report: 671B / 37B (without the multi-token-prediction module)
+])
+def test_moe_presets_count_the_published_sizes(model, total, active):
+    """model=qwen3_235b_a22b and model=deepseek_v3: total and active parameters as published, on the meta device
+    too."""
     from mmfm.models.llama import counts
 
-    cfg = load_config(["model=qwen3_235b_a22b"])
+    cfg = load_config([f"model={model}"])
     spec, lm = model_spec(cfg.model), cfg.model.language
     spec.validate(cfg.model)
-    total = spec.num_params(cfg.model)
-    active = total - counts.matmul_params(lm) + counts.matmul_params(lm, active=True)
-    assert total == pytest.approx(235.09e9, rel=1e-3) and active == pytest.approx(22.19e9, rel=1e-3)
+    got = spec.num_params(cfg.model)
+    assert got == pytest.approx(total, rel=1e-3)
+    assert got - counts.matmul_params(lm) + counts.matmul_params(lm, active=True) == pytest.approx(active, rel=1e-3)
     model = build_model(cfg.model, "meta")
-    assert sum(p.numel() for p in model.parameters()) == total
+    assert sum(p.numel() for p in model.parameters()) == got
 
 
 def lm_overrides(kind: str, *extra: str) -> list[str]:
@@ -394,11 +398,13 @@ def expert_slice(cfg, dims, rank: int) -> tuple[int, int]:
     ("qwen3_235b_a22b", {"pp": 4, "dp_shard": 16, "ep": 8}, [0, 21, 63]),  # efsdp 2: experts sharded over pairs
     ("qwen3_235b_a22b", {"dp_shard": 64, "ep": 64}, [5]),  # 2 of the 128 experts per rank, no further sharding
     ("llava_qwen3_235b_a22b", {"pp": 4, "tp": 2, "dp_shard": 8, "ep": 4}, [0, 63]),  # the tower on stage 0
-], ids=["pp4xfsdp16xep8", "fsdp64xep64", "vlm-pp4xtp2xfsdp8xep4"])
-def test_qwen3_235b_shares_on_64_fake_ranks_equal_the_planners(model, layout, ranks):
-    """Qwen3-235B-A22B's language model alone and behind a SigLIP tower, parallelized on the meta device on a fake
-    64-rank group: each rank holds exactly the elements mmfm.plan.shares counts for it (its stage, tp shards, E / ep
-    experts, FSDP chunks), and its ep rank's block of experts; under ep 64 each rank holds 2 experts' weights."""
+    ("deepseek_v3", {"pp": 4, "tp": 2, "dp_shard": 8, "ep": 8}, [0, 63]),  # latent attention under tp
+], ids=["pp4xfsdp16xep8", "fsdp64xep64", "vlm-pp4xtp2xfsdp8xep4", "deepseek-pp4xtp2xfsdp8xep8"])
+def test_moe_presets_shares_on_64_fake_ranks_equal_the_planners(model, layout, ranks):
+    """Qwen3-235B-A22B's language model alone and behind a SigLIP tower, and DeepSeek-V3's, parallelized on the meta
+    device on a fake 64-rank group: each rank holds exactly the elements mmfm.plan.shares counts for it (its stage,
+    tp shards, E / ep experts, FSDP chunks), and its ep rank's block of experts; under ep 64 each rank holds 2
+    experts' weights."""
     from test_plan import coordinates, meta_rank_numel
 
     from mmfm.parallel import ParallelDims
@@ -409,7 +415,8 @@ def test_qwen3_235b_shares_on_64_fake_ranks_equal_the_planners(model, layout, ra
     dims = ParallelDims.from_config(cfg.parallel)
     for rank in ranks:
         at = coordinates(dims, rank)
-        layers = stage_layout(cfg.model, cfg.data.seq_len, dims.num_stages) if dims.pp > 1 else [list(range(94))]
+        everything = [list(range(cfg.model.language.num_layers))]
+        layers = stage_layout(cfg.model, cfg.data.seq_len, dims.num_stages) if dims.pp > 1 else everything
         stage = [(layers[at["pp"]], at["pp"] == 0, at["pp"] == dims.pp - 1)]
         want = rank_share(cfg.model, dims.tp, dims.dp_shard, stage, at["dp_shard"], ep=dims.ep)
         assert meta_rank_numel(cfg, dims, rank) == want.numel, rank

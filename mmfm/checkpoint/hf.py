@@ -434,6 +434,9 @@ def _adapter(lm: LanguageConfig, what: str):
     adapter = part_spec(ModelConfig(language=lm), "language").hf
     if adapter is None:
         raise HFCheckpointError(f"model.language.kind={lm.kind} has no Hugging Face form; cannot {what}")
+    if lm.mla.kv_lora_rank:
+        raise HFCheckpointError(f"model.language.mla.kv_lora_rank={lm.mla.kv_lora_rank}: kind={lm.kind} has no Hugging "
+                                f"Face form with latent attention; cannot {what}")
     if lm.moe.num_experts:
         if adapter.moe is None:
             raise HFCheckpointError(f"model.language.moe.num_experts={lm.moe.num_experts}: kind={lm.kind} has no "

@@ -58,6 +58,20 @@ class MoEConfig:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3; mmfm.models.llama.mla; docs/models.md) in place of grouped-query
+    attention. kv_lora_rank 0: grouped-query attention. Keys and values come from one shared latent of
+    kv_lora_rank (queries from one of q_lora_rank; 0: projected directly); each head's query and key are a part
+    without rotary embeddings (qk_nope_head_dim) and a rotated part (qk_rope_head_dim), that of the keys one
+    vector shared by all heads."""
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+
+@dataclass
 class LanguageConfig:
     kind: str = "llama"  # the language family (mmfm.models.spec.LANGUAGE)
     vocab_size: int = 512
@@ -81,6 +95,7 @@ class LanguageConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_max_positions: int = 8192
     moe: MoEConfig = field(default_factory=MoEConfig)
+    mla: MLAConfig = field(default_factory=MLAConfig)
 
 
 @dataclass

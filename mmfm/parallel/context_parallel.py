@@ -57,7 +57,7 @@ def shard_sequence(t: torch.Tensor, cp_mesh: CPGroup, dim: int = 1) -> torch.Ten
 
 
 class ContextParallelAttention(nn.Module):
-    """q [B, H, Tc, D] for this rank's chunk, k and v [B, H, Tc, D] likewise -> [B, H, Tc, D].
+    """q and k [B, H, Tc, D] for this rank's chunk, v [B, H, Tc, Dv] likewise -> [B, H, Tc, Dv].
 
     Keys and values of all chunks are gathered; queries at global position p attend to keys <= p.
     """
@@ -72,13 +72,15 @@ class ContextParallelAttention(nn.Module):
             raise ValueError("attention masks (padding, generation) and packed documents are not supported under "
                              "context parallelism")
         tc = q.shape[2]
-        # One collective for keys and values; its backward reduce-scatters their gradients.
-        kv = all_gather_single_autograd(torch.cat([k, v]), 2, self.group)
+        # One collective for keys and values (side by side: their widths may differ); its backward
+        # reduce-scatters their gradients.
+        widths = [k.shape[-1], v.shape[-1]]
+        kv = all_gather_single_autograd(torch.cat([k, v], dim=-1), 2, self.group)
         if not self.causal:
-            return F.scaled_dot_product_attention(q, *kv.chunk(2))
+            return F.scaled_dot_product_attention(q, *kv.split(widths, dim=-1))
         # Keys after this chunk are masked anyway: drop them.
         end = (self.rank + 1) * tc
-        k, v = kv[:, :, :end].chunk(2)
+        k, v = kv[:, :, :end].split(widths, dim=-1)
         # Local query i sits at global position rank * tc + i and sees keys j <= that.
         mask = torch.ones(tc, end, dtype=torch.bool, device=q.device).tril(diagonal=self.rank * tc)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -65,10 +65,6 @@ class ParallelDims(ParallelConfig):
         self._validate_pipeline(spec.pipeline_layers(model))
         experts = model.language.moe.num_experts
         self._validate_experts(experts)
-        if experts and self.cp > 1:
-            raise ConfigError(f"model.language.moe.num_experts={experts} with parallel.cp={self.cp} is not supported "
-                              "yet (docs/moe.md); train a mixture of experts with data, expert, tensor and pipeline "
-                              "parallelism (parallel.dp_shard / dp_replicate / ep / tp / pp)")
         if self.cp > 1 and (self.tp > 1 or self.pp > 1):
             raise ConfigError(f"parallel.cp={self.cp} together with tp or pp is not supported yet; combine context "
                               "parallelism with data parallelism only (parallel.dp_shard / dp_replicate)")
@@ -170,9 +166,13 @@ class ParallelDims(ParallelConfig):
         return mesh[tuple(names)] if names else None
 
     def expert_fsdp_mesh(self, mesh):
-        """The mesh FSDP shards the experts' weights over under expert parallelism: the data-parallel ranks left
-        after ep (dp_replicate, efsdp)."""
-        return mesh[("dp_replicate", "efsdp") if self.dp_replicate > 1 else ("efsdp",)]
+        """The mesh FSDP shards the experts' weights over under expert parallelism: the ranks that hold the same
+        experts, i.e. the data-parallel ranks left after ep (dp_replicate, efsdp) and the context-parallel ones."""
+        shard = "efsdp"
+        if self.cp > 1:
+            mesh[("efsdp", "cp")]._flatten("efsdp_cp")
+            shard = "efsdp_cp"
+        return mesh[("dp_replicate", shard) if self.dp_replicate > 1 else (shard,)]
 
     def coordinate(self, mesh, name: str) -> int:
         """This rank's index along mesh dim `name` (0 when that dim has size 1)."""

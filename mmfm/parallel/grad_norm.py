@@ -11,12 +11,30 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
+def _is_expert_shard(g: torch.Tensor) -> bool:
+    return (isinstance(g, DTensor) and "ep" in (g.device_mesh.mesh_dim_names or ())
+            and not any(p.is_replicate() or p.is_partial() for p in g.placements))  # Shard or FSDP's _StridedShard
+
+
+def _expert_squared_norm(grads: list[DTensor]) -> torch.Tensor:
+    """The experts' gradients (sharded over every dim of their mesh): local sums of squares, summed over each mesh
+    dim. DTensor's own reduction would flatten the mesh, which torch cannot do for (efsdp x cp, ep)."""
+    mesh = grads[0].device_mesh
+    local = sum(g.to_local().double().pow(2).sum() for g in grads)
+    for dim in range(mesh.ndim):
+        dist.all_reduce(local, group=mesh.get_group(dim))
+    return local
+
+
 def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Squared 2-norm of the full (unsharded) gradients: one collective per DTensor mesh."""
     by_mesh: dict = defaultdict(list)
+    experts: dict = defaultdict(list)
     for g in grads:
-        by_mesh[g.device_mesh if isinstance(g, DTensor) else None].append(g)
+        (experts[g.device_mesh] if _is_expert_shard(g) else by_mesh[g.device_mesh if isinstance(g, DTensor) else None]).append(g)
     total = torch.zeros((), dtype=torch.float64, device=device)
+    for mesh in sorted(experts, key=lambda m: m.mesh_dim_names):
+        total += _expert_squared_norm(experts[mesh])
     for mesh in sorted(by_mesh, key=lambda m: () if m is None else m.mesh_dim_names):
         norm = torch.nn.utils.get_total_norm(by_mesh[mesh], 2.0)
         if isinstance(norm, DTensor):

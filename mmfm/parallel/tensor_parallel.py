@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 
 from torch import nn
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import PrepareModuleInput, PrepareModuleOutput, loss_parallel
+from torch.distributed.tensor.parallel.style import ParallelStyle
 
 
 def sharded_sequence_in(num_args: int = 1) -> PrepareModuleInput:
@@ -26,6 +27,26 @@ def sharded_sequence_in(num_args: int = 1) -> PrepareModuleInput:
     reduce-scatter (a local tensor would cost an all-reduce per projection)."""
     rest = (None,) * (num_args - 1)
     return PrepareModuleInput(input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest))
+
+
+def local_input() -> PrepareModuleInput:
+    """A layer computed whole on every rank (its weight a plain tensor) takes the gathered input as a local
+    tensor; its input gradient, whole on every rank too, joins the projections' partial sums."""
+    return PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),),
+                              use_local_output=True)
+
+
+class SumGradient(ParallelStyle):
+    """Identity on a module's output, whose gradient is summed over the tp ranks in backward (Megatron's copy into
+    the tensor-parallel region): for a value computed whole on every rank and then used by each rank's heads."""
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        def hook(_module, _inputs, output):
+            whole = DTensor.from_local(output, device_mesh, [Replicate()], run_check=False)
+            return whole.to_local(grad_placements=[Partial()])
+
+        module.register_forward_hook(hook)
+        return module
 
 
 def scatter_sequence(num_args: int) -> PrepareModuleInput:

@@ -101,10 +101,25 @@ def decoder_layer_bytes(lm: LanguageConfig, tokens: int, tp: int = 1, cp: int = 
     k = 3 if fused_swiglu else 4
     norms = 2 * rms_norm_bytes(h, residual, fused_norm) / tp
     ffn_inputs = 1 if moe else projection_copies(residual, 2)
-    inputs = ACT * h * (projection_copies(residual, 3) + ffn_inputs)
-    attention = ACT * n_q * d * (3 + 2 * cp) / tp + FP32 * n_q / tp
+    latent = lm.mla.kv_lora_rank > 0
+    inputs = ACT * h * (projection_copies(residual, 2 if latent else 3) + ffn_inputs)
+    attention = (latent_attention_bytes(lm, tp, cp) if latent
+                 else ACT * n_q * d * (3 + 2 * cp) / tp + FP32 * n_q / tp)
     ffn = moe_ffn_bytes(lm, fused_swiglu, residual) if moe else ACT * k * lm.intermediate_size / tp
     return t * (norms + inputs + attention + ffn)
+
+
+def latent_attention_bytes(lm: LanguageConfig, tp: int = 1, cp: int = 1) -> float:
+    """Multi-head latent attention's saved activations per position (mmfm.models.llama.mla; analytic, not yet
+    measured): on every tp rank the latents (q_lora and kv_lora wide) before and after their norms, in bf16, and the
+    norms' fp32 1/rms, and the shared rotated key; per head (split by tp) q and k (nope + rope wide; k gathered over
+    cp), the keys' and values' up-projection output that the value view keeps alive (nope + v wide, gathered over
+    cp), the attention output and its transposed copy (v wide each), and the fp32 log-sum-exp."""
+    m, heads = lm.mla, lm.num_heads
+    qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+    latents = ACT * (2 * m.q_lora_rank + 2 * m.kv_lora_rank + m.qk_rope_head_dim) + 2 * FP32
+    per_head = ACT * (qk * (1 + cp) + (m.qk_nope_head_dim + m.v_head_dim) * cp + 2 * m.v_head_dim) + FP32
+    return latents + heads * per_head / tp
 
 
 def swiglu_backward_bytes(lm: LanguageConfig, tokens: int, tp: int = 1, cp: int = 1, moe: bool = False) -> float:

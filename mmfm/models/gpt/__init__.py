@@ -43,6 +43,9 @@ def _check_unused_options(cfg: ModelConfig) -> None:
     require(lm.moe.num_experts == 0,
             f"model.language.moe.num_experts={lm.moe.num_experts}: kind=gpt has dense MLPs only; use a llama-family "
             "kind (llama, qwen2, qwen3) for a mixture of experts, or set model.language.moe.num_experts=0")
+    require(lm.mla.kv_lora_rank == 0,
+            f"model.language.mla.kv_lora_rank={lm.mla.kv_lora_rank}: kind=gpt has multi-head attention only; use "
+            "kind=llama for latent attention, or set model.language.mla.kv_lora_rank=0")
 
 
 def validate(cfg: ModelConfig) -> None:

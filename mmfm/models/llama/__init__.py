@@ -23,6 +23,8 @@ def _check_shapes(cfg: ModelConfig) -> None:
     lm = cfg.language
     for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
         positive(f"model.language.{key}", getattr(lm, key))
+    if lm.mla.kv_lora_rank:
+        return _check_mla(lm)
     require(lm.head_dim >= 0, f"model.language.head_dim={lm.head_dim} must be >= 0 (0: hidden_size / num_heads)")
     require(lm.head_dim > 0 or lm.hidden_size % lm.num_heads == 0,
             f"model.language.hidden_size={lm.hidden_size} is not divisible by "
@@ -34,6 +36,23 @@ def _check_shapes(cfg: ModelConfig) -> None:
     require(head_dim(lm) % 2 == 0,
             f"model.language head size {head_dim(lm)} is odd; rotary embeddings need an even head size "
             "(model.language.head_dim, or hidden_size / num_heads when it is 0)")
+
+
+def _check_mla(lm) -> None:
+    mla, p = lm.mla, "model.language.mla"
+    for key in ("q_lora_rank", "qk_nope_head_dim"):
+        require(getattr(mla, key) >= 0, f"{p}.{key}={getattr(mla, key)} must be >= 0")
+    for key in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+        positive(f"{p}.{key}", getattr(mla, key))
+    require(mla.qk_rope_head_dim % 2 == 0,
+            f"{p}.qk_rope_head_dim={mla.qk_rope_head_dim} is odd; rotary embeddings turn pairs, make it even")
+    require(lm.num_kv_heads == lm.num_heads,
+            f"model.language.num_kv_heads={lm.num_kv_heads} differs from num_heads={lm.num_heads}: latent attention "
+            f"({p}.kv_lora_rank > 0) gives every head its own key and value; set num_kv_heads={lm.num_heads}")
+    require(not (lm.qkv_bias or lm.qk_norm),
+            f"latent attention ({p}.kv_lora_rank > 0) has no q/k/v biases or per-head q/k norms; use kind=llama")
+    require(lm.head_dim == 0, f"model.language.head_dim={lm.head_dim} has no use under latent attention (its widths "
+                              f"are {p}.qk_nope_head_dim, qk_rope_head_dim and v_head_dim); leave it 0")
 
 
 def _check_rope(cfg: ModelConfig) -> None:

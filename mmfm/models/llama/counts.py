@@ -8,8 +8,20 @@ from mmfm.models.moe import is_moe_layer
 
 
 def attention_params(lm: LanguageConfig) -> int:
+    if lm.mla.kv_lora_rank:
+        return latent_attention_params(lm)
     d, hd = lm.hidden_size, head_dim(lm)
     return d * lm.num_heads * hd * 2 + d * lm.num_kv_heads * hd * 2
+
+
+def latent_attention_params(lm: LanguageConfig) -> int:
+    """Multi-head latent attention's matmuls: queries (through their latent, or direct), the key/value latent with
+    the shared rotated key, its up-projection to every head's key and value, and the output."""
+    m, d, heads = lm.mla, lm.hidden_size, lm.num_heads
+    qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+    queries = d * m.q_lora_rank + m.q_lora_rank * heads * qk if m.q_lora_rank else d * heads * qk
+    keys_values = d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * heads * (m.qk_nope_head_dim + m.v_head_dim)
+    return queries + keys_values + heads * m.v_head_dim * d
 
 
 def layer_matmul_params(lm: LanguageConfig) -> int:
@@ -33,7 +45,10 @@ def matmul_params(lm: LanguageConfig, active: bool = False) -> int:
 
 
 def layer_vector_params(lm: LanguageConfig) -> int:
-    """The two norms, plus the q/k/v biases (qkv_bias) and the per-head q and k norms (qk_norm)."""
+    """The two norms, plus the q/k/v biases (qkv_bias) and the per-head q and k norms (qk_norm), or latent attention's
+    norms of its latents."""
+    if lm.mla.kv_lora_rank:
+        return 2 * lm.hidden_size + lm.mla.q_lora_rank + lm.mla.kv_lora_rank
     hd = head_dim(lm)
     biases = (lm.num_heads + 2 * lm.num_kv_heads) * hd if lm.qkv_bias else 0
     return 2 * lm.hidden_size + biases + (2 * hd if lm.qk_norm else 0)
@@ -46,17 +61,21 @@ def num_params(cfg: ModelConfig) -> int:
     return embed + matmul_params(lm) + lm.num_layers * layer_vector_params(lm) + d
 
 
-def attention_width(lm: LanguageConfig) -> int:
-    """num_heads x head_dim: the width of the attention scores' and values' matmuls (hidden_size by default)."""
-    return lm.num_heads * head_dim(lm)
+def attention_widths(lm: LanguageConfig) -> tuple[int, int]:
+    """The widths of the attention scores' matmul (q k^T) and the values' (num_heads x head_dim each, hidden_size by
+    default; under latent attention num_heads x (qk_nope + qk_rope) and num_heads x v_head_dim)."""
+    m = lm.mla
+    if m.kv_lora_rank:
+        return lm.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim), lm.num_heads * m.v_head_dim
+    return lm.num_heads * head_dim(lm), lm.num_heads * head_dim(lm)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per sequence position: 6 x matmul params (of a mixture of experts the
-    active ones) + attention scores."""
+    active ones) + 6 x (scores' + values' widths) x seq_len per layer."""
     lm = cfg.language
     matmul = matmul_params(lm, active=True) + lm.vocab_size * lm.hidden_size
-    attention = 12 * lm.num_layers * attention_width(lm) * seq_len
+    attention = 6 * lm.num_layers * sum(attention_widths(lm)) * seq_len
     return 6.0 * matmul + attention
 
 
@@ -64,7 +83,7 @@ def layer_flops(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs of one decoder layer for one sample of seq_len positions (with experts, the mean over the
     layers of their active parameters)."""
     lm = cfg.language
-    return 6.0 * matmul_params(lm, active=True) / lm.num_layers * seq_len + 12.0 * attention_width(lm) * seq_len ** 2
+    return 6.0 * matmul_params(lm, active=True) / lm.num_layers * seq_len + 6.0 * sum(attention_widths(lm)) * seq_len ** 2
 
 
 def head_flops(cfg: ModelConfig, seq_len: int) -> float:

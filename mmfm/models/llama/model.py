@@ -15,6 +15,7 @@ from torch import nn
 from mmfm.config.schema import LanguageConfig
 from mmfm.models.attention import CoreAttention
 from mmfm.models.context import BlockContext
+from mmfm.models.llama.mla import LatentAttention
 from mmfm.models.moe import MoE, is_moe_layer
 from mmfm.models.ops import LinearCrossEntropy, RMSNorm, Rotary, SiluMul, rotary_frequencies, rotary_tables
 
@@ -38,8 +39,21 @@ def llama3_frequencies(inv_freq: torch.Tensor, cfg: LanguageConfig) -> torch.Ten
     return torch.where(medium, smoothed, scaled)
 
 
+def rotary_dim(cfg: LanguageConfig) -> int:
+    """The width rotary embeddings turn: the head's, or under latent attention its rotated part's."""
+    return cfg.mla.qk_rope_head_dim if cfg.mla.kv_lora_rank else head_dim(cfg)
+
+
+def cache_dims(cfg: LanguageConfig) -> tuple[int, int, int]:
+    """Heads, key width and value width a KV cache holds per position."""
+    mla = cfg.mla
+    if mla.kv_lora_rank:
+        return cfg.num_heads, mla.qk_nope_head_dim + mla.qk_rope_head_dim, mla.v_head_dim
+    return cfg.num_kv_heads, head_dim(cfg), head_dim(cfg)
+
+
 def rope_frequencies(cfg: LanguageConfig, device=None) -> torch.Tensor:
-    inv_freq = rotary_frequencies(head_dim(cfg), cfg.rope_theta, device)
+    inv_freq = rotary_frequencies(rotary_dim(cfg), cfg.rope_theta, device)
     return llama3_frequencies(inv_freq, cfg) if cfg.rope_scaling == "llama3" else inv_freq
 
 
@@ -47,10 +61,11 @@ class KVCache:
     """Preallocated keys and values for incremental decoding, one pair per layer."""
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, value_dim: int = 0):
         shape = (batch, num_kv_heads, max_len, head_dim)
+        value_shape = (*shape[:3], value_dim or head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(value_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.length = 0
         self.max_len = max_len
 
@@ -119,7 +134,7 @@ class DecoderBlock(nn.Module):
     def __init__(self, cfg: LanguageConfig, layer_id: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attention = Attention(cfg, layer_id)
+        self.attention = LatentAttention(cfg, layer_id) if cfg.mla.kv_lora_rank else Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.feed_forward = (MoE(cfg.hidden_size, cfg.moe, cfg.intermediate_size) if is_moe_layer(cfg, layer_id)
                              else FeedForward(cfg.hidden_size, cfg.intermediate_size))
@@ -151,7 +166,7 @@ class LanguageModel(TokenEmbeddingOutput, nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cross_entropy = LinearCrossEntropy()
-        half = head_dim(cfg) // 2
+        half = rotary_dim(cfg) // 2
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, half), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, half), persistent=False)
 
@@ -168,7 +183,7 @@ class LanguageModel(TokenEmbeddingOutput, nn.Module):
 
     def init_buffers(self) -> None:
         c, device = self.cfg, self.rope_cos.device
-        cos, sin = rotary_tables(head_dim(c), c.max_seq_len, c.rope_theta, device, rope_frequencies(c, device))
+        cos, sin = rotary_tables(rotary_dim(c), c.max_seq_len, c.rope_theta, device, rope_frequencies(c, device))
         with torch.no_grad():
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
@@ -178,8 +193,8 @@ class LanguageModel(TokenEmbeddingOutput, nn.Module):
                     module.reset_counts()
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
-        c = self.cfg
-        return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, head_dim(c), dtype, device)
+        heads, key_dim, value_dim = cache_dims(self.cfg)
+        return KVCache(self.cfg.num_layers, batch, heads, max_len, key_dim, dtype, device, value_dim)
 
     def forward(self, h: torch.Tensor, positions: Optional[torch.Tensor] = None, attn_mask=None,
                 cache=None, document_ids: Optional[torch.Tensor] = None,

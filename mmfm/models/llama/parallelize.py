@@ -11,7 +11,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInputOutput, RowwiseParallel, SequenceParallel,
                                                parallelize_module)
 
-from mmfm.parallel.tensor_parallel import gather_sequence, scatter_sequence, sharded_sequence_in
+from mmfm.parallel.tensor_parallel import SumGradient, gather_sequence, local_input, scatter_sequence, sharded_sequence_in
 
 # DecoderBlock and Attention take (x, ctx): only x is distributed.
 BLOCK_ARGS = 2
@@ -28,6 +28,22 @@ def attention_plan() -> dict:
     }
 
 
+def latent_attention_plan(attention: nn.Module) -> dict:
+    """Multi-head latent attention: the down-projections to the latents (wq_a, wkv_a) and their norms run whole on
+    every rank (plain weights, the same gradients on every peer); the up-projections out of the latents split by
+    heads, as the output; the rotated key part all heads share has its gradient summed over the ranks."""
+    queries = ({"attention.wq_a": local_input(), "attention.wq_b": ColwiseParallel()} if attention.q_latent
+               else {"attention.wq": ColwiseParallel()})
+    return {
+        "attention_norm": SequenceParallel(),
+        "attention": sharded_sequence_in(BLOCK_ARGS),
+        **queries,
+        "attention.wkv_a": local_input(), "attention.wkv_b": ColwiseParallel(),
+        "attention.shared_key": SumGradient(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+    }
+
+
 def experts_plan() -> dict:
     """A mixture-of-experts feed-forward runs whole on every tp rank: the sequence gathered in, the output cut back
     to this rank's slice. Its router and experts stay unsplit by tp (plain tensors, or split over ep), and the tp
@@ -39,14 +55,14 @@ def experts_plan() -> dict:
 
 def _block_plan(block: nn.Module) -> dict:
     plan = {
-        **attention_plan(),
+        **(latent_attention_plan(block.attention) if hasattr(block.attention, "wkv_a") else attention_plan()),
         "ffn_norm": SequenceParallel(),
         **(experts_plan() if hasattr(block.feed_forward, "router") else {
             "feed_forward": sharded_sequence_in(),
             "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1))}),
     }
-    if block.attention.q_norm is not None:
+    if getattr(block.attention, "k_norm", None) is not None:
         # q and k [B, T, heads, head_dim] arrive split by heads (dim 2); the norm weight is replicated, and its
         # gradient, a partial sum over each rank's heads, is all-reduced (DTensor does it)
         for norm in ("attention.q_norm", "attention.k_norm"):
