@@ -14,7 +14,7 @@ import torch
 from devices import DEVICE
 
 from mmfm.config import ConfigError, validate
-from mmfm.kernels.apply import (FusedLinearCrossEntropy, PackedCoreAttention, TritonRMSNorm, TritonRotary,
+from mmfm.kernels.apply import (FusedLinearCrossEntropy, grouped_mm_runs, PackedCoreAttention, TritonRMSNorm, TritonRotary,
                                 TritonSiluMul, apply_kernels, resolve_kernels)
 from mmfm.kernels.attention import available_backends
 from mmfm.models import build_model
@@ -32,8 +32,9 @@ def test_training_with_triton_kernels_matches_torch(make_cfg, tmp_path):
     fused = Trainer(make_cfg(*TINY, "kernels=triton"), tmp_path / "triton")
     # attention=auto: SDPA off CUDA; on CUDA the best backend there, chosen per call
     attention = "auto" if fused.device.type == "cuda" else "sdpa"
+    experts = "grouped_mm" if fused.device.type == "cuda" and grouped_mm_runs(fused.device) else "loop"
     assert fused.parts.kernels == {"rms_norm": "triton", "rotary": "triton", "swiglu": "triton",
-                                   "linear_cross_entropy": "triton", "attention": attention}
+                                   "linear_cross_entropy": "triton", "attention": attention, "experts": experts}
     lm = fused.model.language
     assert type(lm.norm) is TritonRMSNorm and type(lm.cross_entropy) is FusedLinearCrossEntropy
     assert type(lm.layers["0"].attention.rotary) is TritonRotary
@@ -65,9 +66,9 @@ def _model(make_cfg, choices):
 
 
 TORCH = {"rms_norm": "torch", "rotary": "torch", "swiglu": "torch", "linear_cross_entropy": "torch",
-         "attention": "sdpa"}
+         "attention": "sdpa", "experts": "loop"}
 TRITON = {"rms_norm": "triton", "rotary": "triton", "swiglu": "triton", "linear_cross_entropy": "triton",
-          "attention": "sdpa"}
+          "attention": "sdpa", "experts": "loop"}
 
 
 def _documents(vocab, lengths, generator):

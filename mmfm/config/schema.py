@@ -286,12 +286,15 @@ class KernelsConfig:
     """Which implementation each fused op runs (mmfm.kernels): `auto` (the Triton kernel on CUDA when
     Triton imports, else the PyTorch reference), `triton`, or `torch` (the model's own PyTorch code).
     linear_cross_entropy also takes `chunked`: the fused, chunked loss with torch ops (any device).
-    attention: the decoder's attention core, auto | flash | flex | sdpa (mmfm.kernels.attention)."""
+    attention: the decoder's attention core, auto | flash | flex | sdpa (mmfm.kernels.attention).
+    experts: a mixture of experts' matmuls, auto | grouped_mm (torch._grouped_mm: one call per projection for all
+    experts) | loop (one matmul per expert); auto: grouped_mm on CUDA devices of compute capability 9.0+."""
     rms_norm: str = "auto"
     rotary: str = "auto"
     swiglu: str = "auto"
     linear_cross_entropy: str = "auto"
     attention: str = "auto"
+    experts: str = "auto"
 
 
 @dataclass

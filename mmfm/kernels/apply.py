@@ -15,6 +15,7 @@ its blocks from, so no family's attribute names appear here:
     swiglu                ops.SiluMul                    mmfm.kernels.swiglu (Triton)
     linear_cross_entropy  ops.LinearCrossEntropy         mmfm.kernels.fused_linear_cross_entropy
     attention             causal CoreAttention           mmfm.kernels.packed_attention
+    experts               moe.GroupedExperts             torch._grouped_mm (mmfm.models.moe.grouped_mm_swiglu)
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from mmfm.kernels.rms_norm import rms_norm
 from mmfm.kernels.rotary import apply_rotary
 from mmfm.kernels.swiglu import swiglu
 from mmfm.models.attention import CoreAttention
+from mmfm.models.moe import GroupedExperts, grouped_mm_swiglu
 from mmfm.models.ops import LinearCrossEntropy, RMSNorm, Rotary, SiluMul
 
 log = logging.getLogger(__name__)
 
 ELEMENTWISE_OPS = ("rms_norm", "rotary", "swiglu")
+EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
 LOSS_BACKENDS = BACKENDS + ("chunked",)
 
 
@@ -55,6 +58,30 @@ class TritonRotary(Rotary):
             positions = torch.arange(b * t, device=q.device).view(b, t)
             cos, sin = cos.reshape(b * t, -1), sin.reshape(b * t, -1)
         return apply_rotary(q, k, cos, sin, positions, backend="triton")
+
+
+class GroupedMMExperts(GroupedExperts):
+    def forward(self, x, counts):
+        w1, w3, w2 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w3, self.w2))
+        return grouped_mm_swiglu(x, counts, w1, w3, w2, self.act)
+
+
+def grouped_mm_runs(device: torch.device) -> bool:
+    """Whether torch._grouped_mm computes here: on CPU, and on CUDA devices of compute capability 9.0+."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def _experts_choice(value: str, device: torch.device) -> str:
+    _check("experts", value, EXPERT_BACKENDS)
+    runs = grouped_mm_runs(device)
+    if value == "grouped_mm" and not runs:
+        raise ValueError(f"kernels.experts=grouped_mm cannot run on {device.type} with this torch (it needs "
+                         "torch._grouped_mm: CPU, or CUDA compute capability 9.0+); use kernels.experts=auto or loop")
+    if value == "auto":
+        return "grouped_mm" if runs and device.type == "cuda" else "loop"
+    return value
 
 
 class TritonSiluMul(SiluMul):
@@ -138,6 +165,7 @@ def resolve_kernels(kernels, device: torch.device, tp: int = 1, pp: int = 1, cp:
     if cp > 1:  # context parallelism brings its own attention core
         _layout_allows("attention", value if value != "sdpa" else "auto", "under context parallelism")
     choices["attention"] = "sdpa" if cp > 1 or (value == "auto" and device.type != "cuda") else value
+    choices["experts"] = _experts_choice(kernels.experts, device)
     return choices
 
 
@@ -168,6 +196,8 @@ def apply_kernels(model: nn.Module, choices: dict[str, str]) -> dict[str, int]:
         swapped["attention"] = _swap(model, CoreAttention, PackedCoreAttention,
                                      where=lambda name, m: m.causal,  # a decoder's, not a vision tower's
                                      backend=choices["attention"])
+    if choices.get("experts") == "grouped_mm":
+        swapped["experts"] = _swap(model, GroupedExperts, GroupedMMExperts)
     log.info("kernels: %s; modules replaced: %s", choices, swapped or "none")
     return swapped
 

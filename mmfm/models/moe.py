@@ -132,6 +132,19 @@ def grouped_swiglu(x: torch.Tensor, counts: list[int], w1: torch.Tensor, w3: tor
     return torch.cat([act(chunk @ w1[e], chunk @ w3[e]) @ w2[e] for e, chunk in enumerate(torch.split(x, counts))])
 
 
+def grouped_mm_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                      act: nn.Module) -> torch.Tensor:
+    """The same product as grouped_swiglu in three torch._grouped_mm calls (one per projection, every expert at once;
+    rows of expert e end at offsets[e]). The weights are cast to x's type: autocast does not cover the op. With no
+    rows at all (which the op refuses) the loop's empty products keep the output in x's graph."""
+    if not x.shape[0]:
+        return grouped_swiglu(x, counts.tolist(), w1, w3, w2, act)
+    offsets = counts.cumsum(0).to(torch.int32)
+    w1, w3, w2 = (w.to(x.dtype) for w in (w1, w3, w2))
+    hidden = act(torch._grouped_mm(x, w1, offs=offsets), torch._grouped_mm(x, w3, offs=offsets))
+    return torch._grouped_mm(hidden, w2, offs=offsets)
+
+
 class MoE(nn.Module):
     """The mixture-of-experts feed-forward: x [B, T, D] -> [B, T, D]."""
 
