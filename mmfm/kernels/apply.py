@@ -61,8 +61,7 @@ class TritonRotary(Rotary):
 
 
 class GroupedMMExperts(GroupedExperts):
-    def forward(self, x, counts):
-        w1, w3, w2 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w3, self.w2))
+    def product(self, x, counts, w1, w3, w2):
         return grouped_mm_swiglu(x, counts, w1, w3, w2, self.act)
 
 

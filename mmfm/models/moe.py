@@ -121,6 +121,11 @@ class GroupedExperts(nn.Module):
         weights are DTensors sharded on the expert dim, and x and counts are this rank's experts' (hooks in
         mmfm.parallel.expert_parallel)."""
         w1, w3, w2 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2))
+        return self.product(x, counts, w1, w3, w2)
+
+    def product(self, x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                w2: torch.Tensor) -> torch.Tensor:
+        """The experts' SwiGLU over the local weights: one matmul per expert (kernels.experts swaps it)."""
         return grouped_swiglu(x, counts.tolist(), w1, w3, w2, self.act)
 
 

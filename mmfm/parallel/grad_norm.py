@@ -31,7 +31,10 @@ def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tens
     by_mesh: dict = defaultdict(list)
     experts: dict = defaultdict(list)
     for g in grads:
-        (experts[g.device_mesh] if _is_expert_shard(g) else by_mesh[g.device_mesh if isinstance(g, DTensor) else None]).append(g)
+        if _is_expert_shard(g):
+            experts[g.device_mesh].append(g)
+        else:
+            by_mesh[g.device_mesh if isinstance(g, DTensor) else None].append(g)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for mesh in sorted(experts, key=lambda m: m.mesh_dim_names):
         total += _expert_squared_norm(experts[mesh])
