@@ -32,7 +32,7 @@ def test_training_with_triton_kernels_matches_torch(make_cfg, tmp_path):
     fused = Trainer(make_cfg(*TINY, "kernels=triton"), tmp_path / "triton")
     # attention=auto: SDPA off CUDA; on CUDA the best backend there, chosen per call
     attention = "auto" if fused.device.type == "cuda" else "sdpa"
-    experts = "grouped_mm" if fused.device.type == "cuda" and grouped_mm_runs(fused.device) else "loop"
+    experts = "grouped_mm" if grouped_mm_runs(fused.device) else "loop"
     assert fused.parts.kernels == {"rms_norm": "triton", "rotary": "triton", "swiglu": "triton",
                                    "linear_cross_entropy": "triton", "attention": attention, "experts": experts}
     lm = fused.model.language
@@ -128,7 +128,8 @@ def test_packed_attention_core_backends_in_the_model(make_cfg, backend):
 def test_auto_keeps_the_reference_on_cpu_and_layouts_rule_kernels_out(make_cfg, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # what a CPU test run has; explicit for MMFM_TEST_DEVICE=cuda
     cfg = make_cfg()
-    assert resolve_kernels(cfg.kernels, torch.device("cpu")) == TORCH
+    # but the experts' torch op, which runs on CPU
+    assert resolve_kernels(cfg.kernels, torch.device("cpu")) == {**TORCH, "experts": "grouped_mm"}
     triton_cfg = make_cfg("kernels=triton").kernels
     under_tp = resolve_kernels(make_cfg("kernels=triton", "kernels.rms_norm=auto",
                                         "kernels.linear_cross_entropy=auto").kernels, torch.device("cpu"), tp=2)

@@ -136,13 +136,11 @@ def test_grouped_mm_experts_equal_one_matmul_per_expert():
     torch.testing.assert_close(half.float(), outs[0][0], rtol=0.05, atol=0.05)
 
 
-def test_auto_keeps_the_expert_loop_off_cuda_and_refuses_unknown_backends():
+def test_auto_picks_grouped_mm_where_it_runs_and_refuses_unknown_backends():
     from mmfm.kernels.apply import resolve_kernels
 
-    cfg = load_config([])
-    assert resolve_kernels(cfg.kernels, torch.device("cpu"))["experts"] == "loop"
-    assert resolve_kernels(load_config(["kernels.experts=grouped_mm"]).kernels, torch.device("cpu"))["experts"] == \
-        "grouped_mm"
+    assert resolve_kernels(load_config([]).kernels, torch.device("cpu"))["experts"] == "grouped_mm"
+    assert resolve_kernels(load_config(["kernels=torch"]).kernels, torch.device("cpu"))["experts"] == "loop"
     with pytest.raises(ConfigError, match=r"kernels.experts='fast' is unknown; use one of"):
         validate(load_config(["kernels.experts=fast"]))
 
@@ -318,17 +316,19 @@ def expert_base(synth_dir) -> list[str]:
 
 @pytest.fixture(scope="module")
 def one_process(synth_dir, tmp_path_factory):
-    """3 AdamW steps of 8 samples in 2 micro-batches on one process: losses, grad norms and parameters."""
+    """3 AdamW steps of 8 samples in 2 micro-batches on one process, one matmul per expert: losses, grad norms and
+    parameters."""
     from parallel_runs import local_full_params
 
-    single = Trainer(load_config([*expert_base(synth_dir), "data.batch_size=4"]), tmp_path_factory.mktemp("single"))
+    single = Trainer(load_config([*expert_base(synth_dir), "data.batch_size=4", "kernels.experts=loop"]),
+                     tmp_path_factory.mktemp("single"))
     return single.fit(), local_full_params(single)
 
 
 @pytest.mark.parametrize("world,layout", [
     (2, ["parallel.dp_shard=2"]),
     (2, ["parallel.dp_shard=2", "parallel.ep=2"]),
-    (4, ["parallel.dp_shard=4", "parallel.ep=2", "kernels.experts=grouped_mm"]),
+    (4, ["parallel.dp_shard=4", "parallel.ep=2", "kernels.experts=loop"]),
     (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"]),
     (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.ep=2"]),
     (8, ["parallel.pp=2", "parallel.dp_shard=4", "parallel.ep=2", "parallel.pp_microbatches=1"]),
@@ -337,7 +337,8 @@ def one_process(synth_dir, tmp_path_factory):
 def test_expert_layouts_train_as_one_process(world, layout, one_process, synth_dir, tmp_path):
     """N gloo processes against one, same 8 samples a step: the experts' gradients are reduced like every other
     parameter's (a dropped or doubled expert gradient moves its weights by ~lr = 1e-3, far outside atol 1e-4).
-    Under ep each rank holds 2 of the 4 experts and its tokens reach them by all-to-all."""
+    Under ep each rank holds 2 of the 4 experts and its tokens reach them by all-to-all. The layouts run
+    torch._grouped_mm (kernels.experts=auto on CPU) but ep2xfsdp2, which runs the reference's loop."""
     from parallel_runs import run_layout
 
     want, want_params = one_process

@@ -288,7 +288,7 @@ class KernelsConfig:
     linear_cross_entropy also takes `chunked`: the fused, chunked loss with torch ops (any device).
     attention: the decoder's attention core, auto | flash | flex | sdpa (mmfm.kernels.attention).
     experts: a mixture of experts' matmuls, auto | grouped_mm (torch._grouped_mm: one call per projection for all
-    experts) | loop (one matmul per expert); auto: grouped_mm on CUDA devices of compute capability 9.0+."""
+    experts) | loop (one matmul per expert); auto: grouped_mm where it runs (CPU, CUDA compute capability 9.0+)."""
     rms_norm: str = "auto"
     rotary: str = "auto"
     swiglu: str = "auto"

@@ -79,7 +79,7 @@ def _experts_choice(value: str, device: torch.device) -> str:
         raise ValueError(f"kernels.experts=grouped_mm cannot run on {device.type} with this torch (it needs "
                          "torch._grouped_mm: CPU, or CUDA compute capability 9.0+); use kernels.experts=auto or loop")
     if value == "auto":
-        return "grouped_mm" if runs and device.type == "cuda" else "loop"
+        return "grouped_mm" if runs else "loop"
     return value
 
 

@@ -140,12 +140,15 @@ def grouped_swiglu(x: torch.Tensor, counts: list[int], w1: torch.Tensor, w3: tor
 def grouped_mm_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
                       act: nn.Module) -> torch.Tensor:
     """The same product as grouped_swiglu in three torch._grouped_mm calls (one per projection, every expert at once;
-    rows of expert e end at offsets[e]). The weights are cast to x's type: autocast does not cover the op. With no
-    rows at all (which the op refuses) the loop's empty products keep the output in x's graph."""
+    rows of expert e end at offsets[e]). Autocast does not cover the op: x and the weights are cast here to the
+    autocast type, else to x's. With no rows at all (which the op refuses) the loop's empty products keep the output
+    in x's graph."""
     if not x.shape[0]:
         return grouped_swiglu(x, counts.tolist(), w1, w3, w2, act)
     offsets = counts.cumsum(0).to(torch.int32)
-    w1, w3, w2 = (w.to(x.dtype) for w in (w1, w3, w2))
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    x, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
     hidden = act(torch._grouped_mm(x, w1, offs=offsets), torch._grouped_mm(x, w3, offs=offsets))
     return torch._grouped_mm(hidden, w2, offs=offsets)
 
@@ -202,7 +205,7 @@ class MoE(nn.Module):
             order = order[kept[order]]
             counts = counts.clamp(max=limit)
         token = order // k
-        out_sorted = self.experts(x[token], counts)
+        out_sorted = self.experts(x.index_select(0, token), counts)  # backward: index_add_, not index_put_
         out_sorted = out_sorted * weights.flatten()[order].unsqueeze(-1).to(out_sorted.dtype)
         out = torch.zeros_like(x).index_add_(0, token, out_sorted.to(x.dtype))
         return out, kept
