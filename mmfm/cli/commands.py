@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                               "MFU: `mmfm plan model=vlm_7b hardware=h100 devices=64 global_batch=512 seq_len=4096`"),
     "generate": ("mmfm.cli.generate", "caption or answer for image files from a checkpoint (greedy or sampled, "
                                       "KV-cached)"),
+    "eval": ("mmfm.cli.eval", "score a checkpoint on evaluation tasks (captioning CIDEr/BLEU, VQA accuracy, multiple "
+                              "choice, perplexity): `mmfm eval RUN tasks=[synth/caption,...] [--all-checkpoints]`"),
     "export": ("mmfm.cli.export", "a checkpoint as a Hugging Face folder: `mmfm export RUN --format hf --out DIR "
                                   "[--language-only]` (LLaVA, or the language model's *ForCausalLM)"),
     "data": ("mmfm.cli.data", "data set tools: synthetic, instruction and preference data, recipe builds"),

@@ -1,0 +1,1 @@
+"""Evaluation: task files, their metrics, and `mmfm eval` (docs/evaluation.md)."""
