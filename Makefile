@@ -26,6 +26,8 @@ demo: install
 	$(MMFM) train experiment=demo data.path=$(DATA) run_dir=$(RUN)
 	@printf "\n== mmfm generate on held-out image files (true captions in $(DATA)/examples/captions.json) ==\n"
 	$(MMFM) generate --checkpoint $(RUN) --images $(DATA)/examples/*.png
+	@printf "\n== mmfm eval on the synthetic benchmark suite, beside a constant-answer baseline ==\n"
+	$(MMFM) eval $(RUN) --baseline
 
 test: install
 	$(PY) -m pytest -q

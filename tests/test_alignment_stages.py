@@ -108,6 +108,34 @@ def test_sft_lifts_held_out_answer_accuracy(pretrained, sft, scenes, record_figu
     assert summary["answer_accuracy"] >= 0.80
 
 
+def test_mmfm_eval_scores_the_captioner_and_the_sft_model_far_above_a_constant_answer(pretrained, sft, tmp_path,
+                                                                                      monkeypatch, record_figures):
+    """`mmfm eval --baseline` on 100 items of each synthetic task: the captioner's CIDEr, cloze VQA and
+    multiple-choice accuracy, the SFT model's VQA accuracy, each far above the constant-answer baseline's."""
+    from mmfm.cli.main import main
+
+    monkeypatch.setenv("MMFM_CACHE", str(tmp_path / "cache"))
+    sft_run, _ = sft
+
+    def scores(run_dir, out, *tasks) -> dict:
+        assert main(["eval", str(run_dir), *tasks, "--limit", "100", "--baseline", "--out", str(out)]) == 0
+        step, = (out / "eval").iterdir()
+        return json.loads((step / "results.json").read_text())
+
+    captioner = scores(pretrained, tmp_path / "captioner")
+    answers = scores(sft_run, tmp_path / "sft", "tasks=[synth/vqa]")["synth/vqa"]
+    caption, cloze, mc = (captioner[f"synth/{t}"] for t in ("caption", "vqa_cloze", "mc"))
+    record_figures(cider=caption["cider"], bleu4=caption["bleu4"], vqa_cloze=cloze["vqa_accuracy"],
+                   mc=mc["accuracy"], sft_vqa=answers["vqa_accuracy"],
+                   baselines=[caption["baseline"]["cider"], cloze["baseline"]["vqa_accuracy"],
+                              mc["baseline"]["accuracy"], answers["baseline"]["vqa_accuracy"]])
+    assert caption["cider"] >= 4.0 and caption["baseline"]["cider"] <= 1.5 and caption["bleu4"] >= 0.6
+    assert cloze["vqa_accuracy"] >= 0.8 and cloze["baseline"]["vqa_accuracy"] <= 0.4
+    assert mc["accuracy"] >= 0.8 and mc["baseline"]["accuracy"] <= 0.4
+    assert captioner["synth/perplexity"]["perplexity"] <= 2.0
+    assert answers["vqa_accuracy"] >= 0.8 and answers["baseline"]["vqa_accuracy"] <= 0.4
+
+
 def test_lora_sft_reaches_the_sft_bar_within_5_points(pretrained, scenes, tmp_path, record_figures):
     """SFT with rank-16 adapters on the language model's attention and SwiGLU projections and on the projector (the
     vision tower, embeddings and norms frozen), from the same captioner: held-out answers >= 0.75, the full fine-tune's

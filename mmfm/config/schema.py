@@ -335,9 +335,15 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """num_samples: held-out samples captioned (exact match) at the end of a run. tasks: evaluation tasks
+    (mmfm.eval: `synth/...` names or task files) scored every `every` steps (0: at the end only) on the first `limit`
+    items of each (0: all), logged as kind "tasks" to metrics.jsonl and wandb (docs/evaluation.md)."""
     num_samples: int = 256
     show_examples: int = 5
     max_new_tokens: int = 32
+    tasks: list[str] = field(default_factory=list)
+    every: int = 0
+    limit: int = 0
 
 
 @dataclass

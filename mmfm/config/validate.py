@@ -229,6 +229,8 @@ def _validate_run(cfg: JobConfig) -> None:
              f"logger.wandb.mode={lg.wandb.mode!r} is unknown; use one of {WANDB_MODES}")
     _require(cfg.eval.num_samples >= 0, f"eval.num_samples={cfg.eval.num_samples} must be >= 0")
     _positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
+    _require(cfg.eval.every >= 0 and cfg.eval.limit >= 0,
+             f"eval.every={cfg.eval.every} and eval.limit={cfg.eval.limit} must be >= 0 (0: at the end; all items)")
 
 
 def _validate_parallel(cfg: JobConfig) -> ParallelDims:
@@ -238,6 +240,10 @@ def _validate_parallel(cfg: JobConfig) -> ParallelDims:
     dims = ParallelDims.from_config(cfg.parallel)
     dims.validate(cfg.model)
     dims.validate_run(cfg.data.seq_len, cfg.train.grad_accum_steps, cfg.data.batch_size)
+    split = [f"{name}={getattr(dims, name)}" for name in ("tp", "pp", "cp") if getattr(dims, name) > 1]
+    _require(not (cfg.eval.tasks and split),
+             f"eval.tasks runs on data-parallel layouts only, not at parallel.{', '.join(split)}; score the run's "
+             "checkpoints with `mmfm eval RUN --all-checkpoints` instead")
     world = env_world_size()
     _require(dims.world_size == world,
              f"parallel dims {dims.sizes} ask for {dims.world_size} processes but this job has {world} "

@@ -68,9 +68,10 @@ class ModelAnswerer:
     """An mmfm model with its tokenizer and sample encoder (captions: the prompt after the image; chat: the
     prompt as the user's turn, the answer after the assistant marker)."""
 
-    def __init__(self, model: nn.Module, tokenizer, encoder, device, batch_size: int = 16):
+    def __init__(self, model: nn.Module, tokenizer, encoder, device, batch_size: int = 16, stop_early: bool = True):
+        """stop_early=False: every generation runs max_new_tokens steps (ranks of a sharded model stay in step)."""
         self.model, self.tokenizer, self.encoder = model, tokenizer, encoder
-        self.device, self.batch_size = torch.device(device), batch_size
+        self.device, self.batch_size, self.stop_early = torch.device(device), batch_size, stop_early
 
     def context(self, prompt: str, answer_prefix: str, num_images: int) -> list[int]:
         enc = self.encoder
@@ -92,7 +93,8 @@ class ModelAnswerer:
         for batch in _batches(requests, self.batch_size):
             prompts = [self.context(r.prompt, r.answer_prefix, int(r.image is not None)) for r in batch]
             tokens = generate(self.model, prompts, self.pixels([r.image for r in batch]),
-                              max(r.max_new_tokens for r in batch), self.tokenizer.eos_id, self.tokenizer.pad_id)
+                              max(r.max_new_tokens for r in batch), self.tokenizer.eos_id, self.tokenizer.pad_id,
+                              stop_early=self.stop_early)
             out += [cut(self.tokenizer.decode(t[: r.max_new_tokens]), r.until) for r, t in zip(batch, tokens)]
         return out
 

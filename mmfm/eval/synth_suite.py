@@ -96,8 +96,9 @@ def write_suite(out: Path) -> None:
 
 
 def _scene_or_digit(rng, name, digit_pixels, digit_labels, build):
-    """A digit one time in five, else a scene (of one or two objects for the caption and VQA tasks, one else)."""
-    if rng.random() < 0.2:
+    """A digit one time in five (not for the VQA task: the instruction data asks nothing about digits), else a scene
+    (of one or two objects for the caption and VQA tasks, one else)."""
+    if name != "vqa" and rng.random() < 0.2:
         j = rng.randrange(len(digit_labels))
         return digit_image(digit_pixels[j], IMAGE_SIZE, rng, augment=False), build(rng, digit=DIGIT_WORDS[digit_labels[j]])
     pairs = 0.45 if name in ("caption", "vqa") else 0.0
@@ -124,9 +125,7 @@ def _caption_item(rng, digit=None, objects=None) -> dict:
     return {"references": [ordered, f"{first} and {second}.", f"{second} and {first}.", f"{first}.", f"{second}."]}
 
 
-def _vqa_item(rng, digit=None, objects=None) -> dict:
-    if digit:
-        return {"question": "what digit is it?", "answers": [digit, f"it is {digit}."]}
+def _vqa_item(rng, objects=None) -> dict:
     question, answer = rng.choice(scene_questions(objects))
     said = answer.rstrip(".")
     bare = said.split()[-1] if said.startswith("there") else said.split("it is ")[-1].removeprefix("a ")

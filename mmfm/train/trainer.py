@@ -27,8 +27,9 @@ from mmfm.checkpoint.manager import read_trainer_state
 from mmfm.checkpoint.run_model import is_base, load_run_model
 from mmfm.config import JobConfig, Preflight, image_tokens, preflight
 from mmfm.errors import ConfigError
-from mmfm.data.build import (check_val_split, load_tokenizer, loader_summary, reshard_loader_states, train_loader,
-                             val_stream)
+from mmfm.data.build import (check_val_split, load_tokenizer, loader_summary, reshard_loader_states, sample_encoder,
+                             train_loader, val_stream)
+from mmfm.eval.tasks import load_items, resolve_task
 from mmfm.data.loader import Batch, BatchLoader, EncodedSample, pad_sequence
 from mmfm.data.manifest import TOKENIZER, sha256_file
 from mmfm.data.tokenizer import copy_tokenizer
@@ -154,6 +155,7 @@ class Trainer:
         self.objective = build_objective(cfg.stage)
         # likewise a data set without the val split that validation and evaluation need (False: runs without them)
         self.has_val = check_val_split(cfg, self.objective.validates)
+        self.eval_tasks = [load_items(resolve_task(name), cfg.eval.limit) for name in cfg.eval.tasks]
         # One run directory for all ranks: rank 0's (a timestamped default may differ across ranks).
         self.run_dir = Path(gather_objects(str(run_dir))[0])
         ensure_writable(self.run_dir)
@@ -505,6 +507,10 @@ class Trainer:
                 if t.val_every and self.step % t.val_every == 0 and self.objective.validates and self.has_val:
                     with watchdog.paused():
                         metrics.log(self.step, self.validate_now(), kind="val")
+                if self.eval_tasks and self.cfg.eval.every and self.step % self.cfg.eval.every == 0 \
+                        and self.step < t.max_steps:
+                    with watchdog.paused():
+                        metrics.log(self.step, self.task_scores(), kind="tasks")
             with watchdog.paused():
                 summary = self.final_eval(metrics)
         finally:
@@ -561,6 +567,25 @@ class Trainer:
         barrier()
         return results
 
+    def task_scores(self) -> dict:
+        """eval.tasks scored by the training ranks' model, {"<task>/<metric>": value}. Every rank answers every item
+        with the same batches (its forwards and collectives in step with its peers'); under FSDP each block's
+        parameters are gathered as its forward runs, as in training, never the whole model at once."""
+        from mmfm.eval.runner import ModelAnswerer, run_task
+
+        was_training = self.model.training
+        answerer = ModelAnswerer(self.model.eval(), self.tokenizer, sample_encoder(self.cfg, self.tokenizer),
+                                 self.device, self.cfg.data.val_batch_size, stop_early=self.world == 1)
+        scores = {}
+        for task_items in self.eval_tasks:
+            if isinstance(self.model, FSDPModule):  # generation calls submodules: the root's own parameters whole
+                self.model.unshard()
+            result = run_task(answerer, task_items)
+            scores.update({f"{result.name}/{k}": v for k, v in result.scores.items()})
+        self.parts.reshard()
+        self.model.train(was_training)
+        return scores
+
     def final_eval(self, metrics: MetricsLogger) -> dict:
         """The final validation and evaluation on the val split (none when the data set has none: then
         train.val_every=0 and eval.num_samples=0, checked at init), and summary.json."""
@@ -574,7 +599,10 @@ class Trainer:
             summary[f"{kind}_samples"] = len(results)
             summary["examples"] = [{**dataclasses.asdict(r), "correct": r.correct}
                                    for r in results[: e.show_examples]]
-        metrics.log(self.step, {k: v for k, v in summary.items() if k != "examples"}, kind="eval")
+        if self.eval_tasks:
+            summary["tasks"] = self.task_scores()
+            metrics.log(self.step, summary["tasks"], kind="tasks")
+        metrics.log(self.step, {k: v for k, v in summary.items() if k not in ("examples", "tasks")}, kind="eval")
         if self.main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
