@@ -301,3 +301,77 @@ def test_in_training_evaluation_at_fsdp2_equals_one_process_and_mmfm_eval(synth_
     for name, value in single.items():
         task, metric = name.rsplit("/", 1)
         assert results[task][metric] == pytest.approx(value, rel=1e-5), name
+
+
+# --- the lm-evaluation-harness model ------------------------------------------------------------------------------
+
+TEXT_ITEMS = [{"id": f"t{i}", "question": q, "options": opts, "answer": a, "answers": [opts[a]], "text": t}
+              for i, (q, opts, a, t) in enumerate([
+                  ("describe the image.", ["a red circle.", "a blue square.", "the handwritten digit two."], 0,
+                   "a red circle on the left."),
+                  ("the handwritten digit", ["two.", "three.", "a green cross."], 1, "the handwritten digit seven."),
+                  ("a green", ["cross at the top.", "circle.", "square on the right."], 0,
+                   "on the left is a white square."),
+              ])]
+HARNESS_TASKS = {
+    "mmfm_local_mc": "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{options}}'\n"
+                     "doc_to_target: '{{answer}}'\ntarget_delimiter: ''\nmetric_list:\n  - metric: acc\n",
+    "mmfm_local_gen": "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answers[0]}}'\n"
+                      "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 6\nmetric_list:\n  - metric: exact_match\n",
+    "mmfm_local_ppl": "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+                      "metric_list:\n  - metric: word_perplexity\n",
+}
+
+
+def harness_tasks(folder, items_file):
+    folder.mkdir()
+    for name, body in HARNESS_TASKS.items():
+        (folder / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                             f"    test: {items_file}\ntest_split: test\n{body}")
+    return folder
+
+
+def test_lm_eval_runs_a_checkpoint_on_local_tasks_as_mmfm_eval_does(trained_run, tmp_path, monkeypatch):
+    """lm-evaluation-harness with model `mmfm` on three local text tasks (multiple choice, generate_until,
+    loglikelihood_rolling): each item's option log-likelihoods, answer and text log-likelihood equal `mmfm eval`'s on
+    the same items (rel 1e-5), and `python -m mmfm.eval.harness` (lm-eval's command line, `--model mmfm`) runs."""
+    import subprocess
+    import sys
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from mmfm.eval.harness import MmfmLM
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps(i) + "\n" for i in TEXT_ITEMS))
+    tasks = harness_tasks(tmp_path / "harness", items)
+    out = lm_eval.simple_evaluate(model=MmfmLM(str(trained_run), batch_size=2, device="cpu"),
+                                  tasks=list(HARNESS_TASKS), task_manager=TaskManager(include_path=str(tasks)),
+                                  log_samples=True)
+    samples = {name: sorted(rows, key=lambda r: r["doc_id"]) for name, rows in out["samples"].items()}
+
+    for kind, keys in (("multiple_choice", {"prompt": "{question}", "score_end": False}),
+                       ("vqa", {"prompt": "{question}", "until": ["."], "max_new_tokens": 6}),
+                       ("perplexity", {"score_end": False})):
+        folder = write_task(tmp_path / kind, TEXT_ITEMS, type=kind, **keys)
+        assert mmfm_eval(trained_run, f"tasks=[{folder}]", "--out", tmp_path / "mmfm") == 0
+    preds = {kind: [json.loads(line) for line in (tmp_path / f"mmfm/eval/40/predictions/{kind}.jsonl").open()]
+             for kind in ("multiple_choice", "vqa", "perplexity")}
+    for got, want in zip(samples["mmfm_local_mc"], preds["multiple_choice"]):
+        assert [r[0] for r in got["filtered_resps"]] == pytest.approx(want["logprobs"], rel=1e-5)
+    assert [s["filtered_resps"][0] for s in samples["mmfm_local_gen"]] == [p["prediction"] for p in preds["vqa"]]
+    for got, want in zip(samples["mmfm_local_ppl"], preds["perplexity"]):
+        assert got["filtered_resps"][0] == pytest.approx(want["logprob"], rel=1e-5)
+    accuracy = out["results"]["mmfm_local_mc"]["acc,none"]
+    assert accuracy == pytest.approx(sum(p["correct"] for p in preds["multiple_choice"]) / 3)
+
+    cli = subprocess.run([sys.executable, "-m", "mmfm.eval.harness", "run", "--model", "mmfm", "--model_args",
+                          f"checkpoint={trained_run}", "--tasks", "mmfm_local_mc", "--include_path", str(tasks),
+                          "--device", "cpu", "--output_path", str(tmp_path / "cli")], capture_output=True, text=True,
+                         env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1",
+                              "HF_DATASETS_CACHE": str(tmp_path / "datasets")}, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert f"{accuracy:.4f}" in cli.stdout

@@ -72,11 +72,11 @@ def main(argv: list[str]) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from mmfm.eval.report import evaluate_checkpoint, plot_curves, print_table
+    from mmfm.eval.report import evaluate_checkpoint, is_hf_folder, plot_curves, print_table
 
     names = task_names(args.overrides)
     path = Path(args.checkpoint)
-    if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+    if is_hf_folder(path):
         if args.all_checkpoints:
             raise MmfmError(f"{path} is a Hugging Face folder: --all-checkpoints needs a run directory")
         out = Path(args.out or f"eval-{path.resolve().name}")

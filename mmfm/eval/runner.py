@@ -74,10 +74,14 @@ class ModelAnswerer:
         self.device, self.batch_size, self.stop_early = torch.device(device), batch_size, stop_early
 
     def context(self, prompt: str, answer_prefix: str, num_images: int) -> list[int]:
-        enc = self.encoder
-        asked = (dataclasses.replace(enc, question=prompt) if hasattr(enc, "question")
-                 else dataclasses.replace(enc, prompt=prompt))
-        return asked.prefix(num_images) + (self.tokenizer.encode(answer_prefix) if answer_prefix else [])
+        enc, t = self.encoder, self.tokenizer
+        if hasattr(enc, "question"):
+            ids = dataclasses.replace(enc, question=prompt).prefix(num_images)
+        elif num_images:
+            ids = dataclasses.replace(enc, prompt=prompt).prefix(num_images)
+        else:  # plain text: the prompt starts it
+            ids = t.bos() + (t.encode(prompt) if prompt else []) or [t.eos_id]
+        return ids + (t.encode(answer_prefix) if answer_prefix else [])
 
     def pixels(self, images: Sequence[Optional[Path]]) -> Optional[torch.Tensor]:
         from mmfm.data.loader import load_image
@@ -213,7 +217,7 @@ def _generated(task: Task, items: list[Item], answers: list[str]) -> tuple[dict,
 def _scored(answerer: Answerer, task: Task, items: list[Item], where: str) -> tuple[dict, list[dict]]:
     def request(item: Item, continuation: str) -> ScoreRequest:
         return ScoreRequest(render(task.prompt, item, where), continuation, item.image,
-                            render(task.answer_prefix, item, where))
+                            render(task.answer_prefix, item, where), task.score_end)
 
     if task.type == "perplexity":
         scores = answerer.loglikelihood([request(i, i.fields["text"]) for i in items])

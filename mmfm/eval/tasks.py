@@ -12,9 +12,11 @@ image paths stay inside its image folder, and nothing in it runs.
     until: []                    # stop strings: the answer is cut before the first one
     max_new_tokens: 32
     mode: loglikelihood          # multiple_choice: loglikelihood (score each option) | generate (extract a letter)
+    score_end: true              # loglikelihood and perplexity: the answer's end-of-text token is scored too
 
 Items by type: caption {id, image, references: [..]}; vqa {id, image, question, answers: [..]}; multiple_choice
-{id, image, question, options: [..], answer: index or letter}; perplexity {id, text, image (optional)}.
+{id, image, question, options: [..], answer: index or letter}; perplexity {id, text, image}. The image is optional
+but for captions: a text item's prompt follows the beginning-of-text token (a chat model: its user turn).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from mmfm.eval.metrics import LETTERS, render_options
 TASK_TYPES = ("caption", "vqa", "multiple_choice", "perplexity")
 MC_MODES = ("loglikelihood", "generate")
 TASK_FILE = "task.yaml"
-REQUIRED_FIELDS = {"caption": ("image", "references"), "vqa": ("image", "question", "answers"),
-                   "multiple_choice": ("image", "options", "answer"), "perplexity": ("text",)}
+REQUIRED_FIELDS = {"caption": ("image", "references"), "vqa": ("question", "answers"),
+                   "multiple_choice": ("options", "answer"), "perplexity": ("text",)}
 _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -54,6 +56,7 @@ class Task:
     until: list[str] = field(default_factory=list)
     max_new_tokens: int = 32
     mode: str = "loglikelihood"
+    score_end: bool = True
 
 
 @dataclass
@@ -105,6 +108,8 @@ def _check_task(task: Task, path: Path) -> None:
         raise TaskError(f"task file {path}: until must be a list of non-empty strings")
     if not isinstance(task.max_new_tokens, int) or isinstance(task.max_new_tokens, bool) or task.max_new_tokens < 1:
         raise TaskError(f"task file {path}: max_new_tokens={task.max_new_tokens!r} must be an integer >= 1")
+    if not isinstance(task.score_end, bool):
+        raise TaskError(f"task file {path}: score_end must be true or false")
     if task.mode not in MC_MODES:
         raise TaskError(f"task file {path}: mode={task.mode!r} is unknown; use one of {MC_MODES}")
     for name in ("data", "images"):
