@@ -8,6 +8,7 @@ ifndef RUN
 RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 endif
 TORCH_VERSION ?= 2.13.0
+LMMS_EVAL_VERSION ?= 0.7.3
 export HF_HUB_OFFLINE := 1
 
 .PHONY: install demo test portability clean-runs
@@ -17,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	@# The pinned CPU wheel first, where no torch is present: a bare `torch` pulls a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e ".[dev]"
+	@# lmms-eval (the mmfm model class, mmfm.eval.lmms) without its requirements: they pull torch 2.14 and CUDA
+	$(PY) -m pip install -q --no-deps "lmms-eval==$(LMMS_EVAL_VERSION)"
 	touch $@
 
 install: $(VENV)/.installed

@@ -4,6 +4,7 @@ model answerer against a direct forward, and the command end to end on a small t
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -375,3 +376,91 @@ def test_lm_eval_runs_a_checkpoint_on_local_tasks_as_mmfm_eval_does(trained_run,
                               "HF_DATASETS_CACHE": str(tmp_path / "datasets")}, timeout=300)
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert f"{accuracy:.4f}" in cli.stdout
+
+
+# --- the lmms-eval model ----------------------------------------------------------------------------------------
+
+LMMS_UTILS = '''from pathlib import Path
+
+from PIL import Image
+
+
+def doc_to_visual(doc):
+    return [Image.open(Path(__file__).parent / "images" / doc["image"]).convert("RGB")]
+
+
+def doc_to_text(doc):
+    return doc["question"]
+
+
+def doc_to_choice(doc):
+    return doc["options"]
+
+
+def doc_to_answer(doc):
+    return doc["answers"][0]
+'''
+LMMS_TASKS = {
+    "mmfm_lmms_vqa": "output_type: generate_until\ndoc_to_target: !function utils.doc_to_answer\n"
+                     "generation_kwargs:\n  until: ['.']\n"
+                     "  max_new_tokens: 8\nmetric_list:\n  - metric: exact_match\n",
+    "mmfm_lmms_mc": "output_type: multiple_choice\ndoc_to_target: answer\ndoc_to_choice: !function utils.doc_to_choice\n"
+                    "target_delimiter: ''\nmetric_list:\n  - metric: acc\n",
+}
+
+
+def test_lmms_eval_runs_a_checkpoint_on_a_local_image_task_as_mmfm_eval_does(trained_run, tmp_path, monkeypatch):
+    """lmms-eval with model `mmfm` (found through its entry point) on two local image tasks from the synthetic
+    suite's items: each answer, each option's log-likelihood (lmms-eval takes a loss: its negative) and the
+    multiple-choice accuracy equal `mmfm eval`'s on the same items."""
+    import lmms_eval.evaluator
+    from lmms_eval.models import get_model
+    from lmms_eval.tasks import TaskManager
+
+    from mmfm.eval.synth_suite import ensure_suite
+
+    monkeypatch.setenv("MMFM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    suite = ensure_suite()
+    folder = tmp_path / "lmms"
+    shutil.copytree(suite / "mc" / "images", folder / "images")
+    rows = [json.loads(line) for line in (suite / "mc" / "items.jsonl").read_text().splitlines()[:6]]
+    items = [{**r, "question": "describe the image.", "answers": [r["options"][r["answer"]].rstrip(".")]}
+             for r in rows]
+    (folder / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    (folder / "utils.py").write_text(LMMS_UTILS)
+    for name, body in LMMS_TASKS.items():
+        (folder / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'items.jsonl'}\n"
+            "test_split: test\ndoc_to_visual: !function utils.doc_to_visual\ndoc_to_text: !function utils.doc_to_text\n"
+            + body)
+    model = get_model("mmfm")(checkpoint=str(trained_run), device="cpu")
+    out = lmms_eval.evaluator.simple_evaluate(model=model, tasks=list(LMMS_TASKS),
+                                              task_manager=TaskManager(include_path=str(folder)), log_samples=True)
+    samples = {name: sorted(rows, key=lambda r: r["doc_id"]) for name, rows in out["samples"].items()}
+
+    for kind, keys in (("vqa", {"until": ["."], "max_new_tokens": 8}), ("mc", {"score_end": False})):
+        write_task(tmp_path / kind, items, type="vqa" if kind == "vqa" else "multiple_choice", prompt="{question}",
+                   **keys)
+        shutil.copytree(folder / "images", tmp_path / kind / "images", dirs_exist_ok=True)
+    assert mmfm_eval(trained_run, f"tasks=[{tmp_path / 'vqa'},{tmp_path / 'mc'}]", "--out", tmp_path / "mmfm") == 0
+    preds = {kind: [json.loads(line) for line in (tmp_path / f"mmfm/eval/40/predictions/{kind}.jsonl").open()]
+             for kind in ("vqa", "mc")}
+    assert [s["filtered_resps"][0] for s in samples["mmfm_lmms_vqa"]] == [p["prediction"] for p in preds["vqa"]]
+    for got, want in zip(samples["mmfm_lmms_mc"], preds["mc"]):
+        assert [-r[0] for r in got["filtered_resps"]] == pytest.approx(want["logprobs"], rel=1e-5)
+    mc_accuracy = json.loads((tmp_path / "mmfm/eval/40/results.json").read_text())["mc"]["accuracy"]
+    assert out["results"]["mmfm_lmms_mc"]["acc,none"] == pytest.approx(mc_accuracy)
+
+    import os
+    import subprocess
+    import sys
+
+    cli = subprocess.run([str(Path(sys.executable).parent / "lmms-eval"), "--model", "mmfm", "--model_args",
+                          f"checkpoint={trained_run}", "--tasks", "mmfm_lmms_mc", "--include_path", str(folder),
+                          "--device", "cpu", "--output_path", str(tmp_path / "cli")], capture_output=True, text=True,
+                         env={**os.environ}, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    row = next(line for line in cli.stdout.splitlines() if line.startswith("|mmfm_lmms_mc"))
+    assert float(row.split("|")[6]) == pytest.approx(mc_accuracy, abs=1e-4)
