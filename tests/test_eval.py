@@ -255,6 +255,27 @@ def test_mmfm_eval_scores_every_checkpoint_and_plots_them(trained_run, tmp_path,
     assert "| 20 |" in (tmp_path / "out/eval/curves.md").read_text()
 
 
+def test_mmfm_eval_reads_an_exported_hugging_face_folder(synth_dir, tmp_path, monkeypatch):
+    """A small LLaVA-shaped run (tiny_llava's SigLIP tower, 3 steps), `mmfm export --format hf`, then `mmfm eval` on
+    the folder: every item answered, under eval/hf. (The folder holds a chat template, so it is asked as a chat
+    model, where its run was a captioner: the two score differently by design.)"""
+    from conftest import STEPS
+
+    from mmfm.cli.main import main
+    from mmfm.config import load_config
+    from mmfm.parallel.bench import SMALL_MODEL
+    from mmfm.train.trainer import Trainer
+
+    monkeypatch.setenv("MMFM_CACHE", str(tmp_path / "cache"))
+    Trainer(load_config([f"data.path={synth_dir}", "model=tiny_llava", *SMALL_MODEL, *STEPS]), tmp_path / "llava").fit()
+    assert main(["export", str(tmp_path / "llava"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert mmfm_eval(tmp_path / "hf", "tasks=[synth/mc,synth/vqa_cloze]", "--limit", 8, "--out", tmp_path / "out") == 0
+    results = json.loads((tmp_path / "out/eval/hf/results.json").read_text())
+    assert results["synth/mc"]["items"] == results["synth/vqa_cloze"]["items"] == 8
+    rows = [json.loads(line) for line in (tmp_path / "out/eval/hf/predictions/synth_mc.jsonl").open()]
+    assert len(rows) == 8 and all(len(r["logprobs"]) == 4 and max(r["logprobs"]) < 0 for r in rows)
+
+
 def test_mmfm_eval_refuses_bad_input_in_one_line(trained_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MMFM_CACHE", str(tmp_path / "cache"))
 
@@ -268,6 +289,7 @@ def test_mmfm_eval_refuses_bad_input_in_one_line(trained_run, tmp_path, monkeypa
 
     assert "unknown task 'nope'" in error(trained_run, "tasks=[nope]")
     assert "unknown argument 'task=synth/mc'" in error(trained_run, "task=synth/mc")
+    assert "--limit=-1 must be >= 0" in error(trained_run, "--limit", -1)
     other = tmp_path / "other_run"
     shutil.copytree(trained_run, other)
     tokenizer = json.loads((other / "tokenizer.json").read_text())

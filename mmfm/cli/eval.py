@@ -74,6 +74,8 @@ def main(argv: list[str]) -> int:
 def run(args: argparse.Namespace) -> dict:
     from mmfm.eval.report import evaluate_checkpoint, is_hf_folder, plot_curves, print_table
 
+    if args.limit < 0 or args.batch_size < 1:
+        raise MmfmError(f"--limit={args.limit} must be >= 0 (0: every item) and --batch-size={args.batch_size} >= 1")
     names = task_names(args.overrides)
     path = Path(args.checkpoint)
     if is_hf_folder(path):

@@ -43,7 +43,7 @@ def load_answerer(path: Path, checkpoint: Optional[Path], batch_size: int, devic
         check_tokenizer(path, checkpoint)
         model, tokenizer, encoder = from_run(checkpoint, None, device)
     check_vocab(model, tokenizer, checkpoint or path)
-    return ModelAnswerer(model.eval(), tokenizer, encoder, device, batch_size)
+    return ModelAnswerer(model.eval(), tokenizer, encoder, device, batch_size, progress=True)
 
 
 def check_tokenizer(run_dir: Path, checkpoint: Path) -> None:

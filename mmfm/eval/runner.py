@@ -68,10 +68,20 @@ class ModelAnswerer:
     """An mmfm model with its tokenizer and sample encoder (captions: the prompt after the image; chat: the
     prompt as the user's turn, the answer after the assistant marker)."""
 
-    def __init__(self, model: nn.Module, tokenizer, encoder, device, batch_size: int = 16, stop_early: bool = True):
-        """stop_early=False: every generation runs max_new_tokens steps (ranks of a sharded model stay in step)."""
+    def __init__(self, model: nn.Module, tokenizer, encoder, device, batch_size: int = 16, stop_early: bool = True,
+                 progress: bool = False):
+        """stop_early=False: every generation runs max_new_tokens steps (ranks of a sharded model stay in step).
+        progress: a progress bar over each call's batches (on a terminal)."""
         self.model, self.tokenizer, self.encoder = model, tokenizer, encoder
         self.device, self.batch_size, self.stop_early = torch.device(device), batch_size, stop_early
+        self.progress = progress
+
+    def batches(self, requests: Sequence, what: str):
+        from tqdm import tqdm
+
+        total = -(-len(requests) // self.batch_size)
+        return tqdm(_batches(requests, self.batch_size), total=total, desc=what, unit="batch", leave=False,
+                    disable=not self.progress or None)
 
     def context(self, prompt: str, answer_prefix: str, num_images: int) -> list[int]:
         enc, t = self.encoder, self.tokenizer
@@ -94,7 +104,7 @@ class ModelAnswerer:
         from mmfm.models.generate import generate
 
         out = []
-        for batch in _batches(requests, self.batch_size):
+        for batch in self.batches(requests, "generating"):
             prompts = [self.context(r.prompt, r.answer_prefix, int(r.image is not None)) for r in batch]
             tokens = generate(self.model, prompts, self.pixels([r.image for r in batch]),
                               max(r.max_new_tokens for r in batch), self.tokenizer.eos_id, self.tokenizer.pad_id,
@@ -105,7 +115,7 @@ class ModelAnswerer:
     @torch.no_grad()
     def loglikelihood(self, requests: Sequence[ScoreRequest]) -> list[Score]:
         out = []
-        for batch in _batches(requests, self.batch_size):
+        for batch in self.batches(requests, "scoring"):
             rows = [(self.context(r.prompt, r.answer_prefix, int(r.image is not None)),
                      self.tokenizer.encode(r.continuation) + ([self.tokenizer.eos_id] if r.end else []))
                     for r in batch]
