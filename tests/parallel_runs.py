@@ -32,7 +32,8 @@ def worker(rank: int, world: int, port: int, overrides: list, run_dir: str, out_
     summary = trainer.fit()
     params = local_full_params(trainer)
     torch.save({"losses": summary["losses"], "grad_norms": summary["grad_norms"], "val_loss": summary["val_loss"],
-                "tasks": summary.get("tasks"), "params": params}, f"{out_dir}/rank{rank}.pt")
+                "tasks": summary.get("tasks"), "task_predictions": getattr(trainer, "task_predictions", None),
+                "params": params}, f"{out_dir}/rank{rank}.pt")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

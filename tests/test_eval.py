@@ -300,28 +300,81 @@ def test_mmfm_eval_refuses_bad_input_in_one_line(trained_run, tmp_path, monkeypa
 EVAL_TASKS = ["eval.tasks=[synth/mc,synth/vqa_cloze,synth/perplexity]", "eval.limit=10"]
 
 
-def test_in_training_evaluation_at_fsdp2_equals_one_process_and_mmfm_eval(synth_dir, tmp_path, monkeypatch):
-    """eval.tasks after 3 AdamW steps: 2 FSDP ranks score what one process scores (perplexity rtol 1e-4, the
-    accuracies equal), and `mmfm eval` on the one-process run's final checkpoint scores the same."""
-    from conftest import STEPS
-    from parallel_runs import run_layout
-
+@pytest.fixture(scope="module")
+def one_process_eval(synth_dir, tmp_path_factory):
+    """3 AdamW steps on one process, then eval.tasks: (run directory, scores, each item's answer)."""
     from mmfm.config import load_config
-    from mmfm.eval.synth_suite import ensure_suite
-    from mmfm.parallel.bench import SMALL_MODEL
     from mmfm.train.trainer import Trainer
 
-    monkeypatch.setenv("MMFM_CACHE", str(tmp_path / "cache"))
-    ensure_suite()  # once, before the ranks read it
-    base = [f"data.path={synth_dir}", *SMALL_MODEL, *STEPS, "data.partitions=4", "checkpoint.every=3", *EVAL_TASKS]
-    single = Trainer(load_config([*base, "data.batch_size=4"]), tmp_path / "single").fit()["tasks"]
-    sharded = run_layout(2, [*base, "data.batch_size=2", "parallel.dp_shard=2"], tmp_path / "fsdp2")["tasks"]
-    assert set(single) == {"synth/mc/accuracy", "synth/vqa_cloze/vqa_accuracy", "synth/perplexity/perplexity"}
-    for name, value in single.items():
-        assert sharded[name] == pytest.approx(value, rel=1e-4), name
-    assert mmfm_eval(tmp_path / "single", "tasks=[synth/mc,synth/vqa_cloze,synth/perplexity]", "--limit", 10) == 0
-    results = json.loads((tmp_path / "single/eval/3/results.json").read_text())
-    for name, value in single.items():
+    run_dir = tmp_path_factory.mktemp("eval_single")
+    trainer = Trainer(load_config([*eval_base(synth_dir), "data.batch_size=4"]), run_dir)
+    return run_dir, trainer.fit()["tasks"], trainer.task_predictions
+
+
+def eval_base(synth_dir) -> list[str]:
+    from conftest import STEPS
+
+    from mmfm.parallel.bench import SMALL_MODEL
+
+    return [f"data.path={synth_dir}", *SMALL_MODEL, *STEPS, "data.partitions=4", "checkpoint.every=3", *EVAL_TASKS]
+
+
+@pytest.fixture(scope="module")
+def suite_cache(tmp_path_factory):
+    """The synthetic suite written once for the module's runs (before any rank reads it)."""
+    import os
+
+    from mmfm.eval.synth_suite import ensure_suite
+
+    cache = tmp_path_factory.mktemp("suite")
+    old = os.environ.get("MMFM_CACHE")
+    os.environ["MMFM_CACHE"] = str(cache)
+    ensure_suite()
+    yield cache
+    if old is None:
+        del os.environ["MMFM_CACHE"]
+    else:
+        os.environ["MMFM_CACHE"] = old
+
+
+@pytest.mark.parametrize("layout", [["parallel.dp_shard=2", "data.batch_size=2"], ["parallel.tp=2", "data.batch_size=4"]],
+                         ids=["fsdp2", "tp2"])
+def test_in_training_evaluation_at_fsdp2_and_tp2_equals_one_process(layout, suite_cache, one_process_eval, synth_dir,
+                                                                    tmp_path):
+    """eval.tasks after 3 AdamW steps on 2 gloo ranks against one process: the same greedy answers (the model is
+    nearly random, so any difference in a forward shows), option log-likelihoods and perplexity within rtol 1e-4.
+    Under tp the forwards are padded to a multiple of 2 for sequence parallelism, each decoding step included."""
+    from parallel_runs import run_layout
+
+    _, scores, predictions = one_process_eval
+    got = run_layout(2, [*eval_base(synth_dir), *layout], tmp_path)
+    assert set(scores) == {"synth/mc/accuracy", "synth/vqa_cloze/vqa_accuracy", "synth/perplexity/perplexity"}
+    for name, value in scores.items():
+        assert got["tasks"][name] == pytest.approx(value, rel=1e-4), name
+    ours, theirs = got["task_predictions"], predictions
+    assert [p["prediction"] for p in ours["synth/vqa_cloze"]] == [p["prediction"] for p in theirs["synth/vqa_cloze"]]
+    assert any(p["prediction"] for p in theirs["synth/vqa_cloze"])
+    for a, b in zip(ours["synth/mc"], theirs["synth/mc"]):
+        assert a["logprobs"] == pytest.approx(b["logprobs"], rel=1e-4)
+    for a, b in zip(ours["synth/perplexity"], theirs["synth/perplexity"]):
+        assert a["logprob"] == pytest.approx(b["logprob"], rel=1e-4)
+
+
+def test_eval_tasks_refuse_pipeline_parallelism_in_one_line(synth_dir):
+    from mmfm.config import load_config
+    from mmfm.config.validate import validate
+    from mmfm.errors import ConfigError
+
+    one_line(ConfigError, lambda: validate(load_config([f"data.path={synth_dir}", "parallel.pp=2",
+                                                        "eval.tasks=[synth/mc]"])),
+             "eval.tasks runs on data- and tensor-parallel layouts, not at parallel.pp=2")
+
+
+def test_mmfm_eval_on_the_final_checkpoint_scores_what_training_scored(suite_cache, one_process_eval):
+    run_dir, scores, _ = one_process_eval
+    assert mmfm_eval(run_dir, "tasks=[synth/mc,synth/vqa_cloze,synth/perplexity]", "--limit", 10) == 0
+    results = json.loads((run_dir / "eval/3/results.json").read_text())
+    for name, value in scores.items():
         task, metric = name.rsplit("/", 1)
         assert results[task][metric] == pytest.approx(value, rel=1e-5), name
 

@@ -240,10 +240,10 @@ def _validate_parallel(cfg: JobConfig) -> ParallelDims:
     dims = ParallelDims.from_config(cfg.parallel)
     dims.validate(cfg.model)
     dims.validate_run(cfg.data.seq_len, cfg.train.grad_accum_steps, cfg.data.batch_size)
-    split = [f"{name}={getattr(dims, name)}" for name in ("tp", "pp", "cp") if getattr(dims, name) > 1]
+    split = [f"{name}={getattr(dims, name)}" for name in ("pp", "cp") if getattr(dims, name) > 1]
     _require(not (cfg.eval.tasks and split),
-             f"eval.tasks runs on data-parallel layouts only, not at parallel.{', '.join(split)}; score the run's "
-             "checkpoints with `mmfm eval RUN --all-checkpoints` instead")
+             f"eval.tasks runs on data- and tensor-parallel layouts, not at parallel.{', '.join(split)}; score the "
+             "run's checkpoints with `mmfm eval RUN --all-checkpoints` instead")
     world = env_world_size()
     _require(dims.world_size == world,
              f"parallel dims {dims.sizes} ask for {dims.world_size} processes but this job has {world} "

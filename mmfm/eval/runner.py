@@ -69,12 +69,13 @@ class ModelAnswerer:
     prompt as the user's turn, the answer after the assistant marker)."""
 
     def __init__(self, model: nn.Module, tokenizer, encoder, device, batch_size: int = 16, stop_early: bool = True,
-                 progress: bool = False):
+                 progress: bool = False, multiple: int = 1):
         """stop_early=False: every generation runs max_new_tokens steps (ranks of a sharded model stay in step).
-        progress: a progress bar over each call's batches (on a terminal)."""
+        progress: a progress bar over each call's batches (on a terminal). multiple: every forward's length a
+        multiple of it (tensor parallelism's sequence split: tp)."""
         self.model, self.tokenizer, self.encoder = model, tokenizer, encoder
         self.device, self.batch_size, self.stop_early = torch.device(device), batch_size, stop_early
-        self.progress = progress
+        self.progress, self.multiple = progress, multiple
 
     def batches(self, requests: Sequence, what: str):
         from tqdm import tqdm
@@ -108,7 +109,7 @@ class ModelAnswerer:
             prompts = [self.context(r.prompt, r.answer_prefix, int(r.image is not None)) for r in batch]
             tokens = generate(self.model, prompts, self.pixels([r.image for r in batch]),
                               max(r.max_new_tokens for r in batch), self.tokenizer.eos_id, self.tokenizer.pad_id,
-                              stop_early=self.stop_early)
+                              stop_early=self.stop_early, multiple=self.multiple)
             out += [cut(self.tokenizer.decode(t[: r.max_new_tokens]), r.until) for r, t in zip(batch, tokens)]
         return out
 
@@ -124,11 +125,13 @@ class ModelAnswerer:
 
     def score_rows(self, rows: list[tuple[list[int], list[int]]], pixels: Optional[torch.Tensor]) -> list[Score]:
         """Each row's continuation scored after its context, in one right-padded forward."""
-        length = max(len(c) + len(t) for c, t in rows)
+        from mmfm.models.generate import whole
+
+        length = -(-max(len(c) + len(t) for c, t in rows) // self.multiple) * self.multiple
         ids = torch.full((len(rows), length), self.tokenizer.pad_id, dtype=torch.long)
         for b, (ctx, cont) in enumerate(rows):
             ids[b, : len(ctx) + len(cont)] = torch.tensor(ctx + cont)
-        logp = self.model(ids.to(self.device), pixels).float().log_softmax(-1)
+        logp = whole(self.model(ids.to(self.device), pixels)).float().log_softmax(-1)
         scores = []
         for b, (ctx, cont) in enumerate(rows):
             target = torch.tensor(cont, device=logp.device)

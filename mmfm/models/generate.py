@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from mmfm.models.vlm import VisionLanguageModel
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids [B, L] left-padded to the longest prompt, and the mask of real tokens."""
-    length = max(len(p) for p in prompts)
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device, multiple: int = 1) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """Token ids [B, L] left-padded to the longest prompt (L rounded up to a multiple), and the mask of real
+    tokens."""
+    length = -(-max(len(p) for p in prompts) // multiple) * multiple
     ids = torch.full((len(prompts), length), pad_id, dtype=torch.long, device=device)
     valid = torch.zeros_like(ids, dtype=torch.bool)
     for row, prompt in enumerate(prompts):
@@ -30,29 +33,38 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, generator) -> to
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def whole(logits: torch.Tensor) -> torch.Tensor:
+    """Logits as a plain tensor (under tensor parallelism they come split over the vocabulary)."""
+    return logits.full_tensor() if isinstance(logits, DTensor) else logits
+
+
 @torch.no_grad()
 def generate(model: VisionLanguageModel, prompts: Sequence[Sequence[int]], pixel_values: Optional[torch.Tensor],
              max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 0.0, top_k: int = 0,
-             generator: Optional[torch.Generator] = None, stop_early: bool = True) -> list[list[int]]:
+             generator: Optional[torch.Generator] = None, stop_early: bool = True,
+             multiple: int = 1) -> list[list[int]]:
     """New tokens for each prompt (without the prompt), each ending before its first EOS.
 
     temperature 0 is greedy decoding. Prompts may differ in length: they are left-padded, and padding
     is excluded from attention and from the rotary positions. stop_early=False runs all max_new_tokens steps
-    even when every answer has ended (sharded models whose ranks must run the same forwards).
+    even when every answer has ended (sharded models whose ranks must run the same forwards). multiple: every
+    forward's length a multiple of it (sequence parallelism splits the sequence over the tp ranks): the prompt is
+    left-padded to one, and each step decodes its token followed by padding that no real token attends to.
     """
     device = next(model.parameters()).device
-    ids, valid = left_pad(prompts, pad_id, device)
+    ids, valid = left_pad(prompts, pad_id, device, multiple)
     batch, length = ids.shape
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     # Padding queries attend to themselves only, so that no attention row is empty.
     mask = (causal & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)
-    cache = model.new_cache(batch, length + max_new_tokens, next(model.parameters()).dtype, device)
+    cache = model.new_cache(batch, length + max_new_tokens + multiple, next(model.parameters()).dtype, device)
     h = model.embed(ids, pixel_values)
-    logits = model.language(h, positions, mask.unsqueeze(1), cache)[:, -1]
+    logits = whole(model.language(h, positions, mask.unsqueeze(1), cache))[:, -1]
     cache.length = length
 
-    key_valid = torch.cat([valid, torch.ones(batch, max_new_tokens, dtype=torch.bool, device=device)], 1)
+    key_valid = torch.cat([valid, torch.ones(batch, max_new_tokens + multiple, dtype=torch.bool, device=device)], 1)
+    offsets = torch.arange(multiple, device=device)
     next_pos = positions[:, -1:] + 1
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(batch)]
@@ -67,9 +79,12 @@ def generate(model: VisionLanguageModel, prompts: Sequence[Sequence[int]], pixel
                 out[row].append(token[row].item())
         if (stop_early and bool(done.all())) or step == max_new_tokens - 1:
             break
-        step_mask = key_valid[:, None, None, : cache.length + 1]
-        h = model.language.embed(token.unsqueeze(1))
-        logits = model.language(h, next_pos, step_mask, cache)[:, -1]
-        cache.length += 1
+        keys = cache.length + multiple
+        causal = torch.arange(keys, device=device)[None, :] <= cache.length + offsets[:, None]
+        step_mask = key_valid[:, None, None, :keys] & causal  # [B, 1, multiple, keys]
+        step_ids = torch.cat([token.unsqueeze(1), token.new_full((batch, multiple - 1), pad_id)], 1)
+        h = model.language.embed(step_ids)
+        logits = whole(model.language(h, next_pos + offsets, step_mask, cache))[:, 0]
+        cache.length += 1  # the padding's keys are overwritten by the next step
         next_pos = next_pos + 1
     return out

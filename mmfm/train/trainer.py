@@ -570,18 +570,21 @@ class Trainer:
     def task_scores(self) -> dict:
         """eval.tasks scored by the training ranks' model, {"<task>/<metric>": value}. Every rank answers every item
         with the same batches (its forwards and collectives in step with its peers'); under FSDP each block's
-        parameters are gathered as its forward runs, as in training, never the whole model at once."""
+        parameters are gathered as its forward runs, as in training, never the whole model at once; under tp every
+        forward's length is a multiple of tp (sequence parallelism). Each item's answer: self.task_predictions."""
         from mmfm.eval.runner import ModelAnswerer, run_task
 
         was_training = self.model.training
         answerer = ModelAnswerer(self.model.eval(), self.tokenizer, sample_encoder(self.cfg, self.tokenizer),
-                                 self.device, self.cfg.data.val_batch_size, stop_early=self.world == 1)
-        scores = {}
+                                 self.device, self.cfg.data.val_batch_size, stop_early=self.world == 1,
+                                 multiple=self.dims.tp)
+        scores, self.task_predictions = {}, {}
         for task_items in self.eval_tasks:
             if isinstance(self.model, FSDPModule):  # generation calls submodules: the root's own parameters whole
                 self.model.unshard()
             result = run_task(answerer, task_items)
             scores.update({f"{result.name}/{k}": v for k, v in result.scores.items()})
+            self.task_predictions[result.name] = result.predictions
         self.parts.reshard()
         self.model.train(was_training)
         return scores

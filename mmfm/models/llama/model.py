@@ -73,6 +73,9 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; decoding needs {end}")
+        if self.keys[layer].shape[1] != k.shape[1]:  # tensor parallelism: this rank's heads only
+            self.keys[layer] = k.new_zeros((*k.shape[:2], self.max_len, k.shape[3]))
+            self.values[layer] = v.new_zeros((*v.shape[:2], self.max_len, v.shape[3]))
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
