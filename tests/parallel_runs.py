@@ -59,3 +59,19 @@ def run_layout(world: int, overrides: list, tmp_path) -> dict:
     # the losses are global: every rank reports the same
     assert all(r["losses"] == results[0]["losses"] and r["val_loss"] == results[0]["val_loss"] for r in results)
     return {**results[0], "params": params}
+
+
+def eval_worker(rank: int, world: int, port: int, argv: list) -> None:
+    """`mmfm eval` with argv on one of `world` gloo ranks (as torchrun would start it)."""
+    faulthandler.enable()
+    set_local_env(rank, world, port)
+    torch.set_num_threads(1)
+    from mmfm.cli.main import main
+
+    code = main(["eval", *argv])
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

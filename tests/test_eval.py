@@ -360,6 +360,31 @@ def test_in_training_evaluation_at_fsdp2_and_tp2_equals_one_process(layout, suit
         assert a["logprob"] == pytest.approx(b["logprob"], rel=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["parallel.dp_shard=2", "parallel.tp=2"], ids=["fsdp2", "tp2"])
+def test_sharded_mmfm_eval_equals_one_process(layout, suite_cache, one_process_eval, tmp_path):
+    """`mmfm eval RUN parallel.<dim>=2` on 2 gloo ranks (as under torchrun): each rank loads its shards of the
+    checkpoint; rank 0 writes the same answers, option log-likelihoods (rtol 1e-4) and scores as one process."""
+    import torch.multiprocessing as mp
+    from parallel_runs import eval_worker
+
+    from mmfm.parallel.distributed import free_port
+
+    run_dir, _, _ = one_process_eval
+    tasks = "tasks=[synth/mc,synth/vqa_cloze]"
+    assert mmfm_eval(run_dir, tasks, "--limit", 10, "--out", tmp_path / "one") == 0
+    mp.spawn(eval_worker, args=(2, free_port(), [str(run_dir), tasks, layout, "--limit", "10", "--out",
+                                                 str(tmp_path / "two")]), nprocs=2, join=True)
+    one, two = (json.loads((tmp_path / f"{w}/eval/3/results.json").read_text()) for w in ("one", "two"))
+    assert two["synth/mc"]["accuracy"] == one["synth/mc"]["accuracy"]
+    assert two["synth/vqa_cloze"]["vqa_accuracy"] == one["synth/vqa_cloze"]["vqa_accuracy"]
+    for name in ("synth_mc", "synth_vqa_cloze"):
+        a, b = ([json.loads(line) for line in (tmp_path / f"{w}/eval/3/predictions/{name}.jsonl").open()]
+                for w in ("one", "two"))
+        assert [r.get("prediction") for r in a] == [r.get("prediction") for r in b]
+        for x, y in zip(a, b):
+            assert y.get("logprobs", [0]) == pytest.approx(x.get("logprobs", [0]), rel=1e-4)
+
+
 def test_eval_tasks_refuse_pipeline_parallelism_in_one_line(synth_dir):
     from mmfm.config import load_config
     from mmfm.config.validate import validate

@@ -1,7 +1,8 @@
 """`mmfm eval`: score a run's checkpoint (or a Hugging Face LLaVA folder) on evaluation tasks: the synthetic suite
 (`synth/caption`, `synth/vqa`, `synth/vqa_cloze`, `synth/mc`, `synth/perplexity`) or task files of your own
 (docs/evaluation.md). Writes eval/<step>/results.json, results.md and each task's predictions in the run directory;
---all-checkpoints scores every saved checkpoint and plots each metric against the step (eval/curves.png)."""
+--all-checkpoints scores every saved checkpoint and plots each metric against the step (eval/curves.png). Under
+torchrun with parallel.* overrides (data and tensor parallel), the model is evaluated sharded over the ranks."""
 
 from __future__ import annotations
 
@@ -37,12 +38,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def task_names(overrides: list[str]) -> Optional[list[str]]:
-    """tasks=[a,b] (or tasks=a,b) -> ["a", "b"]; any other override is refused. None: no tasks= given."""
+    """tasks=[a,b] (or tasks=a,b) -> ["a", "b"]; parallel.* overrides are the layout; any other is refused. None: no
+    tasks= given."""
     names = None
     for override in overrides:
         key, sep, value = override.partition("=")
+        if key.startswith("parallel.") and sep:
+            continue
         if key != "tasks" or not sep:
-            raise MmfmError(f"unknown argument {override!r}; give the tasks as tasks=[name,...]")
+            raise MmfmError(f"unknown argument {override!r}; give the tasks as tasks=[name,...] and a sharded "
+                            "layout as parallel.<dim>=N")
         names = [n.strip() for n in value.strip().removeprefix("[").removesuffix("]").split(",") if n.strip()]
         if not names:
             raise MmfmError("tasks=[] names no task")
@@ -72,25 +77,27 @@ def main(argv: list[str]) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from mmfm.eval.report import evaluate_checkpoint, is_hf_folder, plot_curves, print_table
+    from mmfm.eval.report import evaluate_checkpoint, is_hf_folder, is_main, plot_curves, print_table
 
     if args.limit < 0 or args.batch_size < 1:
         raise MmfmError(f"--limit={args.limit} must be >= 0 (0: every item) and --batch-size={args.batch_size} >= 1")
     names = task_names(args.overrides)
+    layout = [o for o in args.overrides if o.startswith("parallel.")]
     path = Path(args.checkpoint)
     if is_hf_folder(path):
-        if args.all_checkpoints:
-            raise MmfmError(f"{path} is a Hugging Face folder: --all-checkpoints needs a run directory")
+        if args.all_checkpoints or layout:
+            raise MmfmError(f"{path} is a Hugging Face folder: --all-checkpoints and parallel.* need a run directory")
         out = Path(args.out or f"eval-{path.resolve().name}")
         results = {"hf": evaluate_checkpoint(path, None, names, args, out / "eval" / "hf")}
     else:
         run_dir, checkpoints = checkpoints_to_score(path, args.all_checkpoints)
         out = Path(args.out) if args.out else run_dir
-        results = {step_of(c): evaluate_checkpoint(run_dir, c, names, args, out / "eval" / step_of(c))
+        results = {step_of(c): evaluate_checkpoint(run_dir, c, names, args, out / "eval" / step_of(c), layout)
                    for c in checkpoints}
-        if args.all_checkpoints and results:
+        if args.all_checkpoints and results and is_main():
             print(f"curves: {plot_curves(results, out / 'eval')}")
-    for step, result in results.items():
-        print_table(step, result)
-    print(json.dumps({"results": str(out / "eval")}))
+    if is_main():
+        for step, result in results.items():
+            print_table(step, result)
+        print(json.dumps({"results": str(out / "eval")}))
     return results

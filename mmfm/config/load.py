@@ -56,13 +56,14 @@ def load_config(overrides: Sequence[str] = ()) -> JobConfig:
     return to_job_config(cfg)
 
 
-def load_run_config(path: str | Path) -> JobConfig:
-    """The resolved config a run saved as `config.yaml` in its run directory."""
+def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
+    """The resolved config a run saved as `config.yaml` in its run directory (with key=value overrides on it)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no run config at {path}; point at a run directory written by `mmfm train`")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(path))
+        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: {str(exc).strip().splitlines()[0]}") from None
     return to_job_config(merged)

@@ -46,6 +46,42 @@ def load_answerer(path: Path, checkpoint: Optional[Path], batch_size: int, devic
     return ModelAnswerer(model.eval(), tokenizer, encoder, device, batch_size, progress=True)
 
 
+def load_sharded_answerer(run_dir: Path, checkpoint: Path, layout: list[str], batch_size: int) -> ModelAnswerer:
+    """The checkpoint's model built at the run's config with the `parallel.*` overrides in `layout`, on this
+    process's share of the launcher's ranks (torchrun): each rank loads only its shards (torch.distributed
+    checkpoint reshards any saved layout), and nothing is gathered whole on one rank."""
+    from mmfm.checkpoint.manager import CheckpointManager
+    from mmfm.config import preflight
+    from mmfm.config.load import load_run_config
+    from mmfm.data.build import sample_encoder
+    from mmfm.data.manifest import TOKENIZER
+    from mmfm.data.tokenizer import TextTokenizer
+    from mmfm.parallel.distributed import init_distributed
+    from mmfm.parallel.parallelize import parallelize
+
+    check_tokenizer(run_dir, checkpoint)
+    checked = preflight(load_run_config(run_dir / "config.yaml", [*layout, "eval.tasks=[]"]))
+    cfg, dims = checked.cfg, checked.dims
+    if dims.pp > 1 or dims.cp > 1 or cfg.model.lora.enabled:
+        raise MmfmError("sharded `mmfm eval` runs data- and tensor-parallel layouts of full (not LoRA) runs; "
+                        f"parallel.pp={dims.pp}, parallel.cp={dims.cp}, model.lora.enabled={cfg.model.lora.enabled}: "
+                        "evaluate in one process instead")
+    _, world = init_distributed(checked.device, cfg.faults.collective_timeout_s)
+    mesh = dims.build_mesh(checked.device.type) if world > 1 else None
+    parts = parallelize(cfg, dims, checked.device, mesh, kernels=checked.kernels)
+    CheckpointManager.load(checkpoint, parts.parts)
+    tokenizer = TextTokenizer.load(run_dir / TOKENIZER)
+    check_vocab(parts.parts[0], tokenizer, checkpoint)
+    return ModelAnswerer(parts.parts[0].eval(), tokenizer, sample_encoder(cfg, tokenizer), checked.device, batch_size,
+                         stop_early=world == 1, progress=is_main(), multiple=dims.tp)
+
+
+def is_main() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def check_tokenizer(run_dir: Path, checkpoint: Path) -> None:
     """Refuse a checkpoint whose recorded tokenizer is not the run directory's tokenizer.json."""
     from mmfm.checkpoint.manager import read_trainer_state
@@ -65,30 +101,38 @@ def check_vocab(model, tokenizer, where: Path) -> None:
                         f"{size}: they come from different models; evaluate with the model's own tokenizer")
 
 
-def evaluate_checkpoint(path: Path, checkpoint: Optional[Path], names: Optional[list[str]], args, out: Path) -> dict:
+def evaluate_checkpoint(path: Path, checkpoint: Optional[Path], names: Optional[list[str]], args, out: Path,
+                        layout: Optional[list[str]] = None) -> dict:
     """Score one checkpoint on the named tasks (None: the synthetic suite's defaults for the model) and with
-    args.baseline the constant baseline; write out/."""
+    args.baseline the constant baseline; write out/ (rank 0 of a sharded evaluation: `layout` overrides)."""
+    from torch.distributed.fsdp import FSDPModule
+
     tasks = [load_items(resolve_task(n), args.limit) for n in names or []]  # bad tasks fail before the model loads
-    answerer = load_answerer(path, checkpoint, args.batch_size, args.device)
+    answerer = (load_sharded_answerer(path, checkpoint, layout, args.batch_size) if layout
+                else load_answerer(path, checkpoint, args.batch_size, args.device))
     if names is None:
         chat = hasattr(answerer.encoder, "question")
         tasks = [load_items(resolve_task(n), args.limit) for n in DEFAULT_TASKS["chat" if chat else "pretrain"]]
     results: dict[str, dict] = {}
     for task_items in tasks:
         log.info("evaluating %s (%d items)", task_items.task.name, len(task_items.items))
+        if isinstance(answerer.model, FSDPModule):  # generation calls submodules: the root's own parameters whole
+            answerer.model.unshard()
         result = run_task(answerer, task_items)
         results[result.name] = result.summary()
         if args.baseline:
             baseline = run_task(constant_baseline(task_items, answerer.model.cfg.language.vocab_size,
                                                   answerer.tokenizer), task_items)
             results[result.name]["baseline"] = baseline.scores
-        write_predictions(out, result)
-        if result.missing_images:
+        if is_main():
+            write_predictions(out, result)
+        if result.missing_images and is_main():
             log.warning("task %s: %d item(s) without their image file, left out: %s", result.name,
                         len(result.missing_images), ", ".join(result.missing_images[:5]))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(markdown_table(results))
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "results.md").write_text(markdown_table(results))
     return results
 
 
