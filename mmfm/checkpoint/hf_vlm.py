@@ -60,6 +60,11 @@ def _refuse_differences(folder, diffs: list[str]) -> None:
 # ---------------------------------------------------------------- config.json -> model config
 
 
+def is_hf_folder(path: Path) -> bool:
+    """A Hugging Face folder (config.json), not an mmfm run directory (config.yaml)."""
+    return (path / CONFIG).is_file() and not (path / "config.yaml").is_file()
+
+
 def model_config_from_hf(folder: str | Path, **overrides) -> ModelConfig:
     """The ModelConfig of a LLaVA folder (its config.json); overrides: ModelConfig fields (e.g. init_std)."""
     where = Path(folder) / CONFIG

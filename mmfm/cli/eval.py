@@ -77,7 +77,8 @@ def main(argv: list[str]) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from mmfm.eval.report import evaluate_checkpoint, is_hf_folder, is_main, plot_curves, print_table
+    from mmfm.checkpoint.hf_vlm import is_hf_folder
+    from mmfm.eval.report import evaluate_checkpoint, is_main, plot_curves, print_table
 
     if args.limit < 0 or args.batch_size < 1:
         raise MmfmError(f"--limit={args.limit} must be >= 0 (0: every item) and --batch-size={args.batch_size} >= 1")

@@ -92,12 +92,12 @@ def from_hf_folder(folder: Path, prompt, device):
 def run(args: argparse.Namespace) -> list[dict]:
     import torch
 
+    from mmfm.checkpoint.hf_vlm import is_hf_folder
     from mmfm.models.generate import generate
     from mmfm.train.trainer import pick_device
 
     path, device = Path(args.checkpoint), pick_device(args.device)
-    is_hf = (path / "config.json").is_file() and not (path / "config.yaml").is_file()
-    model, tokenizer, encoder = (from_hf_folder if is_hf else from_run)(path, args.prompt, device)
+    model, tokenizer, encoder = (from_hf_folder if is_hf_folder(path) else from_run)(path, args.prompt, device)
     model.eval()
     pixels = load_images(args.images, encoder.processor).to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)

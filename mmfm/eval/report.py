@@ -21,14 +21,11 @@ def model_source(path: Path) -> tuple[Path, Optional[Path]]:
     """(folder, checkpoint) of what `mmfm eval` is given: a Hugging Face LLaVA folder (checkpoint None), or a run
     directory / step_* folder (its run directory and checkpoint)."""
     from mmfm.checkpoint import find_checkpoint
+    from mmfm.checkpoint.hf_vlm import is_hf_folder
 
     if is_hf_folder(path):
         return path, None
     return find_checkpoint(path)
-
-
-def is_hf_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
 
 
 def load_answerer(path: Path, checkpoint: Optional[Path], batch_size: int, device: str) -> ModelAnswerer:
