@@ -11,7 +11,7 @@ from typing import Optional
 
 from mmfm.errors import MmfmError
 from mmfm.eval.synth_suite import DEFAULT_TASKS
-from mmfm.eval.runner import ModelAnswerer, TaskResult, constant_baseline, run_task
+from mmfm.eval.runner import ModelAnswerer, TaskResult, constant_baseline, run_task, run_tasks
 from mmfm.eval.tasks import load_items, resolve_task
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,6 @@ def evaluate_checkpoint(path: Path, checkpoint: Optional[Path], names: Optional[
                         layout: Optional[list[str]] = None) -> dict:
     """Score one checkpoint on the named tasks (None: the synthetic suite's defaults for the model) and with
     args.baseline the constant baseline; write out/ (rank 0 of a sharded evaluation: `layout` overrides)."""
-    from torch.distributed.fsdp import FSDPModule
-
     tasks = [load_items(resolve_task(n), args.limit) for n in names or []]  # bad tasks fail before the model loads
     answerer = (load_sharded_answerer(path, checkpoint, layout, args.batch_size) if layout
                 else load_answerer(path, checkpoint, args.batch_size, args.device))
@@ -111,11 +109,7 @@ def evaluate_checkpoint(path: Path, checkpoint: Optional[Path], names: Optional[
         chat = hasattr(answerer.encoder, "question")
         tasks = [load_items(resolve_task(n), args.limit) for n in DEFAULT_TASKS["chat" if chat else "pretrain"]]
     results: dict[str, dict] = {}
-    for task_items in tasks:
-        log.info("evaluating %s (%d items)", task_items.task.name, len(task_items.items))
-        if isinstance(answerer.model, FSDPModule):  # generation calls submodules: the root's own parameters whole
-            answerer.model.unshard()
-        result = run_task(answerer, task_items)
+    for task_items, result in zip(tasks, run_tasks(answerer, tasks)):
         results[result.name] = result.summary()
         if args.baseline:
             baseline = run_task(constant_baseline(task_items, answerer.model.cfg.language.vocab_size,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from torch import nn
 
 from mmfm.eval import metrics
 from mmfm.eval.tasks import Item, Task, TaskItems, render
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -207,6 +210,18 @@ def run_task(answerer: Answerer, task_items: TaskItems) -> TaskResult:
                                     task.max_new_tokens, task.until) for i in items]
         scores, predictions = _generated(task, items, answerer.generate(requests))
     return TaskResult(task.name, task.type, scores, len(items), task_items.missing_images, predictions)
+
+
+def run_tasks(answerer: ModelAnswerer, tasks: Sequence[TaskItems]):
+    """run_task on each task in turn, yielding its result. Under FSDP the root's own parameters are gathered before
+    each task: generation calls the model's submodules, which do not gather them (its blocks gather their own)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for task_items in tasks:
+        log.info("evaluating %s (%d items)", task_items.task.name, len(task_items.items))
+        if isinstance(answerer.model, FSDPModule):
+            answerer.model.unshard()
+        yield run_task(answerer, task_items)
 
 
 def _generated(task: Task, items: list[Item], answers: list[str]) -> tuple[dict, list[dict]]:

@@ -29,10 +29,10 @@ from mmfm.config import JobConfig, Preflight, image_tokens, preflight
 from mmfm.errors import ConfigError
 from mmfm.data.build import (check_val_split, load_tokenizer, loader_summary, reshard_loader_states, sample_encoder,
                              train_loader, val_stream)
-from mmfm.eval.tasks import load_items, resolve_task
 from mmfm.data.loader import Batch, BatchLoader, EncodedSample, pad_sequence
 from mmfm.data.manifest import TOKENIZER, sha256_file
 from mmfm.data.tokenizer import copy_tokenizer
+from mmfm.eval.tasks import load_items, resolve_task
 from mmfm.models import build_model, model_spec
 from mmfm.models.generate import generate
 from mmfm.models.lora import adapters_disabled, apply_lora, is_adapter
@@ -572,17 +572,14 @@ class Trainer:
         with the same batches (its forwards and collectives in step with its peers'); under FSDP each block's
         parameters are gathered as its forward runs, as in training, never the whole model at once; under tp every
         forward's length is a multiple of tp (sequence parallelism). Each item's answer: self.task_predictions."""
-        from mmfm.eval.runner import ModelAnswerer, run_task
+        from mmfm.eval.runner import ModelAnswerer, run_tasks
 
         was_training = self.model.training
         answerer = ModelAnswerer(self.model.eval(), self.tokenizer, sample_encoder(self.cfg, self.tokenizer),
                                  self.device, self.cfg.data.val_batch_size, stop_early=self.world == 1,
                                  multiple=self.dims.tp)
         scores, self.task_predictions = {}, {}
-        for task_items in self.eval_tasks:
-            if isinstance(self.model, FSDPModule):  # generation calls submodules: the root's own parameters whole
-                self.model.unshard()
-            result = run_task(answerer, task_items)
+        for result in run_tasks(answerer, self.eval_tasks):
             scores.update({f"{result.name}/{k}": v for k, v in result.scores.items()})
             self.task_predictions[result.name] = result.predictions
         self.parts.reshard()
