@@ -9,6 +9,7 @@ RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 endif
 TORCH_VERSION ?= 2.13.0
 LMMS_EVAL_VERSION ?= 0.7.3
+DEEPSPEED_VERSION ?= 0.19.8
 export HF_HUB_OFFLINE := 1
 
 .PHONY: install demo test portability clean-runs
@@ -20,6 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	@# lmms-eval (the mmfm model class, mmfm.eval.lmms) without its requirements: they pull torch 2.14 and CUDA
 	$(PY) -m pip install -q --no-deps "lmms-eval==$(LMMS_EVAL_VERSION)"
+	@# DeepSpeed (engine.name=deepspeed) is a source package whose setup imports torch: built against the torch above
+	$(PY) -m pip install -q --no-build-isolation "deepspeed==$(DEEPSPEED_VERSION)"
 	touch $@
 
 install: $(VENV)/.installed

@@ -18,6 +18,9 @@ from mmfm.train.trainer import Trainer
 def local_full_params(trainer) -> dict:
     """Every parameter this rank's parts hold, unsharded (a collective over each parameter's mesh)."""
     out = {}
+    if trainer.engine is not None:  # DeepSpeed: ZeRO's fp32 master weights (gathered under ZeRO-3)
+        return {canonical_name(name): trainer.engine.full_weight(p)
+                for name, p in trainer.engine.module.named_parameters()}
     for part in trainer.parts.parts:
         for name, p in part.named_parameters():
             out[canonical_name(name)] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
@@ -33,6 +36,7 @@ def worker(rank: int, world: int, port: int, overrides: list, run_dir: str, out_
     params = local_full_params(trainer)
     torch.save({"losses": summary["losses"], "grad_norms": summary["grad_norms"], "val_loss": summary["val_loss"],
                 "tasks": summary.get("tasks"), "task_predictions": getattr(trainer, "task_predictions", None),
+                "engine": trainer.engine.describe() if getattr(trainer, "engine", None) is not None else "native",
                 "params": params}, f"{out_dir}/rank{rank}.pt")
     if dist.is_initialized():
         dist.barrier()

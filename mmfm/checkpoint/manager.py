@@ -278,10 +278,11 @@ class CheckpointManager:
                                   f"{TRAINER_STATE}); pick another step_* folder")
         return path
 
-    def save(self, step: int, model, optimizer, trainer_state: dict) -> Path:
+    def save(self, step: int, model, optimizer, trainer_state: dict, states: Optional[tuple[dict, dict]] = None) -> Path:
         """Collective: every rank writes its shards; rank 0 writes the JSON state and publishes.
 
-        model / optimizer: a module and its optimizer, or lists of them (one per pipeline stage held).
+        model / optimizer: a module and its optimizer, or lists of them (one per pipeline stage held); states: the
+        (model, optimizer) state dicts in their place, already in this format (the DeepSpeed engine's).
         """
         final = self.root / f"step_{step:08d}"
         partial = self.root / f".step_{step:08d}.partial"
@@ -290,9 +291,10 @@ class CheckpointManager:
                 shutil.rmtree(partial)  # left by an interrupted save; never referenced by `latest`
             partial.mkdir(parents=True)
         barrier()
-        parts, optimizers = _parts(model), _parts(optimizer)
-        state = {"model": _merged(model_state(parts, self.select)), "optim": _merged(optim_state(parts, optimizers)),
-                 "rng": rng_state()}
+        if states is None:
+            parts, optimizers = _parts(model), _parts(optimizer)
+            states = _merged(model_state(parts, self.select)), _merged(optim_state(parts, optimizers))
+        state = {"model": states[0], "optim": states[1], "rng": rng_state()}
         try:
             with _single_process_quietly():
                 dcp.save(state, checkpoint_id=str(partial))
@@ -376,15 +378,7 @@ class CheckpointManager:
         if optimizer is not None:
             optims = optim_state(parts, _parts(optimizer))
             state["optim"] = _merged(optims)
-            state["rng"] = rng_state()
-        try:
-            with _single_process_quietly():
-                dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(),
-                         no_dist=no_dist)
-        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
-            raise CheckpointError(f"checkpoint {path} could not be loaded ({describe(exc)}); it is "
-                                  "corrupt or was written for another model config; resume from another "
-                                  "step_* folder or match the model config") from None
+        CheckpointManager.load_states(path, state, no_dist)
         # DCP loads tensors in place and replaces other values: take both back into the per-part dicts
         for part_states, merged in ((models, state["model"]), (optims if optimizer is not None else [], state.get("optim"))):
             for part_state in part_states:
@@ -395,5 +389,21 @@ class CheckpointManager:
         if optimizer is not None:
             for part, opt, part_state in zip(parts, _parts(optimizer), optims):
                 set_optimizer_state_dict(part, opt, part_state, options=OPTIM_OPTIONS)
-            set_rng_state(state["rng"])
         return trainer_state
+
+    @staticmethod
+    def load_states(path: Path, state: dict, no_dist: bool = False) -> None:
+        """Fill state ({"model": ..., and "optim": ... to restore the optimizer, with the RNG}) from the checkpoint
+        in place (DCP replaces non-tensor values in the dict)."""
+        if "optim" in state:
+            state["rng"] = rng_state()
+        try:
+            with _single_process_quietly():
+                dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(),
+                         no_dist=no_dist)
+        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+            raise CheckpointError(f"checkpoint {path} could not be loaded ({describe(exc)}); it is "
+                                  "corrupt or was written for another model config; resume from another "
+                                  "step_* folder or match the model config") from None
+        if "rng" in state:
+            set_rng_state(state["rng"])

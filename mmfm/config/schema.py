@@ -436,11 +436,33 @@ class HardwareConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """engine.name=deepspeed (docs/engines.md). zero_stage and the offloads: null takes the JSON's value (config),
+    else stage 2 without offload. offload_optimizer: none | cpu | nvme; offload_param (ZeRO-3): none | cpu | nvme;
+    nvme_path: the folder nvme offload swaps to. config: a DeepSpeed JSON merged in (its other ZeRO and communication
+    settings kept); a key that mmfm's config also sets (batch sizes, clipping, precision, optimizer) must agree."""
+    zero_stage: Optional[int] = None
+    offload_optimizer: Optional[str] = None
+    offload_param: Optional[str] = None
+    nvme_path: str = ""
+    config: str = ""
+
+
+@dataclass
+class EngineConfig:
+    """What runs the model's steps: native (FSDP2/HSDP, tp, pp, cp, ep) or deepspeed (ZeRO-1/2/3 with offload,
+    data parallel only); the same model, data, objectives, metrics, fault handling and checkpoints either way."""
+    name: str = "native"
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

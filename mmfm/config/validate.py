@@ -253,6 +253,13 @@ def _validate_parallel(cfg: JobConfig) -> ParallelDims:
     return dims
 
 
+def _validate_engine(cfg: JobConfig) -> None:
+    from mmfm.parallel.distributed import env_world_size
+    from mmfm.train.deepspeed_engine import validate_engine
+
+    validate_engine(cfg, env_world_size())
+
+
 def _validate_global_batch(cfg: JobConfig, dims: ParallelDims) -> None:
     """train.global_batch, when set, is what the layout gives: data.batch_size x grad_accum_steps x dp."""
     want, b, a = cfg.train.global_batch, cfg.data.batch_size, cfg.train.grad_accum_steps
@@ -414,6 +421,7 @@ def preflight(cfg: JobConfig) -> Preflight:
     _validate_packing(cfg)
     _validate_stage(cfg)
     _validate_run(cfg)
+    _validate_engine(cfg)
     dims = _validate_parallel(cfg)
     _validate_cluster(cfg)
     device = _validate_device(cfg)

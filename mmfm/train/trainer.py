@@ -37,12 +37,14 @@ from mmfm.models import build_model, model_spec
 from mmfm.models.generate import generate
 from mmfm.models.lora import adapters_disabled, apply_lora, is_adapter
 from mmfm.parallel.comm import CommCounter
+from mmfm.parallel.dims import ParallelDims
 from mmfm.parallel.distributed import all_reduce_sums, barrier, gather_objects, init_distributed
 from mmfm.parallel.grad_norm import clip_grad_norm
 from mmfm.parallel.parallelize import parallelize
 from mmfm.parallel.pipeline_parallel import build_schedule, pixel_rows, sync_tied_embedding
 from mmfm.parallel.tensor_parallel import loss_context
 from mmfm.train import evaluate
+from mmfm.train.deepspeed_engine import DeepSpeedRunner
 from mmfm.train.experts import expert_step, scale_aux_losses
 from mmfm.train.metrics import MetricsLogger, peak_flops, peak_memory_gib, plot_loss
 from mmfm.train.loss_guard import LossGuard, TrainingDiverged
@@ -170,11 +172,19 @@ class Trainer:
         self.resume_path = self.preflight_resume()  # refuses a bad resume before anything is written or built
         self.spec = model_spec(cfg.model)
         seed_everything(cfg.seed)
-        self.parts = parallelize(cfg, dims, self.device, self.mesh, kernels=checked.kernels)
+        # engine=deepspeed: the whole model on every rank, handed to a ZeRO engine that partitions it
+        self.parts = parallelize(cfg, dims if cfg.engine.name == "native" else ParallelDims(), self.device,
+                                 self.mesh if cfg.engine.name == "native" else None, kernels=checked.kernels)
         self.model = self.parts.parts[0]  # the whole model unless pipelined
         freeze(self.parts.parts, cfg.stage.freeze)
-        self.optimizers = [build_optimizer(part, cfg.train) for part in self.parts.parts]
-        self.schedulers = [build_scheduler(opt, cfg.train) for opt in self.optimizers]
+        self.engine = None
+        if cfg.engine.name == "deepspeed":
+            self.engine = DeepSpeedRunner(cfg, self.model, self.device)
+            self.model = self.engine.engine  # forwards through the engine (ZeRO-3 gathers each layer's weights)
+            self.optimizers, self.schedulers = [self.engine.optimizer], [self.engine.scheduler]
+        else:
+            self.optimizers = [build_optimizer(part, cfg.train) for part in self.parts.parts]
+            self.schedulers = [build_scheduler(opt, cfg.train) for opt in self.optimizers]
         self.dp_rank = dims.dp_rank(self.mesh) if self.mesh is not None else 0
         self.loader = train_loader(cfg, self.tokenizer, self.dp_rank, dims.dp_size)
         # A frozen copy of stage.init_from, sharded like the policy, for objectives that compare with it (LoRA:
@@ -184,8 +194,9 @@ class Trainer:
         self.peak = peak_flops(self.device, cfg.logger)
         # Every data-parallel rank's batch is also read by its tp x pp x cp peers.
         self.replicas = self.world // dims.dp_size
-        # FSDP averages gradients over its ranks; the loss is scaled back up by as much.
-        self.grad_divisor = dims.fsdp_size
+        # FSDP averages gradients over its ranks (DeepSpeed over all data-parallel ones); the loss is scaled back up
+        # by as much.
+        self.grad_divisor = dims.fsdp_size if self.engine is None else dims.dp_size
         tp0 = dims.coordinate(self.mesh, "tp") == 0 if self.mesh is not None else True
         self.loss_owner = tp0 and self.parts.has_last_stage  # counts the loss in global sums
         self.first_replica = self.loss_owner and self.dp_rank == 0  # ... of data every replica reads
@@ -254,7 +265,7 @@ class Trainer:
             self.init_from(stage_checkpoint(self.cfg.stage.init_from))
         if path is None:
             return
-        state = CheckpointManager.load(path, self.parts.parts, self.optimizers, select=self.checkpoints.select)
+        state = self.load_checkpoint(path, optimizer=True)
         for scheduler in self.schedulers:
             scheduler.load_state_dict(state["scheduler"])
         data_states = state["data"]
@@ -269,8 +280,20 @@ class Trainer:
     def init_from(self, path: Path) -> None:
         """The earlier stage's model weights (any layout; under LoRA into the base, the adapters fresh); optimizer,
         step and data start afresh."""
-        CheckpointManager.load(path, self.parts.parts, select=is_base if self.lora else None)
+        self.load_checkpoint(path, optimizer=False)
         log.info("initialized the model from %s (stage.init_from)", path)
+
+    def load_checkpoint(self, path: Path, optimizer: bool) -> dict:
+        """Load the model (and optimizer, RNG) from a checkpoint of any layout and engine; its trainer state."""
+        if self.engine is None:
+            select = self.checkpoints.select if optimizer else (is_base if self.lora else None)
+            return CheckpointManager.load(path, self.parts.parts, self.optimizers if optimizer else None, select=select)
+        trainer_state = CheckpointManager.inspect(path, self.model_shapes())
+        model, optim = self.engine.state_dicts()
+        state = {"model": model, **({"optim": optim} if optimizer else {})}
+        CheckpointManager.load_states(path, state)
+        self.engine.load_state_dicts(state["model"], state.get("optim"))
+        return trainer_state
 
     def data_states(self) -> list[dict]:
         """One loader state per data-parallel rank, in rank order (tp/pp/cp peers hold the same)."""
@@ -279,7 +302,8 @@ class Trainer:
 
     def save(self) -> None:
         state = {"scheduler": self.schedulers[0].state_dict(), "data": self.data_states(), "record": self.record}
-        path = self.checkpoints.save(self.step, self.parts.parts, self.optimizers, state)
+        states = self.engine.state_dicts(self.checkpoints.select) if self.engine is not None else None
+        path = self.checkpoints.save(self.step, self.parts.parts, self.optimizers, state, states)
         if self.main:
             log.info("saved checkpoint %s", path)
 
@@ -311,7 +335,9 @@ class Trainer:
             loss_sum, stats = self.local_steps(micro, scale)
         sync_tied_embedding(self.parts.parts, self.parts.tied_group)
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm(self.parts.parameters(), clip, self.parts.group("pp"), self.parts.tied_copies())
+        # DeepSpeed clips inside its step, and knows the norm after it: its guard sees the loss alone
+        grad_norm = clip_grad_norm(self.parts.parameters(), clip, self.parts.group("pp"), self.parts.tied_copies()) \
+            if self.engine is None else 0.0
         seq_len = max(b.input_ids.shape[1] for b in micro)
         counts = [sum(b.input_ids.numel() for b in micro), sum(len(b.keys) for b in micro),
                   sum(sum(b.images_per_sample) for b in micro)]
@@ -322,7 +348,9 @@ class Trainer:
         loss = loss_sum / max(total_units, 1)
         skipped = self.guard.check(loss, grad_norm)  # the same global values, so the same decision, on every rank
         lr = self.schedulers[0].get_last_lr()[0]
-        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+        if self.engine is not None:
+            grad_norm = self.engine.step() if skipped is None else self.engine.skip()
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers) if self.engine is None else ():
             if skipped is None:
                 optimizer.step()
                 scheduler.step()
@@ -366,11 +394,14 @@ class Trainer:
         """Every micro-batch through the whole model; gradients synchronized after the last."""
         loss_sum, stats = 0.0, {}
         for i, batch in enumerate(micro):
-            if self.grad_divisor > 1:  # reduce gradients only after the last micro-batch
+            if self.grad_divisor > 1 and self.engine is None:  # reduce gradients only after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
             with self.autocast(), loss_context(self.dims.tp):
                 loss, batch_stats = self.forward_loss(batch)
-                (loss * scale).backward()
+                if self.engine is None:
+                    (loss * scale).backward()
+                else:
+                    self.engine.backward(loss * scale)
             loss_sum += scalar(loss)
             for k, v in batch_stats.items():
                 stats[k] = stats.get(k, 0.0) + scalar(v)
@@ -517,6 +548,8 @@ class Trainer:
             watchdog.stop()
             preemption.close()
             metrics.close()
+            if self.engine is not None:
+                self.engine.close()
         if self.main:
             plot_loss(self.run_dir)
         summary["losses"], summary["grad_norms"] = losses, grad_norms

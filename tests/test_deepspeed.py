@@ -1,0 +1,198 @@
+"""engine.name=deepspeed: ZeRO stages against the native engine in one process, checkpoints across engines, the loss
+guard, and the config's one-line errors (docs/engines.md).
+
+All runs: the small 4-layer model, 8 samples per step in 2 micro-batches (gradient accumulation 2), 3 AdamW steps,
+fp32 on CPU. Tolerances as tests/test_parallel_equivalence.py: losses rtol 1e-5, gradient norms rtol 1e-4, parameters
+atol 1e-4 (ZeRO reduces gradients in another order; Adam's first steps move a weight by about lr = 1e-3).
+"""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import SMALL_MODEL, STEPS
+from mmfm.config import load_config
+from mmfm.config.validate import preflight
+from mmfm.errors import ConfigError
+from mmfm.train.deepspeed_engine import deepspeed_config
+from mmfm.train.trainer import Trainer
+from parallel_runs import local_full_params, run_layout
+
+GLOBAL_BATCH = 8
+MODEL = [*SMALL_MODEL, "model.language.num_layers=4", "data.partitions=4"]
+DS = ["engine.name=deepspeed"]
+
+ENGINES = {  # id: (processes, overrides, what the engine reports)
+    "zero1": (2, ["engine.deepspeed.zero_stage=1"], "ZeRO-1 (DeepSpeedZeroOptimizer)"),
+    "zero2": (2, ["engine.deepspeed.zero_stage=2"], "ZeRO-2 (DeepSpeedZeroOptimizer)"),
+    "zero3": (2, ["engine.deepspeed.zero_stage=3"], "ZeRO-3 (DeepSpeedZeroOptimizer_Stage3)"),
+    "zero3+offload": (2, ["engine.deepspeed.zero_stage=3", "engine.deepspeed.offload_optimizer=cpu",
+                          "engine.deepspeed.offload_param=cpu"],
+                      "ZeRO-3 (DeepSpeedZeroOptimizer_Stage3), optimizer offload cpu, parameter offload cpu"),
+}
+
+
+def base(synth_dir, world: int = 1) -> list:
+    return [f"data.path={synth_dir}", *MODEL, *STEPS, f"data.batch_size={GLOBAL_BATCH // 2 // world}"]
+
+
+@pytest.fixture(scope="module")
+def native(synth_dir, tmp_path_factory):
+    trainer = Trainer(load_config(base(synth_dir)), tmp_path_factory.mktemp("native"))
+    summary = trainer.fit()
+    return {"losses": summary["losses"], "grad_norms": summary["grad_norms"], "params": local_full_params(trainer)}
+
+
+def assert_matches(got: dict, want: dict) -> None:
+    assert sorted(got["losses"]) == sorted(want["losses"])
+    for step, loss in want["losses"].items():
+        assert got["losses"][step] == pytest.approx(loss, rel=1e-5), step
+        assert got["grad_norms"][step] == pytest.approx(want["grad_norms"][step], rel=1e-4), step
+    assert got["params"].keys() == want["params"].keys()
+    for name, value in want["params"].items():
+        torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_zero_stage_matches_the_native_engine(engine, native, synth_dir, tmp_path):
+    world, extra, runs = ENGINES[engine]
+    got = run_layout(world, [*base(synth_dir, world), "parallel.dp_shard=-1", *DS, *extra], tmp_path)
+    assert got["engine"] == runs
+    assert_matches(got, native)
+    assert got["losses"][3] < got["losses"][1]
+
+
+def test_a_run_moves_between_engines_through_its_checkpoints(synth_dir, tmp_path):
+    """native (1 process) steps 1-2 -> ZeRO-3 on 2 processes steps 3-4 -> ZeRO-1 in one process steps 5-6 -> native
+    steps 7-8, each leg resuming the one before from its checkpoint: the losses and final weights equal 8
+    uninterrupted native steps (rel 1e-5, atol 1e-4). (A constant learning rate after warm-up, so that each leg's
+    max_steps leaves the schedule as it is.)"""
+    common = [*MODEL, *STEPS, f"data.path={synth_dir}", "train.schedule.min_lr_ratio=1.0"]
+    straight = Trainer(load_config([*common, "train.max_steps=8", f"data.batch_size={GLOBAL_BATCH // 2}"]),
+                       tmp_path / "straight")
+    want = straight.fit()["losses"]
+    legs = [("native1", 1, []), ("zero3", 2, [*DS, "parallel.dp_shard=-1", "engine.deepspeed.zero_stage=3"]),
+            ("zero1", 1, [*DS, "engine.deepspeed.zero_stage=1"]), ("native2", 1, [])]
+    got, resume = {}, "never"
+    for i, (name, world, extra) in enumerate(legs):
+        leg = run_layout(world, [*common, f"data.batch_size={GLOBAL_BATCH // 2 // world}",
+                                 f"train.max_steps={2 * (i + 1)}", f"checkpoint.resume={resume}", *extra],
+                         tmp_path / name)
+        got.update(leg["losses"])
+        resume = str(tmp_path / name / "run" / "checkpoints")
+    assert sorted(got) == list(range(1, 9))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    for name, value in local_full_params(straight).items():
+        torch.testing.assert_close(leg["params"][name], value, rtol=0, atol=1e-4, msg=name)
+
+
+def test_a_deepspeed_run_resumes_bit_for_bit(synth_dir, tmp_path):
+    """ZeRO-2 on 2 processes, 4 steps (the learning rate warming up, then decaying), a checkpoint at step 2: a run
+    resumed from it gives steps 3 and 4 the same losses and weights to the last bit (fp32 on CPU)."""
+    common = [*base(synth_dir, 2), "parallel.dp_shard=-1", *DS, "engine.deepspeed.zero_stage=2", "train.max_steps=4"]
+    whole = run_layout(2, [*common, "checkpoint.every=2"], tmp_path / "whole")
+    step2 = tmp_path / "whole/run/checkpoints/step_00000002"
+    rest = run_layout(2, [*common, f"checkpoint.resume={step2}"], tmp_path / "rest")
+    assert sorted(rest["losses"]) == [3, 4]
+    assert rest["losses"] == {s: whole["losses"][s] for s in (3, 4)}
+    for name, value in whole["params"].items():
+        assert torch.equal(rest["params"][name], value), name
+
+
+def test_a_nan_batch_skips_its_update_under_deepspeed(synth_dir, tmp_path):
+    """The loss guard under ZeRO-3: the poisoned step's update is dropped (weights and AdamW state as before it), the
+    next steps train on."""
+    trainer = Trainer(load_config([*base(synth_dir), *DS, "engine.deepspeed.zero_stage=3", "train.max_steps=4"]),
+                      tmp_path / "run")
+    weights, loader = {}, trainer.loader
+
+    class Poisoned:
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            step = trainer.step + 1
+            weights.setdefault(step, {n: trainer.engine.full_weight(p).clone()
+                                      for n, p in trainer.engine.module.named_parameters()})
+            batch = next(loader)
+            if step == 2:
+                batch = dataclasses.replace(batch, pixel_values=torch.full_like(batch.pixel_values, float("nan")))
+            return batch
+
+        def state_dict(self):
+            return loader.state_dict()
+
+    trainer.loader = Poisoned()
+    losses = trainer.fit()["losses"]
+    assert math.isnan(losses[2]) and all(math.isfinite(losses[s]) for s in (1, 3, 4)), losses
+    for name, value in weights[2].items():
+        assert torch.equal(weights[3][name], value), name
+        assert not torch.equal(weights[2][name], weights[1][name]) or "bias" in name or "norm" in name, name
+    assert losses[4] < losses[1]
+
+
+def ds_config_of(*overrides: str, world: int = 2) -> dict:
+    return deepspeed_config(load_config([*DS, *overrides]), world)
+
+
+def test_the_deepspeed_config_is_mmfm_s_with_the_user_json_merged(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 0.5,
+                                "zero_optimization": {"stage": 3, "overlap_comm": True, "reduce_bucket_size": 1000,
+                                                      "offload_optimizer": {"device": "cpu", "pin_memory": False}}}))
+    got = ds_config_of(f"engine.deepspeed.config={user}", "data.batch_size=4", "train.grad_accum_steps=2",
+                       "train.grad_clip=0.5")
+    assert got["train_micro_batch_size_per_gpu"] == 4 and got["gradient_accumulation_steps"] == 2
+    assert got["train_batch_size"] == 16 and got["gradient_clipping"] == 0.5 and got["bf16"] == {"enabled": False}
+    assert got["zero_optimization"] == {"stage": 3, "overlap_comm": True, "reduce_bucket_size": 1000,
+                                        "offload_optimizer": {"device": "cpu", "pin_memory": False}}
+    assert ds_config_of()["zero_optimization"] == {"stage": 2}  # without a JSON: stage 2, nothing offloaded
+    nvme = ds_config_of("engine.deepspeed.zero_stage=3", "engine.deepspeed.offload_param=nvme",
+                        "engine.deepspeed.nvme_path=/scratch/swap")
+    assert nvme["zero_optimization"]["offload_param"] == {"device": "nvme", "nvme_path": "/scratch/swap"}
+
+
+@pytest.mark.parametrize("json_doc, overrides, message", [
+    ({"train_micro_batch_size_per_gpu": 8}, ["data.batch_size=4"],
+     r"sets train_micro_batch_size_per_gpu=8 but data.batch_size gives 4; remove the key"),
+    ({"gradient_clipping": 2.0}, [], r"sets gradient_clipping=2.0 but train.grad_clip gives 1.0"),
+    ({"bf16": {"enabled": True}}, [], r"sets bf16.enabled=true but train.precision gives false"),
+    ({"fp16": {"enabled": True}}, [], r"enables fp16, which mmfm does not train in; .* train.precision=bf16"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, [],
+     r"has a \"optimizer\" block, but the optimizer and its schedule are mmfm's \(train.optim.\*\)"),
+    ({"zero_optimization": {"stage": 3}}, ["engine.deepspeed.zero_stage=2"],
+     r"sets zero_optimization.stage=3 but engine.deepspeed.zero_stage gives 2"),
+    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, [],
+     r"offload_param=cpu needs ZeRO stage 3 \(zero_stage=2\)"),
+    ([1, 2], [], r"holds a JSON list, not an object"),
+])
+def test_a_conflicting_deepspeed_json_is_one_line(json_doc, overrides, message, tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps(json_doc))
+    with pytest.raises(ConfigError, match=message) as err:
+        ds_config_of(f"engine.deepspeed.config={user}", *overrides)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel=tp2"], r"^engine.name=deepspeed runs data parallelism \(ZeRO\) only, not parallel.tp=2; set them to 1"),
+    (["parallel=pp2"], r"not parallel.pp=2"),
+    (["model.lora.enabled=true"], r"does not run model.lora.enabled=true yet; use engine.name=native"),
+    (["engine.deepspeed.zero_stage=4"], r"zero_stage=4 is not a ZeRO stage"),
+    (["engine.deepspeed.offload_param=nvme", "engine.deepspeed.zero_stage=3"], r"offload_param=nvme needs "
+     r"engine.deepspeed.nvme_path"),
+    (["engine.deepspeed.offload_optimizer=disk"], r"offload_optimizer='disk' is unknown"),
+    (["engine.deepspeed.config=/nonexistent/ds.json"], r"cannot be read"),
+    (["engine.name=megatron"], r"engine.name='megatron' is unknown; use native or deepspeed"),
+])
+def test_bad_engine_config_is_one_line_before_any_work(overrides, message, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config([*DS, "parallel.dp_shard=2", *overrides, f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=message) as err:
+        preflight(cfg)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
