@@ -1,4 +1,4 @@
-"""DPO under data and tensor parallelism equals one process: the policy and its frozen reference are sharded the
+"""DPO under data and tensor parallelism (and DeepSpeed ZeRO-3) equals one process: the policy and its frozen reference are sharded the
 same way, and losses, preference statistics, gradient norms and parameters match (same seed and pairs)."""
 
 import pytest
@@ -34,9 +34,14 @@ def one_process(preference_dir, initial_run, tmp_path_factory):
     return {**summary, "params": local_full_params(trainer)}
 
 
-@pytest.mark.parametrize("layout,world,dp", [("fsdp2", 2, 2), ("tp2", 2, 1)])
-def test_dpo_matches_one_process(layout, world, dp, one_process, preference_dir, initial_run, tmp_path):
-    overrides = dpo_overrides(preference_dir, initial_run, PAIRS_PER_STEP // 2 // dp) + [f"parallel={layout}"]
+LAYOUTS = {"fsdp2": (2, 2, ["parallel=fsdp2"]), "tp2": (2, 1, ["parallel=tp2"]),
+           "deepspeed-zero3": (2, 2, ["engine.name=deepspeed", "engine.deepspeed.zero_stage=3", "parallel.dp_shard=-1"])}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_dpo_matches_one_process(layout, one_process, preference_dir, initial_run, tmp_path):
+    world, dp, extra = LAYOUTS[layout]
+    overrides = dpo_overrides(preference_dir, initial_run, PAIRS_PER_STEP // 2 // dp) + extra
     got = run_layout(world, overrides, tmp_path)
     assert sorted(got["losses"]) == [1, 2, 3]
     assert one_process["losses"][1] == pytest.approx(0.6931, abs=1e-3)  # policy == reference: -log sigmoid(0)

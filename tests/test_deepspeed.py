@@ -196,3 +196,14 @@ def test_bad_engine_config_is_one_line_before_any_work(overrides, message, monke
         preflight(cfg)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_sft_under_zero2_matches_the_native_engine(sft_dir, tmp_path):
+    """The SFT stage (answer tokens only, chat data) through ZeRO-2 on 2 processes equals the native engine in one."""
+    common = [f"data.path={sft_dir}", *MODEL, *STEPS, "stage=sft", "data.seq_len=64"]  # no sample skipped
+    trainer = Trainer(load_config([*common, f"data.batch_size={GLOBAL_BATCH // 2}"]), tmp_path / "native")
+    want = {**trainer.fit(), "params": local_full_params(trainer)}
+    got = run_layout(2, [*common, f"data.batch_size={GLOBAL_BATCH // 4}", "parallel.dp_shard=-1", *DS,
+                         "engine.deepspeed.zero_stage=2"], tmp_path / "zero2")
+    assert_matches(got, want)
+    assert got["losses"][3] < got["losses"][1]

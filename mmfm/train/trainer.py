@@ -210,8 +210,9 @@ class Trainer:
     def build_reference(self):
         if self.lora:
             return None
-        parts = parallelize(self.cfg, self.dims, self.device, self.mesh)
-        CheckpointManager.load(stage_checkpoint(self.cfg.stage.init_from), parts.parts)
+        native = self.engine is None  # under DeepSpeed a whole frozen copy on each rank
+        parts = parallelize(self.cfg, self.dims if native else ParallelDims(), self.device, self.mesh if native else None)
+        CheckpointManager.load(stage_checkpoint(self.cfg.stage.init_from), parts.parts, no_dist=not native)
         parts.train(False)
         for p in parts.parameters():
             p.requires_grad_(False)
