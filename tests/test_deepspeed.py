@@ -207,3 +207,12 @@ def test_sft_under_zero2_matches_the_native_engine(sft_dir, tmp_path):
                          "engine.deepspeed.zero_stage=2"], tmp_path / "zero2")
     assert_matches(got, want)
     assert got["losses"][3] < got["losses"][1]
+
+
+def test_an_old_deepspeed_is_refused_in_one_line(monkeypatch, tmp_path):
+    import deepspeed
+
+    monkeypatch.setattr(deepspeed, "__version__", "0.18.0")
+    with pytest.raises(ConfigError, match=r"^engine.name=deepspeed: DeepSpeed 0.18.0 is installed, older than "
+                                          r"0.19.4; `pip install --no-build-isolation .*; or use engine.name=native$"):
+        preflight(load_config([*DS, f"run_dir={tmp_path / 'run'}"]))
