@@ -43,7 +43,8 @@ def base(synth_dir, world: int = 1) -> list:
 def native(synth_dir, tmp_path_factory):
     trainer = Trainer(load_config(base(synth_dir)), tmp_path_factory.mktemp("native"))
     summary = trainer.fit()
-    return {"losses": summary["losses"], "grad_norms": summary["grad_norms"], "params": local_full_params(trainer)}
+    return {"losses": summary["losses"], "grad_norms": summary["grad_norms"], "val_loss": summary["val_loss"],
+            "params": local_full_params(trainer)}
 
 
 def assert_matches(got: dict, want: dict) -> None:
@@ -51,6 +52,7 @@ def assert_matches(got: dict, want: dict) -> None:
     for step, loss in want["losses"].items():
         assert got["losses"][step] == pytest.approx(loss, rel=1e-5), step
         assert got["grad_norms"][step] == pytest.approx(want["grad_norms"][step], rel=1e-4), step
+    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)  # validated through the engine too
     assert got["params"].keys() == want["params"].keys()
     for name, value in want["params"].items():
         torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-4, msg=name)
@@ -182,12 +184,14 @@ def test_a_conflicting_deepspeed_json_is_one_line(json_doc, overrides, message, 
     (["parallel=tp2"], r"^engine.name=deepspeed runs data parallelism \(ZeRO\) only, not parallel.tp=2; set them to 1"),
     (["parallel=pp2"], r"not parallel.pp=2"),
     (["model.lora.enabled=true"], r"does not run model.lora.enabled=true yet; use engine.name=native"),
-    (["engine.deepspeed.zero_stage=4"], r"zero_stage=4 is not a ZeRO stage"),
+    (["engine.deepspeed.zero_stage=4"], r"zero_stage=4 is not a ZeRO stage mmfm runs; use 1, 2 or 3"),
+    (["engine.deepspeed.zero_stage=0"], r"zero_stage=0 is not a ZeRO stage mmfm runs; .* engine.name=native\)$"),
     (["engine.deepspeed.offload_param=nvme", "engine.deepspeed.zero_stage=3"], r"offload_param=nvme needs "
      r"engine.deepspeed.nvme_path"),
     (["engine.deepspeed.offload_optimizer=disk"], r"offload_optimizer='disk' is unknown"),
     (["engine.deepspeed.config=/nonexistent/ds.json"], r"cannot be read"),
     (["engine.name=megatron"], r"engine.name='megatron' is unknown; use native or deepspeed"),
+    (["parallel=auto"], r"parallel=auto plans the native engine's layouts; .* use parallel.dp_shard=-1"),
 ])
 def test_bad_engine_config_is_one_line_before_any_work(overrides, message, monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")

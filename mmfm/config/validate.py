@@ -417,11 +417,11 @@ def preflight(cfg: JobConfig) -> Preflight:
     """Raise ConfigError on the first inconsistent value; return what the run will use otherwise, its layout
     resolved (parallel=auto, a -1 dim) for the launcher's WORLD_SIZE. Needs no process group."""
     validate_before_layout(cfg)
+    _validate_engine(cfg)
     cfg = resolve(cfg, env_world()).cfg
     _validate_packing(cfg)
     _validate_stage(cfg)
     _validate_run(cfg)
-    _validate_engine(cfg)
     dims = _validate_parallel(cfg)
     _validate_cluster(cfg)
     device = _validate_device(cfg)

@@ -1,4 +1,4 @@
-"""engine.name=deepspeed: the trainer's steps run by a DeepSpeed ZeRO engine (stage 0-3, optimizer and parameter
+"""engine.name=deepspeed: the trainer's steps run by a DeepSpeed ZeRO engine (stage 1-3, optimizer and parameter
 offload), the model, data, objectives, metrics, fault handling and loop unchanged (docs/engines.md).
 
 mmfm stays the one source of truth: the DeepSpeed config is built from mmfm's (micro-batch, accumulation, clipping,
@@ -13,6 +13,7 @@ row shards, one per rank, so that a run moves between engines (and layouts) by r
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -129,8 +130,9 @@ def deepspeed_config(cfg: JobConfig, world: int) -> dict:
     _agree(path, "bf16.enabled", (user.get("bf16") or {}).get("enabled"), bf16, "train.precision")
     zero = dict(user.get("zero_optimization") or {})
     stage = _pick(path, "zero_optimization.stage", zero.get("stage"), d.zero_stage, "engine.deepspeed.zero_stage", 2)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"engine.deepspeed.zero_stage={stage} is not a ZeRO stage; use 0, 1, 2 or 3")
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"engine.deepspeed.zero_stage={stage} is not a ZeRO stage mmfm runs; use 1, 2 or 3 (for no "
+                          "sharding at all, engine.name=native)")
     zero["stage"] = stage
     for name, ours in (("offload_optimizer", d.offload_optimizer), ("offload_param", d.offload_param)):
         block = _offload(zero, name, ours, d.nvme_path, path)
@@ -140,8 +142,6 @@ def deepspeed_config(cfg: JobConfig, world: int) -> dict:
     if "offload_param" in zero and stage != 3:
         raise ConfigError(f"engine.deepspeed.offload_param={zero['offload_param']['device']} needs ZeRO stage 3 "
                           f"(zero_stage={stage}); set engine.deepspeed.zero_stage=3")
-    if "offload_optimizer" in zero and stage == 0:
-        raise ConfigError("engine.deepspeed.offload_optimizer needs ZeRO stage 1, 2 or 3; set engine.deepspeed.zero_stage")
     merged = {**user, **{key: ours for key, (ours, _) in owned.items()}}
     merged.update({
         "bf16": {**(user.get("bf16") or {}), "enabled": bf16},
@@ -169,6 +169,9 @@ def validate_engine(cfg: JobConfig, world: int) -> None:
     if name == "native":
         return
     p = cfg.parallel
+    if p.auto:
+        raise ConfigError("parallel=auto plans the native engine's layouts; with engine.name=deepspeed every rank is "
+                          "data parallel: use parallel.dp_shard=-1")
     split = [f"parallel.{k}={getattr(p, k)}" for k in ("tp", "pp", "cp", "ep") if getattr(p, k) > 1]
     if split:
         raise ConfigError(f"engine.name=deepspeed runs data parallelism (ZeRO) only, not {', '.join(split)}; set them "
@@ -249,16 +252,15 @@ class DeepSpeedRunner:
         size = -(-full.shape[0] // self.world)
         start = min(self.rank * size, full.shape[0])
         local = full[start:min(start + size, full.shape[0])].detach().clone()
-        return DTensor.from_local(local, self._mesh(), [Shard(0)], run_check=False, shape=full.shape,
+        return DTensor.from_local(local, self._mesh, [Shard(0)], run_check=False, shape=full.shape,
                                   stride=full.stride())
 
+    @functools.cached_property
     def _mesh(self):
-        if not hasattr(self, "_world_mesh"):
-            from torch.distributed.device_mesh import init_device_mesh
+        """All ranks in one mesh dimension: the rows of the checkpoint's tensors are split over it."""
+        from torch.distributed.device_mesh import init_device_mesh
 
-            self._world_mesh = init_device_mesh(self.engine.device.type if hasattr(self.engine, "device") else "cpu",
-                                                (self.world,), mesh_dim_names=("world",))
-        return self._world_mesh
+        return init_device_mesh(torch.device(self.engine.device).type, (self.world,), mesh_dim_names=("world",))
 
     def full_weight(self, param: nn.Parameter) -> torch.Tensor:
         """The parameter's full fp32 value (ZeRO's master copy for a trained one; gathered under ZeRO-3)."""
@@ -283,6 +285,12 @@ class DeepSpeedRunner:
         """The client AdamW that ZeRO steps on its flat partitions."""
         return self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
 
+    def _moment(self, param: nn.Parameter, key: str) -> torch.Tensor:
+        """AdamW's full `key` state of a parameter (gathered from ZeRO's partitions)."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        return safe_get_full_optimizer_state(param, key).reshape(self._shape(param))
+
     def _flat_partitions(self) -> list[torch.Tensor]:
         """The flat fp32 tensors AdamW steps on (ZeRO-3 hands them to it one sub-group at a time)."""
         if hasattr(self.optimizer, "fp32_partitioned_groups_flat"):
@@ -297,8 +305,6 @@ class DeepSpeedRunner:
 
     def state_dicts(self, select=None) -> tuple[dict, dict]:
         """(model, optimizer) state in the native engine's flattened keys, as this rank's row shards. Collective."""
-        from deepspeed.utils import safe_get_full_optimizer_state
-
         model, optim = {}, {}
         if self._step_count() is None:  # before the first step (a template to load into): AdamW's initial state
             self._init_optimizer_state()
@@ -306,13 +312,12 @@ class DeepSpeedRunner:
         self._link_optimizer_state()
         groups = self._inner().param_groups
         for name, param in self.module.named_parameters():
-            model[name] = self._rows(self.full_weight(param).to(self._dtype(param)))
+            model[name] = self._rows(self.full_weight(param))  # fp32, as the native engine saves (also under bf16)
             if not param.requires_grad:
                 continue
             optim[f"state.{name}.step"] = step.clone()
             for key in ADAM_MOMENTS:
-                full = safe_get_full_optimizer_state(param, key).reshape(self._shape(param))
-                optim[f"state.{name}.{key}"] = self._rows(full)
+                optim[f"state.{name}.{key}"] = self._rows(self._moment(param, key))
             group = groups[self.group_of[id(param)]]
             optim.update({f"param_groups.{name}.{k}": v for k, v in group.items() if k != "params"})
         for name, buffer in self.module.named_buffers():
@@ -321,10 +326,6 @@ class DeepSpeedRunner:
         if select is not None:
             model = {k: v for k, v in model.items() if select(k)}
         return model, optim
-
-    def _dtype(self, param: nn.Parameter) -> torch.dtype:
-        """The dtype the native engine saves a parameter in: fp32 (its parameters stay fp32 under bf16 too)."""
-        return torch.float32
 
     def load_state_dicts(self, model: dict, optim: Optional[dict]) -> None:
         """Set the engine's parameters (master and module copies) and, given optim, the AdamW moments and step from
