@@ -9,6 +9,7 @@ atol 1e-4 (ZeRO reduces gradients in another order; Adam's first steps move a we
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -135,6 +136,9 @@ def test_a_nan_batch_skips_its_update_under_deepspeed(synth_dir, tmp_path):
         assert torch.equal(weights[3][name], value), name
         assert not torch.equal(weights[2][name], weights[1][name]) or "bias" in name or "norm" in name, name
     assert losses[4] < losses[1]
+    # the one-rank process group mmfm started for DeepSpeed is gone with its LOCAL_RANK (later code, e.g. lmms-eval's
+    # accelerate, would take this process for a torchrun rank)
+    assert not torch.distributed.is_initialized() and "LOCAL_RANK" not in os.environ
 
 
 def ds_config_of(*overrides: str, world: int = 2) -> dict:

@@ -299,10 +299,24 @@ def test_training_logs_expert_load_and_updates_the_bias(make_cfg, tmp_path):
     for r in train:
         assert {*(f"moe_load_max_over_mean/{i}" for i in layers), "moe_aux_loss", "moe_dropped_tokens"} <= set(r)
         assert 1.0 <= r["moe_load_max_over_mean"] <= 4.0 and r["moe_dropped_tokens"] == 0
+        # every step logged: each window is that one step
+        assert r["moe_load_max_over_mean"] == pytest.approx(r["moe_step_load_max_over_mean"])
     bias = trainer.model.language.layers["1"].feed_forward.router.expert_bias
     steps = bias / 0.01  # each update moves every expert's bias by -0.01, 0 or +0.01
     assert bias.abs().sum() > 0 and torch.allclose(steps, steps.round(), atol=1e-4)
     assert dataclasses.asdict(LanguageConfig())["moe"]["num_experts"] == 0  # dense by default
+
+
+def test_the_logged_load_is_the_window_since_the_last_logged_step():
+    """Two steps skewed in opposite directions: 1.5 x the mean each, balanced over the window."""
+    from mmfm.train.experts import LoadWindow, max_over_mean
+
+    window, steps = LoadWindow(), [torch.tensor([[30.0, 10.0]]), torch.tensor([[10.0, 30.0]])]
+    assert max_over_mean(steps[0]) == max_over_mean(steps[1]) == [1.5]
+    assert max_over_mean(window.add(steps[0])) == [1.5]
+    assert max_over_mean(window.add(steps[1])) == [1.0]
+    window.reset()
+    assert max_over_mean(window.add(steps[1])) == [1.5]
 
 
 def expert_base(synth_dir) -> list[str]:

@@ -191,10 +191,11 @@ def validate_engine(cfg: JobConfig, world: int) -> None:
 
 
 def ensure_process_group(device: torch.device) -> bool:
-    """DeepSpeed needs a process group, also for one process: start a one-rank one (True) unless one runs."""
-    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it (torchrun sets it)
+    """DeepSpeed needs a process group, also for one process: start a one-rank one (True: and set LOCAL_RANK, which
+    DeepSpeed reads, for as long as it runs; torchrun sets it) unless one runs."""
     if dist.is_initialized():
         return False
+    os.environ["LOCAL_RANK"] = "0"
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
@@ -389,8 +390,12 @@ class DeepSpeedRunner:
         self._link_optimizer_state()
 
     def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        """Leave the process as it was: the one-rank group and its LOCAL_RANK gone (else later code, e.g. accelerate,
+        takes the process for a torchrun rank)."""
+        if self.owns_group:
+            os.environ.pop("LOCAL_RANK", None)
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _full(value) -> torch.Tensor:

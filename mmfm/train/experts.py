@@ -3,6 +3,8 @@ received on every rank) and their load figures for metrics.jsonl (docs/moe.md)."
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -41,10 +43,33 @@ def expert_table(parts: list[nn.Module], lm: LanguageConfig) -> tuple[list[str],
     return ids, held, table
 
 
+class LoadWindow:
+    """Each layer's tokens per expert summed over the steps since the last logged one: the balance that metrics.jsonl
+    reports (one step's few thousand tokens are a noisy sample of it, above all with top-1 routing)."""
+
+    def __init__(self):
+        self.total: Optional[torch.Tensor] = None
+
+    def add(self, loads: torch.Tensor) -> torch.Tensor:
+        """Add one step's [layers, experts] counts; return the window's."""
+        self.total = loads.clone() if self.total is None else self.total + loads
+        return self.total
+
+    def reset(self) -> None:
+        self.total = None
+
+
+def max_over_mean(loads: torch.Tensor) -> list[float]:
+    """Per layer (row): the busiest expert's tokens over the mean expert's."""
+    return (loads.max(1).values / loads.mean(1).clamp_min(1e-9)).tolist()
+
+
 def expert_step(parts: list[nn.Module], lm: LanguageConfig, updated: bool, holders: int = 1,
-                copies: int = 1) -> dict[str, float]:
+                copies: int = 1, window: Optional[LoadWindow] = None, logged: bool = True) -> dict[str, float]:
     """Sum each layer's token counts over the ranks, update the balancing bias when the step was taken
-    (`updated`), reset the counts; return the step's load figures ({} for a dense model).
+    (`updated`), reset the counts; return the load figures ({} for a dense model): `moe_load_max_over_mean` over the
+    steps since the last logged one (window; this step alone without it), `moe_step_load_max_over_mean` this step's.
+    A logged step closes the window.
 
     One all-reduce over all ranks of a table with a row per layer, so that pipeline stages report the layers
     they hold: `holders` ranks hold each layer (the world / pp), of which `copies` (the tp peers) route the same
@@ -62,8 +87,10 @@ def expert_step(parts: list[nn.Module], lm: LanguageConfig, updated: bool, holde
             if updated:
                 held[layer].update_expert_bias(load.to(held[layer].tokens_per_expert.dtype))
             held[layer].reset_counts()
-    ratios = (loads.max(1).values / loads.mean(1).clamp_min(1e-9)).tolist()
+    ratios = max_over_mean(window.add(loads) if window is not None else loads)
+    if window is not None and logged:
+        window.reset()
     metrics = {f"moe_load_max_over_mean/{layer}": ratio for layer, ratio in zip(ids, ratios)}
     aux, z = losses.mean(0).tolist()
-    return {**metrics, "moe_load_max_over_mean": max(ratios), "moe_dropped_tokens": float(dropped.sum()),
-            "moe_aux_loss": aux, "moe_z_loss": z}
+    return {**metrics, "moe_load_max_over_mean": max(ratios), "moe_step_load_max_over_mean": max(max_over_mean(loads)),
+            "moe_dropped_tokens": float(dropped.sum()), "moe_aux_loss": aux, "moe_z_loss": z}

@@ -45,7 +45,7 @@ from mmfm.parallel.pipeline_parallel import build_schedule, pixel_rows, sync_tie
 from mmfm.parallel.tensor_parallel import loss_context
 from mmfm.train import evaluate
 from mmfm.train.deepspeed_engine import DeepSpeedRunner
-from mmfm.train.experts import expert_step, scale_aux_losses
+from mmfm.train.experts import LoadWindow, expert_step, scale_aux_losses
 from mmfm.train.metrics import MetricsLogger, peak_flops, peak_memory_gib, plot_loss
 from mmfm.train.loss_guard import LossGuard, TrainingDiverged
 from mmfm.train.objectives import build_objective, next_token_loss
@@ -204,6 +204,7 @@ class Trainer:
         self._loss_scale = 1.0
         f = cfg.faults
         self.guard = LossGuard(f.spike_factor, f.spike_window, f.max_bad_steps)
+        self.expert_load = LoadWindow()  # the experts' load since the last logged step
         # The fused loss kernel takes the targets inside the model: the logits never exist.
         self.loss_in_model = self.parts.kernels.get("linear_cross_entropy", "torch") != "torch"
 
@@ -358,7 +359,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         per_unit = {k: v / max(total_units, 1) for k, v in zip(stats, stat_sums)}
         experts = expert_step(self.parts.parts, self.cfg.model.language, skipped is None, self.world // self.dims.pp,
-                              self.dims.tp)
+                              self.dims.tp, self.expert_load, self.logs(self.step + 1))
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "positions": positions, "samples": samples,
                 "images": images, "seq_len": seq_len, "stats": {**per_unit, **experts}, "skipped": skipped}
 
@@ -510,7 +511,7 @@ class Trainer:
         first_step = self.step
         try:
             while self.step < t.max_steps:
-                logged = (self.step + 1) % self.cfg.logger.log_every == 0 or self.step + 1 == t.max_steps
+                logged = self.logs(self.step + 1)
                 # collectives are counted on logged steps only (the counter intercepts every op)
                 counter = CommCounter() if logged and self.world > 1 else contextlib.nullcontext()
                 start = time.perf_counter()
@@ -555,6 +556,10 @@ class Trainer:
             plot_loss(self.run_dir)
         summary["losses"], summary["grad_norms"] = losses, grad_norms
         return summary
+
+    def logs(self, step: int) -> bool:
+        """Step `step` is written to metrics.jsonl (every logger.log_every steps, and the last)."""
+        return step % self.cfg.logger.log_every == 0 or step == self.cfg.train.max_steps
 
     def guarded_step(self) -> dict:
         """train_step; when the loss guard stops the run, say which checkpoint is the last good one."""
