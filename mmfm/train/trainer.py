@@ -172,9 +172,8 @@ class Trainer:
         self.resume_path = self.preflight_resume()  # refuses a bad resume before anything is written or built
         self.spec = model_spec(cfg.model)
         seed_everything(cfg.seed)
-        # engine=deepspeed: the whole model on every rank, handed to a ZeRO engine that partitions it
-        self.parts = parallelize(cfg, dims if cfg.engine.name == "native" else ParallelDims(), self.device,
-                                 self.mesh if cfg.engine.name == "native" else None, kernels=checked.kernels)
+        layout_dims, layout_mesh = self.model_layout()
+        self.parts = parallelize(cfg, layout_dims, self.device, layout_mesh, kernels=checked.kernels)
         self.model = self.parts.parts[0]  # the whole model unless pipelined
         freeze(self.parts.parts, cfg.stage.freeze)
         self.engine = None
@@ -208,12 +207,20 @@ class Trainer:
         # The fused loss kernel takes the targets inside the model: the logits never exist.
         self.loss_in_model = self.parts.kernels.get("linear_cross_entropy", "torch") != "torch"
 
+    def model_layout(self) -> tuple[ParallelDims, Optional[object]]:
+        """(dims, mesh) the model parts are built with: the run's, or under engine=deepspeed one whole model per rank
+        (the ZeRO engine partitions it)."""
+        if self.cfg.engine.name == "native":
+            return self.dims, self.mesh
+        return ParallelDims(), None
+
     def build_reference(self):
         if self.lora:
             return None
-        native = self.engine is None  # under DeepSpeed a whole frozen copy on each rank
-        parts = parallelize(self.cfg, self.dims if native else ParallelDims(), self.device, self.mesh if native else None)
-        CheckpointManager.load(stage_checkpoint(self.cfg.stage.init_from), parts.parts, no_dist=not native)
+        dims, mesh = self.model_layout()  # under DeepSpeed a whole frozen copy on each rank
+        parts = parallelize(self.cfg, dims, self.device, mesh)
+        CheckpointManager.load(stage_checkpoint(self.cfg.stage.init_from), parts.parts,
+                               no_dist=self.engine is not None)
         parts.train(False)
         for p in parts.parameters():
             p.requires_grad_(False)
