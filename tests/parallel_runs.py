@@ -65,17 +65,22 @@ def run_layout(world: int, overrides: list, tmp_path) -> dict:
     return {**results[0], "params": params}
 
 
-def eval_worker(rank: int, world: int, port: int, argv: list) -> None:
-    """`mmfm eval` with argv on one of `world` gloo ranks (as torchrun would start it)."""
+def cli_worker(rank: int, world: int, port: int, argv: list) -> None:
+    """`mmfm <argv>` on one of `world` gloo ranks (as torchrun would start it)."""
     faulthandler.enable()
     set_local_env(rank, world, port)
     torch.set_num_threads(1)
     from mmfm.cli.main import main
 
-    code = main(["eval", *argv])
+    code = main(argv)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def run_cli(world: int, argv: list) -> None:
+    """`mmfm <argv>` on `world` gloo processes; raises if any fails."""
+    mp.spawn(cli_worker, args=(world, free_port(), [str(a) for a in argv]), nprocs=world, join=True)

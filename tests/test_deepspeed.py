@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -93,17 +94,124 @@ def test_a_run_moves_between_engines_through_its_checkpoints(synth_dir, tmp_path
         torch.testing.assert_close(leg["params"][name], value, rtol=0, atol=1e-4, msg=name)
 
 
-def test_a_deepspeed_run_resumes_bit_for_bit(synth_dir, tmp_path):
-    """ZeRO-2 on 2 processes, 4 steps (the learning rate warming up, then decaying), a checkpoint at step 2: a run
-    resumed from it gives steps 3 and 4 the same losses and weights to the last bit (fp32 on CPU)."""
-    common = [*base(synth_dir, 2), "parallel.dp_shard=-1", *DS, "engine.deepspeed.zero_stage=2", "train.max_steps=4"]
-    whole = run_layout(2, [*common, "checkpoint.every=2"], tmp_path / "whole")
-    step2 = tmp_path / "whole/run/checkpoints/step_00000002"
-    rest = run_layout(2, [*common, f"checkpoint.resume={step2}"], tmp_path / "rest")
+ZERO2_4_STEPS = ["parallel.dp_shard=-1", *DS, "engine.deepspeed.zero_stage=2", "train.max_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def zero2_run(synth_dir, tmp_path_factory):
+    """ZeRO-2 on 2 processes, 4 steps (the learning rate warming up, then decaying), a checkpoint at step 2: its
+    results and that checkpoint."""
+    folder = tmp_path_factory.mktemp("zero2")
+    whole = run_layout(2, [*base(synth_dir, 2), *ZERO2_4_STEPS, "checkpoint.every=2"], folder)
+    return whole, folder / "run/checkpoints/step_00000002"
+
+
+def test_a_deepspeed_run_resumes_bit_for_bit(zero2_run, synth_dir, tmp_path):
+    """A run resumed from the ZeRO-2 run's step 2 gives steps 3 and 4 the same losses and weights to the last bit
+    (fp32 on CPU)."""
+    whole, step2 = zero2_run
+    rest = run_layout(2, [*base(synth_dir, 2), *ZERO2_4_STEPS, f"checkpoint.resume={step2}"], tmp_path / "rest")
     assert sorted(rest["losses"]) == [3, 4]
     assert rest["losses"] == {s: whole["losses"][s] for s in (3, 4)}
     for name, value in whole["params"].items():
         assert torch.equal(rest["params"][name], value), name
+
+
+def checkpoint_tensors(folder) -> dict:
+    """Every entry of an mmfm checkpoint (model, optimizer, RNG), read in this process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder, folder.parent / "whole.pt")
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}{key}.", item)
+        else:
+            flat[prefix[:-1]] = value
+
+    walk("", torch.load(folder.parent / "whole.pt", weights_only=True))
+    return flat
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_checkpoint_converts_to_deepspeed_s_format_and_back_exactly(stage, zero2_run, tmp_path):
+    """`mmfm convert --to deepspeed` on 2 processes (DeepSpeed's own save_checkpoint writes the ZeRO partitions),
+    then `--to dcp` (DeepSpeed's load_checkpoint reads them): every weight, AdamW moment, step, learning rate, the RNG
+    and the trainer state (schedule, data position) come back bit for bit."""
+    from parallel_runs import run_cli
+
+    _, step2 = zero2_run
+    run_cli(2, ["convert", step2, "--to", "deepspeed", "--zero-stage", stage, "--out", tmp_path / "ds"])
+    files = sorted(p.name for p in (tmp_path / "ds/step_00000002").iterdir())
+    model_files = ["mp_rank_00_model_states.pt"] if stage < 3 else [
+        f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)]
+    assert files == sorted([*model_files, *(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1))])
+    assert (tmp_path / "ds/latest").read_text().strip() == "step_00000002"
+    run_cli(2, ["convert", tmp_path / "ds", "--to", "dcp", "--out", tmp_path / "back"])
+    back = tmp_path / "back/checkpoints/step_00000002"
+    assert json.loads((back / "trainer_state.json").read_text()) == json.loads((step2 / "trainer_state.json").read_text())
+    want, got = checkpoint_tensors(step2), checkpoint_tensors(back)
+    assert got.keys() == want.keys() and any(".exp_avg_sq" in k for k in want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value) if torch.is_tensor(value) else got[key] == value, key
+
+
+def test_deepspeed_to_dcp_then_native_resumes_as_deepspeed_would(zero2_run, synth_dir, tmp_path, capsys):
+    """The ZeRO-2 run's step 2 through DeepSpeed's format (2 processes) and back, resumed by the native engine in one
+    process: steps 3 and 4 as the run that stayed on DeepSpeed (losses rel 1e-5, weights atol 1e-4). Converting the
+    2-partition checkpoint back in one process is refused in one line."""
+    from parallel_runs import run_cli
+
+    from mmfm.cli.main import main
+
+    whole, step2 = zero2_run
+    run_cli(2, ["convert", step2, "--to", "deepspeed", "--out", tmp_path / "ds"])
+    with pytest.raises(SystemExit):
+        main(["convert", str(tmp_path / "ds"), "--to", "dcp", "--out", str(tmp_path / "one")])
+    assert re.search(r"was written by 2 DeepSpeed ranks, .* run the conversion on 2 processes \(torchrun "
+                     r"--nproc-per-node 2 .*\), here 1$", capsys.readouterr().err.strip())
+    run_cli(2, ["convert", tmp_path / "ds", "--to", "dcp", "--out", tmp_path / "back"])
+    trainer = Trainer(load_config([*base(synth_dir), "train.max_steps=4", "checkpoint.resume=auto"]),
+                      tmp_path / "back")
+    losses = trainer.fit()["losses"]
+    assert sorted(losses) == [3, 4]
+    for step in (3, 4):
+        assert losses[step] == pytest.approx(whole["losses"][step], rel=1e-5), step
+    for name, value in local_full_params(trainer).items():
+        torch.testing.assert_close(value, whole["params"][name], rtol=0, atol=1e-4, msg=name)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch ran-code",))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("pickle", r"mp_rank_00_model_states.pt pickles (posix|os).system, which is neither tensor data nor DeepSpeed "
+               r"checkpoint state, so mmfm does not unpickle it"),
+    ("latest", r"latest names '../..', which is not a checkpoint folder inside"),
+    ("not deepspeed", r"is not a DeepSpeed checkpoint \(no `latest` file, no \*_model_states.pt\)"),
+])
+def test_a_hostile_deepspeed_checkpoint_is_refused_in_one_line(damage, message, tmp_path, monkeypatch, capsys):
+    """Refused before DeepSpeed or torch unpickles anything: no code runs, nothing is written."""
+    from mmfm.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "ds"
+    (source / "t").mkdir(parents=True)
+    (source / "latest").write_text("../.." if damage == "latest" else "t")
+    if damage == "pickle":
+        torch.save({"module": {}, "payload": RunsCode()}, source / "t/mp_rank_00_model_states.pt")
+    if damage == "not deepspeed":
+        (source / "latest").unlink()
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", str(source), "--to", "dcp", "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(message, err) and "\n" not in err, err
+    assert not (tmp_path / "ran-code").exists() and not (tmp_path / "out").exists()
 
 
 def test_a_nan_batch_skips_its_update_under_deepspeed(synth_dir, tmp_path):

@@ -364,16 +364,12 @@ def test_in_training_evaluation_at_fsdp2_and_tp2_equals_one_process(layout, suit
 def test_sharded_mmfm_eval_equals_one_process(layout, suite_cache, one_process_eval, tmp_path):
     """`mmfm eval RUN parallel.<dim>=2` on 2 gloo ranks (as under torchrun): each rank loads its shards of the
     checkpoint; rank 0 writes the same answers, option log-likelihoods (rtol 1e-4) and scores as one process."""
-    import torch.multiprocessing as mp
-    from parallel_runs import eval_worker
-
-    from mmfm.parallel.distributed import free_port
+    from parallel_runs import run_cli
 
     run_dir, _, _ = one_process_eval
     tasks = "tasks=[synth/mc,synth/vqa_cloze]"
     assert mmfm_eval(run_dir, tasks, "--limit", 10, "--out", tmp_path / "one") == 0
-    mp.spawn(eval_worker, args=(2, free_port(), [str(run_dir), tasks, layout, "--limit", "10", "--out",
-                                                 str(tmp_path / "two")]), nprocs=2, join=True)
+    run_cli(2, ["eval", run_dir, tasks, layout, "--limit", 10, "--out", tmp_path / "two"])
     one, two = (json.loads((tmp_path / f"{w}/eval/3/results.json").read_text()) for w in ("one", "two"))
     assert two["synth/mc"]["accuracy"] == one["synth/mc"]["accuracy"]
     assert two["synth/vqa_cloze"]["vqa_accuracy"] == one["synth/vqa_cloze"]["vqa_accuracy"]

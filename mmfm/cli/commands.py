@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                               "choice, perplexity): `mmfm eval RUN tasks=[synth/caption,...] [--all-checkpoints]`"),
     "export": ("mmfm.cli.export", "a checkpoint as a Hugging Face folder: `mmfm export RUN --format hf --out DIR "
                                   "[--language-only]` (LLaVA, or the language model's *ForCausalLM)"),
+    "convert": ("mmfm.cli.convert", "a checkpoint between mmfm's format and DeepSpeed's ZeRO format, both ways: "
+                                    "`mmfm convert RUN --to deepspeed --out DIR`, `mmfm convert DIR --to dcp --out RUN`"),
     "data": ("mmfm.cli.data", "data set tools: synthetic, instruction and preference data, recipe builds"),
     "bench": ("mmfm.cli.bench", "benchmarks: parallelism (CPU processes, gloo), kernels (GPU timing, CPU memory), "
                                 "data loading, Hugging Face import memory"),
