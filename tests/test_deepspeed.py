@@ -34,6 +34,9 @@ ENGINES = {  # id: (processes, overrides, what the engine reports)
     "zero3+offload": (2, ["engine.deepspeed.zero_stage=3", "engine.deepspeed.offload_optimizer=cpu",
                           "engine.deepspeed.offload_param=cpu"],
                       "ZeRO-3 (DeepSpeedZeroOptimizer_Stage3), optimizer offload cpu, parameter offload cpu"),
+    "zero2+cpu_adam": (2, ["engine.deepspeed.zero_stage=2", "engine.deepspeed.offload_optimizer=cpu",
+                           "engine.deepspeed.cpu_adam=true"],
+                       "ZeRO-2 (DeepSpeedZeroOptimizer), optimizer offload cpu, DeepSpeedCPUAdam"),
 }
 
 
@@ -70,8 +73,8 @@ def test_zero_stage_matches_the_native_engine(engine, native, synth_dir, tmp_pat
 
 
 def test_a_run_moves_between_engines_through_its_checkpoints(synth_dir, tmp_path):
-    """native (1 process) steps 1-2 -> ZeRO-3 on 2 processes steps 3-4 -> ZeRO-1 in one process steps 5-6 -> native
-    steps 7-8, each leg resuming the one before from its checkpoint: the losses and final weights equal 8
+    """native (1 process) steps 1-2 -> ZeRO-3 on 2 processes steps 3-4 -> ZeRO-1 in one process, its optimizer
+    offloaded and stepped by CPUAdam, steps 5-6 -> native steps 7-8, each leg resuming the one before from its checkpoint: the losses and final weights equal 8
     uninterrupted native steps (rel 1e-5, atol 1e-4). (A constant learning rate after warm-up, so that each leg's
     max_steps leaves the schedule as it is.)"""
     common = [*MODEL, *STEPS, f"data.path={synth_dir}", "train.schedule.min_lr_ratio=1.0"]
@@ -79,7 +82,8 @@ def test_a_run_moves_between_engines_through_its_checkpoints(synth_dir, tmp_path
                        tmp_path / "straight")
     want = straight.fit()["losses"]
     legs = [("native1", 1, []), ("zero3", 2, [*DS, "parallel.dp_shard=-1", "engine.deepspeed.zero_stage=3"]),
-            ("zero1", 1, [*DS, "engine.deepspeed.zero_stage=1"]), ("native2", 1, [])]
+            ("zero1", 1, [*DS, "engine.deepspeed.zero_stage=1", "engine.deepspeed.offload_optimizer=cpu",
+                          "engine.deepspeed.cpu_adam=true"]), ("native2", 1, [])]
     got, resume = {}, "never"
     for i, (name, world, extra) in enumerate(legs):
         leg = run_layout(world, [*common, f"data.batch_size={GLOBAL_BATCH // 2 // world}",
@@ -301,6 +305,8 @@ def test_a_conflicting_deepspeed_json_is_one_line(json_doc, overrides, message, 
     (["engine.deepspeed.offload_param=nvme", "engine.deepspeed.zero_stage=3"], r"offload_param=nvme needs "
      r"engine.deepspeed.nvme_path"),
     (["engine.deepspeed.offload_optimizer=disk"], r"offload_optimizer='disk' is unknown"),
+    (["engine.deepspeed.cpu_adam=true"], r"cpu_adam=true steps optimizer state offloaded to the host; set "
+     r"engine.deepspeed.offload_optimizer=cpu \(or nvme\)"),
     (["engine.deepspeed.config=/nonexistent/ds.json"], r"cannot be read"),
     (["engine.name=megatron"], r"engine.name='megatron' is unknown; use native or deepspeed"),
     (["parallel=auto"], r"parallel=auto plans the native engine's layouts; .* use parallel.dp_shard=-1"),

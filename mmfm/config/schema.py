@@ -440,12 +440,15 @@ class DeepSpeedConfig:
     """engine.name=deepspeed (docs/engines.md). zero_stage and the offloads: null takes the JSON's value (config),
     else stage 2 without offload. offload_optimizer: none | cpu | nvme; offload_param (ZeRO-3): none | cpu | nvme;
     nvme_path: the folder nvme offload swaps to. config: a DeepSpeed JSON merged in (its other ZeRO and communication
-    settings kept); a key that mmfm's config also sets (batch sizes, clipping, precision, optimizer) must agree."""
+    settings kept); a key that mmfm's config also sets (batch sizes, clipping, precision, optimizer) must agree.
+    cpu_adam: offloaded optimizer state stepped by DeepSpeed's CPUAdam (a C++ op built on first use) instead of
+    torch's AdamW."""
     zero_stage: Optional[int] = None
     offload_optimizer: Optional[str] = None
     offload_param: Optional[str] = None
     nvme_path: str = ""
     config: str = ""
+    cpu_adam: bool = False
 
 
 @dataclass

@@ -139,6 +139,9 @@ def deepspeed_config(cfg: JobConfig, world: int) -> dict:
         zero.pop(name, None)
         if block is not None:
             zero[name] = block
+    if d.cpu_adam and "offload_optimizer" not in zero:
+        raise ConfigError("engine.deepspeed.cpu_adam=true steps optimizer state offloaded to the host; set "
+                          "engine.deepspeed.offload_optimizer=cpu (or nvme), or cpu_adam=false")
     if "offload_param" in zero and stage != 3:
         raise ConfigError(f"engine.deepspeed.offload_param={zero['offload_param']['device']} needs ZeRO stage 3 "
                           f"(zero_stage={stage}); set engine.deepspeed.zero_stage=3")
@@ -148,8 +151,8 @@ def deepspeed_config(cfg: JobConfig, world: int) -> dict:
         "zero_optimization": zero,
         # mmfm calls backward per micro-batch and step() once per optimizer step
         "managed_gradient_accumulation": False,
-        # offloaded AdamW runs as torch's on the CPU copy (the native engine's numerics; no C++ op to build)
-        "zero_force_ds_cpu_optimizer": False,
+        # offloaded AdamW: DeepSpeed's CPUAdam (cpu_adam), else torch's on the host copy (no C++ op to build)
+        "zero_force_ds_cpu_optimizer": d.cpu_adam,
         "steps_per_print": merged_steps_per_print(user),
     })
     merged.pop("fp16", None)
@@ -214,6 +217,9 @@ class DeepSpeedRunner:
         self.config = deepspeed_config(cfg, self.world)
         client = build_optimizer(module, cfg.train)
         self.group_of = {id(p): i for i, g in enumerate(client.param_groups) for p in g["params"]}
+        self.cpu_adam = cfg.engine.deepspeed.cpu_adam
+        if self.cpu_adam:
+            client = cpu_adam_of(client)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=client, lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
             config=self.config, dist_init_required=False)
@@ -228,6 +234,8 @@ class DeepSpeedRunner:
             device = getattr(getattr(block, "device", None), "value", getattr(block, "device", None))
             if device not in (None, "none"):
                 parts.append(f"{what} offload {device}")
+        if self.cpu_adam:
+            parts.append(type(self._inner()).__name__)
         return ", ".join(parts)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -320,7 +328,7 @@ class DeepSpeedRunner:
             for key in ADAM_MOMENTS:
                 optim[f"state.{name}.{key}"] = self._rows(self._moment(param, key))
             group = groups[self.group_of[id(param)]]
-            optim.update({f"param_groups.{name}.{k}": v for k, v in group.items() if k != "params"})
+            optim.update({f"param_groups.{name}.{k}": v for k, v in adamw_group(group).items()})
         for name, buffer in self.module.named_buffers():
             if name in self.module.state_dict():
                 model[name] = buffer.detach().clone()
@@ -363,7 +371,7 @@ class DeepSpeedRunner:
         step = next((v for k, v in optim.items() if k.endswith(".step")), None)
         for state in self._inner().state.values():
             if step is not None and "step" in state:
-                state["step"] = torch.as_tensor(step, dtype=torch.float32).clone()
+                state["step"] = self._step_value(step)
         names = {id(p): n for n, p in self.module.named_parameters()}
         for i, group in enumerate(self._inner().param_groups):
             name = next((names[pid] for pid, g in self.group_of.items() if g == i and pid in names), None)
@@ -379,12 +387,18 @@ class DeepSpeedRunner:
             self.optimizer._hp_optimizer_states_linked = False
             self.optimizer._lazy_init_hp_params_optimizer_state()
 
+    def _step_value(self, step):
+        """AdamW's step count as the optimizer keeps it: torch's a tensor, CPUAdam's an int (its C++ op takes one)."""
+        if self.cpu_adam:
+            return int(torch.as_tensor(step).item())
+        return torch.as_tensor(step, dtype=torch.float32).clone()
+
     def _init_optimizer_state(self) -> None:
         """AdamW's state before its first step, as torch would create it, so that it can be overwritten."""
         inner = self._inner()
         for flat in self._flat_partitions():
             if not inner.state.get(flat):
-                inner.state[flat] = {"step": torch.tensor(0.0),
+                inner.state[flat] = {"step": self._step_value(0),
                                      **{k: torch.zeros_like(flat, memory_format=torch.preserve_format)
                                         for k in ADAM_MOMENTS}}
         self._link_optimizer_state()
@@ -396,6 +410,26 @@ class DeepSpeedRunner:
             os.environ.pop("LOCAL_RANK", None)
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+@functools.cache
+def _adamw_defaults() -> dict:
+    return dict(torch.optim.AdamW([torch.zeros(1)]).defaults)
+
+
+def adamw_group(live: dict) -> dict:
+    """A parameter group's hyperparameters under torch AdamW's keys, as the native engine saves them, whichever AdamW
+    steps it (CPUAdam keeps others), so that a checkpoint resumes under either."""
+    defaults = _adamw_defaults()
+    return {**defaults, **{k: v for k, v in live.items() if k in defaults or k == "initial_lr"}}
+
+
+def cpu_adam_of(client: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """DeepSpeed's CPUAdam in AdamW mode over the client's parameter groups and hyperparameters."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    keys = ("params", "lr", "betas", "eps", "weight_decay")
+    return DeepSpeedCPUAdam([{k: g[k] for k in keys} for g in client.param_groups], adamw_mode=True)
 
 
 def _full(value) -> torch.Tensor:
