@@ -54,3 +54,138 @@ def test_a_grasp_ends_the_episode_and_succeeds_only_on_the_named_object():
     for step in range(MAX_STEPS):  # never closing: truncated at the step limit
         _, _, terminated, truncated, _ = env.step([0.0, 0.0, -1.0])
     assert truncated and not terminated
+
+
+# -- LeRobot data sets -------------------------------------------------------------------------------------------
+
+import io  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from mmfm.embodied.lerobot import BadEpisode, Episode, LeRobotError, read_episodes, write_dataset  # noqa: E402
+from mmfm.embodied.reach import record_demonstrations  # noqa: E402
+
+LEROBOT_TINY = Path(__file__).parent / "data" / "lerobot_tiny"
+
+
+@pytest.fixture(scope="module")
+def demos():
+    return record_demonstrations(range(12))
+
+
+def test_demonstrations_round_trip_through_the_lerobot_layout(demos, tmp_path):
+    info = write_dataset(tmp_path / "ds", demos, fps=5, robot_type="mmfm-reach-grasp")
+    files = sorted(str(p.relative_to(tmp_path / "ds")) for p in (tmp_path / "ds").rglob("*") if p.is_file())
+    assert files == ["data/chunk-000/file-000.parquet", "meta/episodes/chunk-000/file-000.parquet", "meta/info.json",
+                     "meta/stats.json", "meta/tasks.parquet"]
+    assert info["codebase_version"] == "v3.0" and info["total_episodes"] == 12
+    assert info["total_frames"] == sum(len(e.images) for e in demos)
+    assert info["features"]["observation.image"]["shape"] == [64, 64, 3]
+    got = list(read_episodes(tmp_path / "ds"))
+    assert [e.task for e in got] == [e.task for e in demos]
+    for a, b in zip(got, demos):
+        assert a.images == b.images and np.array_equal(a.states, b.states) and np.array_equal(a.actions, b.actions)
+    stats = json.loads((tmp_path / "ds/meta/stats.json").read_text())
+    np.testing.assert_allclose(stats["action"]["mean"], np.concatenate([e.actions for e in demos]).mean(0), rtol=1e-6)
+
+
+def test_a_data_set_lerobot_itself_wrote_is_read():
+    """tests/data/lerobot_tiny, written by lerobot 0.4.4 (its README): 2 episodes of 5 frames."""
+    episodes = list(read_episodes(LEROBOT_TINY))
+    assert [(e.index, e.task, len(e.images)) for e in episodes] == [(0, "pick the cube", 5), (1, "push the block", 5)]
+    for e in episodes:
+        for i, data in enumerate(e.images):
+            pixels = np.asarray(Image.open(io.BytesIO(data)))
+            assert pixels.shape == (64, 64, 3) and tuple(pixels[0, 0]) == (255, 0, 0)
+            assert tuple(pixels[32, 32]) == (40 * i + 50 * e.index,) * 3
+        np.testing.assert_allclose(e.states, [[e.index + i * 0.1, -i] for i in range(5)], rtol=1e-6)
+        np.testing.assert_allclose(e.actions, [[i, e.index, 0.5] for i in range(5)])
+
+
+def _damage(root: Path) -> None:
+    """Episode 1 gets a NaN action, episode 2 loses a frame, episode 3 a state of 3 numbers, episode 4 an image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = root / "data/chunk-000/file-000.parquet"
+    rows = pq.read_table(path).to_pylist()
+    first = {}
+    for n, row in enumerate(rows):
+        first.setdefault(row["episode_index"], n)
+    rows[first[1] + 1]["action"][0] = float("nan")
+    rows[first[3]]["observation.state"] = [0.5, 0.5, 0.5]
+    rows[first[4] + 2]["observation.image"] = None
+    del rows[first[2] + 1]
+    schema = pq.read_schema(path)
+    schema = schema.set(schema.get_field_index("observation.state"), pa.field("observation.state",
+                                                                               pa.list_(pa.float32())))
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def test_bad_episodes_are_dropped_and_counted_by_reason(demos, tmp_path):
+    """`mmfm data build` with a lerobot source: one record per frame with its state and action chunk; each damaged
+    episode dropped once under its reason; an episode's frames all in one split; the kept episodes' statistics in
+    the manifest."""
+    from mmfm.data.pipeline import build
+
+    write_dataset(tmp_path / "ds", demos, fps=5, robot_type="sim")
+    _damage(tmp_path / "ds")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: robot\nsources:\n  - {type: lerobot, path: ds, name: sim, horizon: 3}\n"
+                      "stages:\n  - {filter: decode}\noutput: {val_fraction: 0.3}\n")
+    m = build(recipe, tmp_path / "out", progress=False)
+    assert m["stages"]["read"]["dropped"] == {"missing_frames": 2, "nan_action": 1, "wrong_dimension": 1}
+    kept = [e for i, e in enumerate(demos) if i not in (1, 2, 3, 4)]
+    assert m["stages"]["written"] == sum(len(e.images) for e in kept)
+    robot = m["sources"]["sim"]["robot"]
+    assert robot["episodes"] == 8 and robot["horizon"] == 3
+    np.testing.assert_allclose(robot["action"]["mean"], np.concatenate([e.actions for e in kept]).mean(0), rtol=1e-6)
+    samples = {split: [json.loads(s) for s in _json_members(tmp_path / "out", split)] for split in ("train", "val")}
+    episodes = {split: {s["meta"]["robot"]["episode"] for s in rows} for split, rows in samples.items()}
+    assert episodes["val"] and not episodes["val"] & episodes["train"]
+    by_key = {s["key"]: s for rows in samples.values() for s in rows}
+    last = kept[0].actions[-1].tolist()
+    frame = by_key[f"episode_000000/frame_{len(kept[0].images) - 2:06d}"]["meta"]["robot"]
+    np.testing.assert_allclose(frame["actions"], [kept[0].actions[-2], last, last], rtol=1e-6)
+    assert frame["actions_pad"] == [False, False, True]
+    np.testing.assert_allclose(frame["state"], kept[0].states[-2], rtol=1e-6)
+
+
+def _json_members(out: Path, split: str) -> list[bytes]:
+    import tarfile
+
+    members = []
+    for shard in sorted(out.glob(f"{split}-*.tar")):
+        with tarfile.open(shard) as tar:
+            members += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".json")]
+    return members
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda info: info.update(data_path="../outside/{chunk_index}-{file_index}.parquet"),
+     r"data_path gives an unsafe file name: .* leads outside"),
+    (lambda info: info["features"]["observation.image"].update(dtype="video"),
+     r"are stored as video, which mmfm does not decode yet; re-export it with image features"),
+    (lambda info: info.update(codebase_version="v1.6"), r"codebase_version 'v1.6' is not read"),
+])
+def test_a_lerobot_data_set_mmfm_cannot_read_safely_is_refused_in_one_line(change, message, demos, tmp_path):
+    write_dataset(tmp_path / "ds", demos[:2], fps=5, robot_type="sim")
+    info_path = tmp_path / "ds/meta/info.json"
+    info = json.loads(info_path.read_text())
+    change(info)
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(LeRobotError, match=message) as err:
+        list(read_episodes(tmp_path / "ds"))
+    assert "\n" not in str(err.value)
+
+
+def test_mmfm_data_robot_demos_writes_the_expert_s_episodes(tmp_path, capsys):
+    from mmfm.cli.main import main
+
+    assert main(["data", "robot-demos", "--out", str(tmp_path / "demos"), "--episodes", "4", "--seed", "50"]) == 0
+    episodes = list(read_episodes(tmp_path / "demos"))
+    assert len(episodes) == 4 and all(isinstance(e, Episode) for e in episodes)
+    assert [e.task for e in episodes] == [e.task for e in record_demonstrations(range(50, 54))]
+    assert "LeRobot data set of 4 episodes" in capsys.readouterr().out

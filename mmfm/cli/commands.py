@@ -33,6 +33,7 @@ TOOLS: dict[str, dict[str, str]] = {
         "synth": "make the synthetic image-caption data set (no download)",
         "instruct": "make instruction (sft) or preference data from the synthetic scenes",
         "reference-logps": "store a reference model's log-probs with preference pairs",
+        "robot-demos": "record the simulated pick-up task's scripted expert as a LeRobot data set",
         "build": "build a data set from a recipe YAML (examples: data_pipeline/ in the repository)",
     },
     "bench": {

@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass")
     r.add_argument("--device", default="auto")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = add_tool(sub, "data", "robot-demos",
+                 description="Record the scripted expert of the simulated pick-up task (mmfm.embodied.reach) as a "
+                             "LeRobot data set (codebase v3.0, 64x64 images in the parquet files, the instruction as "
+                             "the task): the input of a `lerobot` source in `mmfm data build`. Deterministic from "
+                             "--seed.")
+    d.add_argument("--out", required=True, help="a new folder")
+    d.add_argument("--episodes", type=int, default=1000, help="episodes to record (the expert's failures are left out)")
+    d.add_argument("--seed", type=int, default=0, help="episode seeds are seed, seed + 1, ...")
     b = add_tool(sub, "data", "build",
                  description="Read the recipe's sources, run its stages (decode, filters, PII "
                              "de-identification, dedup) and write webdataset shards or a Megatron indexed "
@@ -85,6 +93,8 @@ def main(argv: list[str]) -> int:
         return instruct_main(args)
     if args.tool == "reference-logps":
         return reference_logps_main(args)
+    if args.tool == "robot-demos":
+        return robot_demos_main(args)
     from mmfm.data.synth import build_synth_dataset
 
     with one_line_errors("mmfm data synth"):
@@ -120,6 +130,15 @@ def instruct_main(args: argparse.Namespace) -> int:
                                    val_size=args.val_size, image_size=args.image_size, shard_size=args.shard_size,
                                    max_turns=args.max_turns, pair_fraction=args.pair_fraction, force=args.force)
     report(args.out, m)
+    return 0
+
+
+def robot_demos_main(args: argparse.Namespace) -> int:
+    from mmfm.embodied.reach import write_demonstrations
+
+    with one_line_errors("mmfm data robot-demos"):
+        info = write_demonstrations(args.out, args.episodes, args.seed)
+    print(f"{args.out}: LeRobot data set of {info['total_episodes']} episodes, {info['total_frames']} frames")
     return 0
 
 

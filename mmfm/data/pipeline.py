@@ -453,7 +453,7 @@ class KeptShards:
         sample = encode_sample(record)
         if self.rule is None:
             return self.train.write(sample)
-        h = split_hash(record.source, record.key)
+        h = split_hash(record.source, record.group or record.key)
         if self.rule.fraction is not None and not self.rule.is_val(h):
             return self.train.write(sample)
         back = self.spool.add(h, sample)  # val_count: a sample pushed out of val goes to train
@@ -505,7 +505,7 @@ class KeptTexts:
     def add(self, record: Record) -> bool:
         self.texts.append(record.text)
         if self.rule is not None:
-            self.hashes.append(split_hash(record.source, record.key))
+            self.hashes.append(split_hash(record.source, record.group or record.key))
         return False
 
     def save(self, state: BuildState) -> None:
@@ -710,6 +710,12 @@ def _save_state(out: Path, recipe: Recipe, fingerprint: str, state: BuildState, 
                                        "state": state.to_json()})
 
 
+def source_summary(spec: dict) -> dict:
+    """What a source adds to its manifest entry (a robot data set: its statistics), recomputed from its input."""
+    source = build_source(spec)
+    return source.summary() if hasattr(source, "summary") else {}
+
+
 def _finish(out: Path, recipe: Recipe, fingerprint: str, state: BuildState, sink, version: str) -> dict:
     """Val shards, tokenizer and indexed files, then the manifest (last, atomically: a folder without one is no data
     set), then the build state is removed."""
@@ -720,7 +726,7 @@ def _finish(out: Path, recipe: Recipe, fingerprint: str, state: BuildState, sink
         "inputs_sha256": fingerprint, "records_read": state.consumed,
         "stages": _stage_report(recipe, state), "pii": dict(state.pii),
         "sources": {s["name"]: {"samples": state.sources.get(s["name"], 0), "license": s.get("license", ""),
-                                "type": s.get("type")} for s in recipe.sources},
+                                "type": s.get("type"), **source_summary(s)} for s in recipe.source_specs()},
     }
     if isinstance(sink, KeptShards):
         manifest["splits"] = sink.finish()

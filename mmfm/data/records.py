@@ -17,6 +17,7 @@ class Record:
     conversations: Optional[list[dict]] = None  # LLaVA turns: {"from": "human"|"gpt", "value": ...}
     license: str = ""
     meta: dict = field(default_factory=dict)
+    group: str = ""  # records of one group go to the same split (a robot episode's frames); default: the key
 
 
 @dataclass

@@ -21,6 +21,7 @@ Formats:
   meta (img2dataset: url, key, status, width, height, original_width, original_height, exif, sha256, ...).
 - text: UTF-8 `*.txt` files; one document per non-empty line, per file, or per paragraph.
 - indexed: a Megatron indexed dataset (`<path>.bin/.idx`), documents decoded with its tokenizer.json.
+- lerobot: a LeRobot robot data set, one record per frame with its state and action chunk (LeRobotSource).
 """
 
 from __future__ import annotations
@@ -560,8 +561,57 @@ class IndexedSource(Source):
             yield self._record(key, text=text) if text else self._drop(key, _Bad("empty_caption", "empty document"))
 
 
+class LeRobotSource(Source):
+    """A LeRobot data set (codebase v3.0 or v2.x, image features; mmfm.embodied.lerobot): one record per frame, the
+    episode's task as its text, the camera's frame as its image, and under meta["robot"] the episode and frame
+    indices, the proprioceptive state and the chunk of the next `horizon` actions (the episode's last one repeated
+    past its end, flagged in actions_pad). key = "episode_E/frame_T"; an episode's frames go to one split. A bad episode is one Dropped, key
+    "episode_E", reason missing_frames, wrong_dimension, nan_action or nan_state. The manifest records per source
+    the state and action statistics of the kept episodes (for normalization) under "robot"."""
+
+    def __init__(self, path, name: str, license: str = "", camera: str = "", horizon: int = 4):
+        from mmfm.embodied.lerobot import read_info
+
+        super().__init__(name, license)
+        self.root = _existing(path, name)
+        if int(horizon) < 1:
+            raise SourceError(f"source {name!r} (lerobot): horizon={horizon} must be at least 1 (actions per chunk)")
+        self.camera, self.horizon = camera, int(horizon)
+        self.info = read_info(self.root)
+
+    def __iter__(self) -> Iterator[Outcome]:
+        from mmfm.embodied.lerobot import BadEpisode, action_chunk, read_episodes
+
+        for episode in read_episodes(self.root, self.camera):
+            if isinstance(episode, BadEpisode):
+                yield self._drop(f"episode_{episode.index:06d}", _Bad(episode.reason, episode.detail))
+                continue
+            for t, image in enumerate(episode.images):
+                chunk, pad = action_chunk(episode.actions, t, self.horizon)
+                robot = {"episode": episode.index, "frame": t, "state": episode.states[t].tolist(),
+                         "actions": chunk.tolist(), "actions_pad": pad.tolist()}
+                yield self._record(f"episode_{episode.index:06d}/frame_{t:06d}", text=episode.task, images=[image],
+                                   meta={"robot": robot}, group=f"episode_{episode.index:06d}")
+
+    def summary(self) -> dict:
+        """The manifest's "robot" entry: what the records' numbers mean and their statistics."""
+        import numpy as np
+
+        from mmfm.embodied.lerobot import ACTION, STATE, Episode, pick_camera, read_episodes, stats
+
+        kept = [e for e in read_episodes(self.root, self.camera) if isinstance(e, Episode)]
+        if not kept:
+            return {"robot": {"episodes": 0}}
+        return {"robot": {"episodes": len(kept), "fps": self.info.get("fps"), "camera": pick_camera(self.info,
+                          self.camera), "horizon": self.horizon, "robot_type": self.info.get("robot_type"),
+                          "state_names": self.info["features"][STATE].get("names"),
+                          "action_names": self.info["features"][ACTION].get("names"),
+                          "state": stats(np.concatenate([e.states for e in kept])),
+                          "action": stats(np.concatenate([e.actions for e in kept]))}}
+
+
 SOURCE_TYPES = {"image_folder": ImageFolderSource, "jsonl": JsonlSource, "llava": LlavaSource,
-                "tar": TarShardSource, "text": TextSource, "indexed": IndexedSource}
+                "tar": TarShardSource, "text": TextSource, "indexed": IndexedSource, "lerobot": LeRobotSource}
 
 
 def build_source(spec: dict) -> Source:

@@ -181,3 +181,44 @@ def success_rate(policy, seeds, rng_seed: int = 0) -> float:
             _, _, terminated, truncated, info = env.step(policy(env.scene, rng))
         wins += info["success"]
     return wins / len(seeds)
+
+
+def record_demonstrations(seeds, noise: float = 0.1, rng_seed: int = 0) -> list:
+    """The scripted expert's successful episodes on these seeds, as LeRobot episodes (frames before each action,
+    the instruction as the task)."""
+    import io
+
+    from PIL import Image
+
+    from mmfm.embodied.lerobot import Episode
+
+    env, rng, episodes = ReachGraspEnv(), random.Random(rng_seed), []
+    for seed in seeds:
+        obs, info = env.reset(seed=int(seed))
+        images, states, actions = [], [], []
+        terminated = truncated = False
+        while not (terminated or truncated):
+            action = expert_action(env.scene, rng, noise)
+            buffer = io.BytesIO()
+            Image.fromarray(obs["image"]).save(buffer, format="PNG")
+            images.append(buffer.getvalue())
+            states.append(obs["state"])
+            actions.append(action)
+            obs, _, terminated, truncated, info = env.step(action)
+        if info["success"]:
+            episodes.append(Episode(len(episodes), info["instruction"], images, np.stack(states), np.stack(actions)))
+    return episodes
+
+
+FPS = 5
+
+
+def write_demonstrations(out, episodes: int, seed: int = 0) -> dict:
+    """`mmfm data robot-demos`: the expert on seeds seed .. seed + episodes - 1, as a LeRobot data set in `out`."""
+    from tqdm import tqdm
+
+    from mmfm.embodied.lerobot import write_dataset
+
+    seeds = tqdm(range(seed, seed + episodes), desc="recording", unit="episode", leave=False)
+    return write_dataset(out, record_demonstrations(seeds), fps=FPS, robot_type="mmfm-reach-grasp",
+                         state_names=["x", "y"], action_names=["dx", "dy", "grip"])
