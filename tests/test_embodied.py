@@ -189,3 +189,35 @@ def test_mmfm_data_robot_demos_writes_the_expert_s_episodes(tmp_path, capsys):
     assert len(episodes) == 4 and all(isinstance(e, Episode) for e in episodes)
     assert [e.task for e in episodes] == [e.task for e in record_demonstrations(range(50, 54))]
     assert "LeRobot data set of 4 episodes" in capsys.readouterr().out
+
+
+def _as_v21(v3: Path, out: Path) -> None:
+    """The same data set in codebase v2.1's layout: one parquet per episode, episodes and tasks as JSON lines."""
+    import pyarrow.parquet as pq
+
+    info = json.loads((v3 / "meta/info.json").read_text())
+    table = pq.read_table(v3 / "data/chunk-000/file-000.parquet")
+    (out / "meta").mkdir(parents=True)
+    (out / "data/chunk-000").mkdir(parents=True)
+    episodes = sorted(set(table.column("episode_index").to_pylist()))
+    tasks = pq.read_table(v3 / "meta/tasks.parquet").to_pydict()
+    for e in episodes:
+        rows = table.filter(pq.filters_to_expression([("episode_index", "=", e)]))
+        pq.write_table(rows, out / f"data/chunk-000/episode_{e:06d}.parquet")
+    lengths = {e: table.column("episode_index").to_pylist().count(e) for e in episodes}
+    (out / "meta/episodes.jsonl").write_text("".join(json.dumps({"episode_index": e, "tasks": [], "length": n}) + "\n"
+                                                     for e, n in lengths.items()))
+    (out / "meta/tasks.jsonl").write_text("".join(json.dumps({"task_index": i, "task": t}) + "\n"
+                                                  for i, t in zip(tasks["task_index"], tasks["task"])))
+    info.update(codebase_version="v2.1", total_chunks=1,
+                data_path="data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet")
+    (out / "meta/info.json").write_text(json.dumps(info))
+
+
+def test_a_codebase_v21_data_set_reads_as_its_v30_form(demos, tmp_path):
+    write_dataset(tmp_path / "v3", demos[:5], fps=5, robot_type="sim")
+    _as_v21(tmp_path / "v3", tmp_path / "v21")
+    got = list(read_episodes(tmp_path / "v21"))
+    assert len(got) == 5
+    for a, b in zip(got, demos[:5]):
+        assert a.task == b.task and a.images == b.images and np.array_equal(a.actions, b.actions)
