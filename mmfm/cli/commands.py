@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                   "[--language-only]` (LLaVA, or the language model's *ForCausalLM)"),
     "convert": ("mmfm.cli.convert", "a checkpoint between mmfm's format and DeepSpeed's ZeRO format, both ways: "
                                     "`mmfm convert RUN --to deepspeed --out DIR`, `mmfm convert DIR --to dcp --out RUN`"),
+    "rollout": ("mmfm.cli.rollout", "a vision-language-action policy (stage=vla) in closed loop on the simulated "
+                                    "pick-up task: success rate over seeded episodes, GIFs: `mmfm rollout RUN`"),
     "data": ("mmfm.cli.data", "data set tools: synthetic, instruction and preference data, recipe builds"),
     "bench": ("mmfm.cli.bench", "benchmarks: parallelism (CPU processes, gloo), kernels (GPU timing, CPU memory), "
                                 "data loading, Hugging Face import memory"),

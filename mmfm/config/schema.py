@@ -211,6 +211,17 @@ class DataConfig:
 
 
 @dataclass
+class VlaConfig:
+    """stage=vla: a vision-language-action policy on robot data (a lerobot source's shards; docs/embodied.md). action:
+    tokens (each normalized action dimension one of `bins` tokens, the vocabulary's last ids); horizon: the actions
+    predicted per step (at most the data's); state: the proprioceptive state as tokens in the prompt."""
+    action: str = "tokens"
+    bins: int = 64
+    horizon: int = 4
+    state: bool = True
+
+
+@dataclass
 class PreferenceConfig:
     """stage.objective=dpo: which preference loss (mmfm.train.alignment_losses) and its hyper-parameters."""
     loss: str = "dpo"  # dpo | cdpo | ipo | simpo | orpo
@@ -239,7 +250,7 @@ class GrpoConfig:
 @dataclass
 class StageConfig:
     """What a stage optimizes: pretrain (captions), sft (assistant turns of conversations), dpo (a preference
-    loss over answer pairs) or grpo (sampled answers scored by a reward). Same loop, layouts and checkpoints."""
+    loss over answer pairs), grpo (sampled answers scored by a reward) or vla (robot actions). Same loop, layouts and checkpoints."""
     objective: str = "pretrain"
     # Weights to start from when the run directory has no checkpoint yet: an earlier stage's run directory or
     # one of its checkpoints/step_* folders (model weights only: a fresh optimizer, step 0, fresh data).
@@ -249,6 +260,7 @@ class StageConfig:
     freeze: list[str] = field(default_factory=list)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    vla: VlaConfig = field(default_factory=VlaConfig)
 
 
 @dataclass

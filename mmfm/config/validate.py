@@ -157,7 +157,7 @@ def _validate_train(cfg: JobConfig) -> None:
 
 
 MODEL_PARTS = ("vision", "projector", "language")
-OBJECTIVES = ("pretrain", "sft", "dpo", "grpo")
+OBJECTIVES = ("pretrain", "sft", "dpo", "grpo", "vla")
 
 
 def _validate_stage(cfg: JobConfig) -> None:
@@ -178,6 +178,19 @@ def _validate_stage(cfg: JobConfig) -> None:
         _validate_preference(cfg)
     if st.objective == "grpo":
         _validate_grpo(cfg)
+    if st.objective == "vla":
+        _validate_vla(cfg)
+
+
+def _validate_vla(cfg: JobConfig) -> None:
+    v = cfg.stage.vla
+    _require(v.action == "tokens", f"stage.vla.action={v.action!r} is not built; use tokens (a flow-matching action "
+             "head is planned)")
+    _require(2 <= v.bins <= cfg.model.language.vocab_size // 2,
+             f"stage.vla.bins={v.bins} must be between 2 and half the vocabulary ({cfg.model.language.vocab_size})")
+    _require(v.horizon >= 1, f"stage.vla.horizon={v.horizon} must be at least 1")
+    _require(cfg.eval.num_samples == 0, "stage=vla is measured in closed loop, not by caption accuracy: set "
+             "eval.num_samples=0")
 
 
 def _validate_preference(cfg: JobConfig) -> None:

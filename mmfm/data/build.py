@@ -6,6 +6,7 @@ import dataclasses
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 from mmfm.config import JobConfig, image_tokens
 from mmfm.errors import ConfigError, MmfmError
@@ -67,8 +68,33 @@ def sample_encoder(cfg: JobConfig, tokenizer: TextTokenizer) -> SampleEncoder | 
     processor = image_processor(cfg.data.image, cfg.model.vision.image_size)
     if cfg.stage.objective == "pretrain":
         return SampleEncoder(tokenizer, cfg.data.prompt, image_tokens(cfg), processor, cfg.data.seq_len)
+    if cfg.stage.objective == "vla":
+        return vla_encoder(cfg, tokenizer, processor)
     return ConversationEncoder(tokenizer, ChatTemplate(**dataclasses.asdict(cfg.data.chat)), image_tokens(cfg),
                                processor, cfg.data.seq_len, cfg.stage.objective, cfg.data.prompt)
+
+
+def vla_encoder(cfg: JobConfig, tokenizer: TextTokenizer, processor=None, robot: Optional[dict] = None):
+    """stage=vla's encoder: the robot statistics (default: the data set manifest's), the action tokens at the
+    vocabulary's end."""
+    from mmfm.embodied.actions import VLAEncoder, action_tokens, robot_entry
+
+    v, vocab = cfg.stage.vla, cfg.model.language.vocab_size
+    robot = robot if robot is not None else robot_entry(read_manifest(cfg.data.path))
+    processor = processor or image_processor(cfg.data.image, cfg.model.vision.image_size)
+    if robot is None:
+        raise ConfigError(f"stage=vla needs robot data: {cfg.data.path} has no (single) lerobot source with "
+                          "statistics in its manifest; build it with `mmfm data build` from a lerobot source")
+    if robot.get("horizon", 0) < v.horizon:
+        raise ConfigError(f"stage.vla.horizon={v.horizon} but {cfg.data.path} holds chunks of {robot.get('horizon')} "
+                          "actions; lower the horizon or rebuild the data with a larger lerobot horizon")
+    if tokenizer.vocab_size > vocab - v.bins:
+        raise ConfigError(f"stage.vla.bins={v.bins} action tokens take the vocabulary's last ids, but the tokenizer "
+                          f"uses {tokenizer.vocab_size} of model.language.vocab_size={vocab}; lower the bins to at most "
+                          f"{vocab - tokenizer.vocab_size} or enlarge the vocabulary")
+    conversation = ConversationEncoder(tokenizer, ChatTemplate(**dataclasses.asdict(cfg.data.chat)), image_tokens(cfg),
+                                       processor, cfg.data.seq_len, "sft")
+    return VLAEncoder(conversation, action_tokens(robot, vocab, v.bins), v.horizon, v.state)
 
 
 def _stream(cfg: JobConfig, path: str, split: str, encoder, **kw) -> SampleStream:

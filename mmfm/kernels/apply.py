@@ -147,7 +147,7 @@ def resolve_kernels(kernels, device: torch.device, tp: int = 1, pp: int = 1, cp:
     reason = None
     if tp > 1 or pp > 1:
         reason = "under tensor or pipeline parallelism (the loss is taken from vocabulary-sharded or staged logits)"
-    elif objective not in ("pretrain", "sft"):
+    elif objective not in ("pretrain", "sft", "vla"):
         reason = f"for stage objective {objective!r} (it needs the logits)"
     if not _layout_allows("linear_cross_entropy", value, reason):
         choices["linear_cross_entropy"] = "torch"

@@ -42,7 +42,7 @@ def whole(logits: torch.Tensor) -> torch.Tensor:
 def generate(model: VisionLanguageModel, prompts: Sequence[Sequence[int]], pixel_values: Optional[torch.Tensor],
              max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 0.0, top_k: int = 0,
              generator: Optional[torch.Generator] = None, stop_early: bool = True,
-             multiple: int = 1) -> list[list[int]]:
+             multiple: int = 1, allowed: Optional[tuple[int, int]] = None) -> list[list[int]]:
     """New tokens for each prompt (without the prompt), each ending before its first EOS.
 
     temperature 0 is greedy decoding. Prompts may differ in length: they are left-padded, and padding
@@ -50,6 +50,7 @@ def generate(model: VisionLanguageModel, prompts: Sequence[Sequence[int]], pixel
     even when every answer has ended (sharded models whose ranks must run the same forwards). multiple: every
     forward's length a multiple of it (sequence parallelism splits the sequence over the tp ranks): the prompt is
     left-padded to one, and each step decodes its token followed by padding that no real token attends to.
+    allowed: (first, end): only ids in [first, end) are decoded (a policy's action tokens).
     """
     device = next(model.parameters()).device
     ids, valid = left_pad(prompts, pad_id, device, multiple)
@@ -70,8 +71,12 @@ def generate(model: VisionLanguageModel, prompts: Sequence[Sequence[int]], pixel
     out: list[list[int]] = [[] for _ in range(batch)]
     never = model.cfg.image_token_id  # an image placeholder is input only, never an answer
     for step in range(max_new_tokens):
-        token = _pick(logits.index_fill(-1, torch.tensor([never], device=device), float("-inf")), temperature,
-                      top_k, generator)
+        logits = logits.index_fill(-1, torch.tensor([never], device=device), float("-inf"))
+        if allowed is not None:
+            outside = torch.ones(logits.shape[-1], dtype=torch.bool, device=device)
+            outside[allowed[0]:allowed[1]] = False
+            logits = logits.masked_fill(outside, float("-inf"))
+        token = _pick(logits, temperature, top_k, generator)
         for row in torch.nonzero(~done).flatten().tolist():
             if token[row].item() == eos_id:
                 done[row] = True

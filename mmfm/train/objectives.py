@@ -178,7 +178,7 @@ def prompt_samples(batch: Batch) -> list[EncodedSample]:
     return samples
 
 
-OBJECTIVES = ("pretrain", "sft", "dpo", "grpo")
+OBJECTIVES = ("pretrain", "sft", "dpo", "grpo", "vla")
 
 
 def build_objective(stage: StageConfig):

@@ -83,6 +83,14 @@ def write_resolved_config(cfg: JobConfig, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
+def write_robot_card(cfg: JobConfig, run_dir: Path) -> None:
+    """stage=vla: the data's robot statistics beside the checkpoints, for the policy to decode actions with."""
+    from mmfm.data.manifest import read_manifest
+    from mmfm.embodied.actions import ROBOT_CARD, robot_entry
+
+    (run_dir / ROBOT_CARD).write_text(json.dumps(robot_entry(read_manifest(cfg.data.path)), indent=2))
+
+
 def scalar(t) -> float:
     if isinstance(t, (int, float)):
         return float(t)
@@ -508,6 +516,8 @@ class Trainer:
         if self.main:
             write_resolved_config(self.cfg, self.run_dir)
             copy_tokenizer(Path(self.cfg.data.path), self.run_dir)
+            if self.cfg.stage.objective == "vla":
+                write_robot_card(self.cfg, self.run_dir)
         self.model.train()
         metrics = MetricsLogger(self.cfg, self.run_dir, self.step, enabled=self.main)
         t = self.cfg.train
