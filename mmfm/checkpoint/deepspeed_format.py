@@ -218,6 +218,22 @@ def _discard(partial: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def conversion(cfg: JobConfig, device: torch.device, out: Path):
+    """(the ZeRO engine, the hidden folder to write into) of a conversion: the folder published onto `out` when the
+    body completes, removed when it fails."""
+    runner = build_runner(cfg, device)
+    partial = _new_folder(out)
+    try:
+        yield runner, partial
+        _publish(partial, out)
+    except BaseException:
+        _discard(partial)
+        raise
+    finally:
+        runner.close()
+
+
 def _copy_run_files(config: Path, tokenizer: Path, dst: Path) -> None:
     """The run's config and tokenizer, which export, eval and resume read beside the checkpoint."""
     if is_main_process():
@@ -241,10 +257,7 @@ def to_deepspeed(source: Path, out: Path, zero_stage: int) -> Path:
     device = start_group()
     run_dir, ckpt = find_checkpoint(Path(source))
     cfg = engine_config(load_run_config(run_dir / CONFIG_FILE), zero_stage)
-    out = check_out(out)
-    runner = build_runner(cfg, device)
-    partial = _new_folder(out)
-    try:
+    with conversion(cfg, device, check_out(out)) as (runner, partial):
         trainer_state = CheckpointManager.inspect(ckpt, model_shapes(cfg))
         model, optim = runner.state_dicts()
         state = {"model": model, "optim": optim}
@@ -257,13 +270,7 @@ def to_deepspeed(source: Path, out: Path, zero_stage: int) -> Path:
         client = {CLIENT_KEY: {"trainer_state": trainer_state, "rng": rng_state()}}
         runner.engine.save_checkpoint(str(partial), tag=ckpt.name, client_state=client)
         _copy_run_files(run_dir / CONFIG_FILE, run_dir / TOKENIZER_FILE, partial)
-        _publish(partial, out)
-    except BaseException:
-        _discard(partial)
-        raise
-    finally:
-        runner.close()
-    return out
+    return Path(out)
 
 
 def to_dcp(source: Path, out: Path, config: Optional[Path] = None) -> Path:
@@ -282,10 +289,7 @@ def to_dcp(source: Path, out: Path, config: Optional[Path] = None) -> Path:
         raise CheckpointError(f"{root} holds no {CONFIG_FILE} of the run (mmfm convert writes one): give the run's "
                               "config with --config RUN_DIR/config.yaml")
     cfg = engine_config(load_run_config(config_path), stage)
-    out = check_out(out)
-    runner = build_runner(cfg, device)
-    partial = _new_folder(out)
-    try:
+    with conversion(cfg, device, check_out(out)) as (runner, partial):
         with weights_only_loads():
             loaded, client = runner.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                                            load_lr_scheduler_states=True)
@@ -301,10 +305,4 @@ def to_dcp(source: Path, out: Path, config: Optional[Path] = None) -> Path:
         set_rng_state(ours["rng"])
         _copy_run_files(config_path, root / TOKENIZER_FILE, partial)
         CheckpointManager(partial / "checkpoints").save(step, None, None, trainer_state, runner.state_dicts())
-        _publish(partial, out)
-    except BaseException:
-        _discard(partial)
-        raise
-    finally:
-        runner.close()
-    return out
+    return Path(out)
