@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from mmfm.embodied.reach import (GRASP_RADIUS, MAX_STEPS, ReachGraspEnv, blind_action, expert_action, new_scene,
                                  random_action, success_rate)
@@ -345,3 +346,19 @@ def test_vla_on_data_without_room_or_robot_is_one_line(robot_data, synth_dir):
     cfg = load_config([f"data.path={synth_dir}", *VLA_MODEL])
     with pytest.raises(ConfigError, match=r"stage=vla needs robot data: .* has no \(single\) lerobot source"):
         sample_encoder(cfg, load_tokenizer(cfg))
+
+
+def test_the_vla_stage_under_fsdp2_equals_one_process(robot_data, tmp_path):
+    """stage=vla, 3 AdamW steps of 8 samples in 2 micro-batches: FSDP2 on 2 gloo processes against one process,
+    losses rel 1e-5, parameters atol 1e-4 (as tests/test_parallel_equivalence.py)."""
+    from parallel_runs import run_layout
+
+    common = [f"data.path={robot_data}", *VLA_MODEL, "train.max_steps=3", "train.schedule.warmup_steps=1",
+              "train.grad_accum_steps=2", "train.val_every=0", "checkpoint.every=0", "data.partitions=4"]
+    one = run_layout(1, [*common, "data.batch_size=4"], tmp_path / "one")
+    two = run_layout(2, [*common, "data.batch_size=2", "parallel=fsdp2"], tmp_path / "two")
+    assert sorted(two["losses"]) == [1, 2, 3]
+    for step, loss in one["losses"].items():
+        assert two["losses"][step] == pytest.approx(loss, rel=1e-5), step
+    for name, value in one["params"].items():
+        torch.testing.assert_close(two["params"][name], value, rtol=0, atol=1e-4, msg=name)
