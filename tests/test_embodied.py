@@ -43,18 +43,20 @@ def test_a_grasp_ends_the_episode_and_succeeds_only_on_the_named_object():
     scene = env.scene
     _, _, x, y = scene.objects[1]  # a distractor
     scene.gripper = np.array([x, y], dtype=np.float32)
-    _, reward, terminated, truncated, info = env.step([0.0, 0.0, 1.0])
+    _, reward, terminated, truncated, info = env.step([2 * x - 1, 2 * y - 1, 1.0])  # close where it is
     assert (reward, terminated, truncated, info["success"]) == (0.0, True, False, False)
     with pytest.raises(RuntimeError, match="after the episode ended"):
         env.step([0.0, 0.0, 1.0])
     env.reset(seed=3)
-    env.scene.gripper = env.scene.target + np.float32(GRASP_RADIUS * 0.9)  / np.sqrt(2)
-    _, reward, terminated, _, info = env.step([0.0, 0.0, 1.0])
+    env.scene.gripper = env.scene.target + np.float32(GRASP_RADIUS * 0.9) / np.sqrt(2)
+    x, y = env.scene.gripper
+    _, reward, terminated, _, info = env.step([2 * x - 1, 2 * y - 1, 1.0])
     assert (reward, terminated, info["success"]) == (1.0, True, True)
     env.reset(seed=3)
     for step in range(MAX_STEPS):  # never closing: truncated at the step limit
         _, _, terminated, truncated, _ = env.step([0.0, 0.0, -1.0])
     assert truncated and not terminated
+    assert np.allclose(env.scene.gripper, 0.5)  # position control: it went to the point (0, 0) names, the centre
 
 
 # -- LeRobot data sets -------------------------------------------------------------------------------------------
@@ -89,7 +91,7 @@ def test_demonstrations_round_trip_through_the_lerobot_layout(demos, tmp_path):
     for a, b in zip(got, demos):
         assert a.images == b.images and np.array_equal(a.states, b.states) and np.array_equal(a.actions, b.actions)
     stats = json.loads((tmp_path / "ds/meta/stats.json").read_text())
-    np.testing.assert_allclose(stats["action"]["mean"], np.concatenate([e.actions for e in demos]).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats["action"]["mean"], np.concatenate([e.actions for e in demos]).mean(0), atol=1e-6)
 
 
 def test_a_data_set_lerobot_itself_wrote_is_read():
@@ -142,7 +144,7 @@ def test_bad_episodes_are_dropped_and_counted_by_reason(demos, tmp_path):
     assert m["stages"]["written"] == sum(len(e.images) for e in kept)
     robot = m["sources"]["sim"]["robot"]
     assert robot["episodes"] == 8 and robot["horizon"] == 3
-    np.testing.assert_allclose(robot["action"]["mean"], np.concatenate([e.actions for e in kept]).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(robot["action"]["mean"], np.concatenate([e.actions for e in kept]).mean(0), atol=1e-6)
     samples = {split: [json.loads(s) for s in _json_members(tmp_path / "out", split)] for split in ("train", "val")}
     episodes = {split: {s["meta"]["robot"]["episode"] for s in rows} for split, rows in samples.items()}
     assert episodes["val"] and not episodes["val"] & episodes["train"]
@@ -239,10 +241,11 @@ VLA_MODEL = ["model.vision.hidden_size=64", "model.vision.num_layers=1", "model.
 def test_action_tokens_keep_the_expert_s_success(demos):
     """The expert's actions through 64 bins and back: each within half a bin of itself (normalized), and the
     quantized expert still succeeds >= 95% in closed loop."""
-    robot = {"action": value_stats(np.concatenate([e.actions for e in demos])),
-             "state": value_stats(np.concatenate([e.states for e in demos]))}
+    many = record_demonstrations(range(200))  # q01-q99 of 12 episodes would clip real targets
+    robot = {"action": value_stats(np.concatenate([e.actions for e in many])),
+             "state": value_stats(np.concatenate([e.states for e in many]))}
     tokens = action_tokens(robot, vocab_size=512, bins=64)
-    actions = np.concatenate([e.actions for e in demos])
+    actions = np.clip(np.concatenate([e.actions for e in demos]), tokens.action.low, tokens.action.high)
     ids = tokens.encode_actions(actions)
     assert min(ids) >= 512 - 64 and max(ids) < 512
     back = tokens.decode_actions(ids)
@@ -305,7 +308,7 @@ def test_a_vla_run_trains_and_its_policy_acts_in_closed_loop(robot_data, tmp_pat
                        "train.val_every=0", "logger.log_every=10"])
     losses = Trainer(cfg, tmp_path / "run").fit()["losses"]
     # from ln(512) = 6.24 (uniform over the vocabulary) to below ln(32) = 3.47 (uniform over the 32 action bins):
-    # it has learned which bins, not only that action tokens come (2.92 measured)
+    # it has learned which bins, not only that action tokens come (3.02 measured)
     assert losses[1] > 6.0 and losses[40] < 3.25, losses
     policy = Policy.from_checkpoint(tmp_path / "run")
     env = ReachGraspEnv()

@@ -2,9 +2,9 @@
 
 A planar gripper over a table with three objects drawn as the demo's captioner sees them (mmfm.data.synth: its
 colours and shapes). The instruction names one ("pick up the red circle."); the others are distractors that share its
-colour or its shape, so neither word alone tells which one. An action is (dx, dy, grip) in [-1, 1]: the gripper moves
-by (dx, dy) x MAX_STEP, and grip > 0 closes it, which ends the episode: a success when the gripper is over the named
-object. Episodes are deterministic from their seed, cheap on a CPU (a 64 x 64 image per step), and end after
+colour or its shape, so neither word alone tells which one. An action is (x, y, grip) in [-1, 1], position control
+as on most arms: the gripper moves toward the point (x, y) of the table (mapped from [-1, 1] to [0, 1]) by at most
+MAX_STEP, and grip > 0 closes it, which ends the episode: a success when the gripper is over the named object. Episodes are deterministic from their seed, cheap on a CPU (a 64 x 64 image per step), and end after
 MAX_STEPS steps without a grasp.
 """
 
@@ -125,7 +125,10 @@ class ReachGraspEnv(gym.Env):
         if scene is None or scene.done:
             raise RuntimeError("step() after the episode ended: call reset()")
         action = np.clip(np.asarray(action, dtype=np.float32).reshape(3), -1.0, 1.0)
-        scene.gripper = np.clip(scene.gripper + action[:2] * MAX_STEP, 0.0, 1.0).astype(np.float32)
+        delta = (action[:2] + 1.0) / 2.0 - scene.gripper
+        distance = float(np.linalg.norm(delta))
+        move = delta if distance <= MAX_STEP else delta * (MAX_STEP / distance)
+        scene.gripper = np.clip(scene.gripper + move, 0.0, 1.0).astype(np.float32)
         scene.steps += 1
         if action[2] > 0:
             scene.done = True
@@ -144,17 +147,14 @@ class ReachGraspEnv(gym.Env):
 
 
 def toward(point: np.ndarray, gripper: np.ndarray, rng: random.Random, noise: float) -> np.ndarray:
-    """Move toward point at full speed (slower when close), close the gripper once over it."""
-    delta = (np.asarray(point) - gripper) / MAX_STEP
-    norm = float(np.linalg.norm(delta))
-    move = delta / norm if norm > 1 else delta
-    move = move + np.array([rng.gauss(0, noise), rng.gauss(0, noise)])
-    grip = 1.0 if norm * MAX_STEP <= GRASP_RADIUS / 2 else -1.0
-    return np.array([*np.clip(move, -1, 1), grip], dtype=np.float32)
+    """Aim at point (with Gaussian noise of `noise` table widths), close the gripper once over it."""
+    goal = np.asarray(point, dtype=np.float64) + np.array([rng.gauss(0, noise), rng.gauss(0, noise)])
+    grip = 1.0 if float(np.linalg.norm(np.asarray(point) - gripper)) <= GRASP_RADIUS / 2 else -1.0
+    return np.array([*np.clip(2.0 * goal - 1.0, -1, 1), grip], dtype=np.float32)
 
 
-def expert_action(scene: Scene, rng: random.Random, noise: float = 0.1) -> np.ndarray:
-    """The scripted expert: straight to the named object, with a little noise (varied demonstrations)."""
+def expert_action(scene: Scene, rng: random.Random, noise: float = 0.01) -> np.ndarray:
+    """The scripted expert: aims at the named object, with a little noise (varied demonstrations)."""
     return toward(scene.target, scene.gripper, rng, noise)
 
 
@@ -183,7 +183,7 @@ def success_rate(policy, seeds, rng_seed: int = 0) -> float:
     return wins / len(seeds)
 
 
-def record_demonstrations(seeds, noise: float = 0.1, rng_seed: int = 0) -> list:
+def record_demonstrations(seeds, noise: float = 0.01, rng_seed: int = 0) -> list:
     """The scripted expert's successful episodes on these seeds, as LeRobot episodes (frames before each action,
     the instruction as the task)."""
     import io
@@ -221,4 +221,4 @@ def write_demonstrations(out, episodes: int, seed: int = 0) -> dict:
 
     seeds = tqdm(range(seed, seed + episodes), desc="recording", unit="episode", leave=False)
     return write_dataset(out, record_demonstrations(seeds), fps=FPS, robot_type="mmfm-reach-grasp",
-                         state_names=["x", "y"], action_names=["dx", "dy", "grip"])
+                         state_names=["x", "y"], action_names=["x", "y", "grip"])
