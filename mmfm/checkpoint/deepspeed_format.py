@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import os
 import pickle
 import shutil
 import zipfile
@@ -30,8 +29,8 @@ from mmfm.checkpoint.errors import CheckpointError
 from mmfm.checkpoint.manager import CheckpointManager, find_checkpoint, rng_state, set_rng_state
 from mmfm.config.load import load_run_config
 from mmfm.config.schema import JobConfig
-from mmfm.data.tokenizer import TOKENIZER_FILE
-from mmfm.parallel.distributed import barrier, is_main_process
+from mmfm.data.tokenizer import copy_tokenizer
+from mmfm.parallel.distributed import barrier, env_world_size, is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +154,7 @@ def engine_config(cfg: JobConfig, zero_stage: int) -> JobConfig:
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    return dist.get_world_size() if dist.is_initialized() else env_world_size()
 
 
 def start_group() -> torch.device:
@@ -234,12 +233,11 @@ def conversion(cfg: JobConfig, device: torch.device, out: Path):
         runner.close()
 
 
-def _copy_run_files(config: Path, tokenizer: Path, dst: Path) -> None:
-    """The run's config and tokenizer, which export, eval and resume read beside the checkpoint."""
+def _copy_run_files(config: Path, tokenizer_dir: Path, dst: Path) -> None:
+    """The run's config and tokenizer files, which export, eval and resume read beside the checkpoint."""
     if is_main_process():
         shutil.copyfile(config, dst / CONFIG_FILE)
-        if tokenizer.is_file():
-            shutil.copyfile(tokenizer, dst / TOKENIZER_FILE)
+        copy_tokenizer(tokenizer_dir, dst)
 
 
 # -- the two directions -----------------------------------------------------------------------------------------
@@ -269,7 +267,7 @@ def to_deepspeed(source: Path, out: Path, zero_stage: int) -> Path:
         runner.engine.global_samples = step * runner.engine.train_batch_size()
         client = {CLIENT_KEY: {"trainer_state": trainer_state, "rng": rng_state()}}
         runner.engine.save_checkpoint(str(partial), tag=ckpt.name, client_state=client)
-        _copy_run_files(run_dir / CONFIG_FILE, run_dir / TOKENIZER_FILE, partial)
+        _copy_run_files(run_dir / CONFIG_FILE, run_dir, partial)
     return Path(out)
 
 
@@ -303,6 +301,6 @@ def to_dcp(source: Path, out: Path, config: Optional[Path] = None) -> Path:
         trainer_state = dict(ours["trainer_state"])
         step = int(trainer_state.pop("step"))
         set_rng_state(ours["rng"])
-        _copy_run_files(config_path, root / TOKENIZER_FILE, partial)
+        _copy_run_files(config_path, root, partial)
         CheckpointManager(partial / "checkpoints").save(step, None, None, trainer_state, runner.state_dicts())
     return Path(out)
