@@ -272,28 +272,79 @@ def robot_data(synth_dir, tmp_path_factory):
     return root / "data"
 
 
-def test_the_vla_encoder_puts_the_loss_on_the_action_chunk(robot_data):
+def padded_sample(data) -> dict:
+    """The first training sample whose action chunk runs past its episode's end."""
+    import tarfile
+
+    with tarfile.open(sorted(data.glob("train-*.tar"))[0]) as tar:
+        members = tar.getmembers()
+        for image, meta in zip(members[::2], members[1::2]):  # one sample's members: KEY.0.png, KEY.json
+            raw = {"__key__": "0", "0.png": tar.extractfile(image).read(), "json": tar.extractfile(meta).read()}
+            if any(json.loads(raw["json"])["meta"]["robot"]["actions_pad"]):
+                return raw
+    raise AssertionError("no padded chunk in the data")
+
+
+@pytest.mark.parametrize("pad_loss", [True, False])
+def test_the_vla_encoder_puts_the_loss_on_the_action_chunk(robot_data, pad_loss):
+    """The state's tokens end the prompt; the chunk's tokens then eos carry the loss, the padding (the final action
+    repeated past the episode's end, which teaches when to grasp) only with stage.vla.pad_loss."""
     from mmfm.config import load_config
     from mmfm.data.build import load_tokenizer, sample_encoder
     from mmfm.data.loader import IGNORE_INDEX
 
-    cfg = load_config([f"data.path={robot_data}", *VLA_MODEL])
-    import tarfile
-
+    cfg = load_config([f"data.path={robot_data}", *VLA_MODEL, f"stage.vla.pad_loss={pad_loss}"])
     encoder = sample_encoder(cfg, load_tokenizer(cfg))
-    with tarfile.open(sorted(robot_data.glob("train-*.tar"))[0]) as tar:
-        image, meta = tar.getmembers()[:2]  # one sample's members: 000000000.0.png, 000000000.json
-        raw = {"__key__": "0", "0.png": tar.extractfile(image).read(), "json": tar.extractfile(meta).read()}
-    raw_meta = json.loads(raw["json"])
+    raw = padded_sample(robot_data)
     sample = encoder(raw)
-    robot = raw_meta["meta"]["robot"]
+    robot = json.loads(raw["json"])["meta"]["robot"]
     tokens = encoder.tokens
     carried = [i for i, t in enumerate(sample.targets) if t != IGNORE_INDEX]
-    real = sum(not p for p in robot["actions_pad"]) * 3
-    assert len(carried) == real + 1  # the real actions' tokens and eos
+    real = sum(not p for p in robot["actions_pad"][:4]) * 3
+    assert len(carried) == (4 * 3 if pad_loss else real) + 1 and real < 4 * 3  # the action tokens and eos
+    assert carried[0] == sample.prompt_len - 1
     assert sample.input_ids[sample.prompt_len - 2: sample.prompt_len] == tokens.encode_state(robot["state"])
-    assert sample.input_ids[sample.prompt_len: sample.prompt_len + 12] == tokens.encode_actions(robot["actions"])
+    assert sample.input_ids[sample.prompt_len: sample.prompt_len + 12] == tokens.encode_actions(robot["actions"][:4])
     assert sample.targets[sample.prompt_len - 1] == sample.input_ids[sample.prompt_len]
+
+
+def test_ordinal_bins_start_close_to_their_neighbours():
+    """stage.vla.bin_init=ordinal: each row as long as asked; a bin's neighbours start similar to it (random rows:
+    about 0.1 either way) and the farther bins no more than a quarter."""
+    from mmfm.embodied.actions import ordinal_bin_embeddings
+
+    rows = ordinal_bin_embeddings(64, 128, norm=0.5)
+    assert torch.allclose(rows.norm(dim=1), torch.full((64,), 0.5), atol=1e-5)
+    similarity = torch.nn.functional.cosine_similarity(rows[:, None], rows[None], dim=-1)
+    distance = (torch.arange(64)[:, None] - torch.arange(64)[None]).abs()
+    assert similarity[distance == 1].min() > 0.6
+    assert similarity[distance >= 2].abs().max() < 0.25
+
+
+def test_soft_bin_targets_cost_less_one_bin_off():
+    """stage.vla.label_sigma: targets spread as a Gaussian over the bins; predicting the neighbour of the right bin
+    then costs less than a far bin (one-hot targets charge both the same); a tiny sigma is the one-hot loss."""
+    from types import SimpleNamespace
+
+    from mmfm.train.objectives import ActionObjective, next_token_loss, soft_bin_targets
+
+    vocab, bins = 40, 16
+    weights = soft_bin_targets(torch.tensor([30, 24]), vocab, bins, sigma=1.5)
+    assert torch.allclose(weights.sum(dim=1), torch.ones(2)) and weights.argmax(dim=1).tolist() == [6, 0]
+    targets = torch.tensor([[3, 30, -100]])
+
+    def loss(predicted: int, sigma: float) -> float:
+        logits = torch.zeros(1, 3, vocab)
+        logits[0, 0, 3] = logits[0, 1, predicted] = 8.0
+        batch = SimpleNamespace(targets=targets)
+        return float(ActionObjective(bins, sigma)(lambda _: logits, batch, None)[0])
+
+    assert loss(31, 1.5) < loss(38, 1.5) - 1
+    assert loss(31, 0.0) == pytest.approx(loss(38, 0.0))
+    logits = torch.randn(1, 3, vocab)
+    hard = next_token_loss(logits, targets)[0]
+    assert float(ActionObjective(bins, 1e-3)(lambda _: logits, SimpleNamespace(targets=targets), None)[0]) \
+        == pytest.approx(float(hard), rel=1e-5)
 
 
 def test_a_vla_run_trains_and_its_policy_acts_in_closed_loop(robot_data, tmp_path, capsys):
@@ -327,6 +378,8 @@ def test_a_vla_run_trains_and_its_policy_acts_in_closed_loop(robot_data, tmp_pat
 @pytest.mark.parametrize("overrides, message", [
     (["eval.num_samples=10"], r"stage=vla is measured in closed loop, not by caption accuracy: set eval.num_samples=0"),
     (["stage.vla.action=flow"], r"stage.vla.action='flow' is not built; use tokens"),
+    (["stage.vla.bin_init=sine"], r"stage.vla.bin_init='sine' is unknown; use ordinal or keep"),
+    (["stage.vla.label_sigma=-1"], r"stage.vla.label_sigma=-1.0 must be >= 0"),
 ])
 def test_a_bad_vla_config_is_one_line(overrides, message, robot_data, tmp_path):
     from mmfm.config import load_config

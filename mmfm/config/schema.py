@@ -219,6 +219,10 @@ class VlaConfig:
     bins: int = 64
     horizon: int = 4
     state: bool = True
+    instruction_first: bool = True  # the instruction before the image in the prompt, so the image's tokens see it
+    pad_loss: bool = True  # the chunk's padding (the final action repeated past the episode's end) carries loss
+    bin_init: str = "ordinal"  # ordinal: the bins' embeddings start as smooth functions of the bin | keep
+    label_sigma: float = 0.0  # > 0: Gaussian soft targets over neighbouring bins (std in bins), as HL-Gauss
 
 
 @dataclass

@@ -189,6 +189,10 @@ def _validate_vla(cfg: JobConfig) -> None:
     _require(2 <= v.bins <= cfg.model.language.vocab_size // 2,
              f"stage.vla.bins={v.bins} must be between 2 and half the vocabulary ({cfg.model.language.vocab_size})")
     _require(v.horizon >= 1, f"stage.vla.horizon={v.horizon} must be at least 1")
+    _require(v.bin_init in ("ordinal", "keep"), f"stage.vla.bin_init={v.bin_init!r} is unknown; use ordinal or keep")
+    _require(v.label_sigma >= 0, f"stage.vla.label_sigma={v.label_sigma} must be >= 0 (0: one-hot targets)")
+    _require(v.label_sigma == 0 or cfg.parallel.pp == 1, f"stage.vla.label_sigma={v.label_sigma} is not supported "
+             f"with parallel.pp={cfg.parallel.pp} (pipeline stages take the one-hot loss); set it to 0")
     _require(cfg.eval.num_samples == 0, "stage=vla is measured in closed loop, not by caption accuracy: set "
              "eval.num_samples=0")
 
@@ -296,12 +300,12 @@ def _validate_device(cfg: JobConfig) -> torch.device:
 
 
 def _validate_kernels(cfg: JobConfig, device: torch.device) -> dict[str, str]:
-    from mmfm.kernels.apply import resolve_kernels
+    from mmfm.kernels.apply import loss_objective, resolve_kernels
 
     p = cfg.parallel
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     try:
-        return resolve_kernels(cfg.kernels, device, p.tp, p.pp, p.cp, cfg.stage.objective, dtype)
+        return resolve_kernels(cfg.kernels, device, p.tp, p.pp, p.cp, loss_objective(cfg.stage), dtype)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -93,10 +93,19 @@ class VLAEncoder:
     tokens: ActionTokens
     horizon: int
     use_state: bool = True
+    pad_loss: bool = True
+    instruction_first: bool = True
+
+    def question(self, instruction: str) -> str:
+        """The human turn: the instruction before the image lets the image's tokens attend to it (which object to
+        look for), as RT-1 conditions its image encoder on the instruction; after it, only the tokens that follow
+        the image can."""
+        image = self.conversation.template.image_placeholder
+        return f"{instruction}\n{image}" if self.instruction_first else f"{image}\n{instruction}"
 
     def prompt(self, instruction: str, state) -> list[int]:
         enc = self.conversation
-        turns = [{"from": "human", "value": enc.template.image_placeholder + "\n" + instruction},
+        turns = [{"from": "human", "value": self.question(instruction)},
                  {"from": "gpt", "value": ""}]
         whole = enc.encode(turns, [None], "")
         ids = whole.input_ids[: whole.prompt_len]
@@ -114,7 +123,7 @@ class VLAEncoder:
         prompt = self.prompt(str(meta.get("caption", "")), robot["state"])
         dims = len(actions[0])
         answer = self.tokens.encode_actions(actions[: self.horizon])
-        carries = [not p for p in pad[: self.horizon] for _ in range(dims)]
+        carries = [self.pad_loss or not p for p in pad[: self.horizon] for _ in range(dims)]
         eos = self.conversation.tokenizer.eos_id
         ids = prompt + answer + [eos]
         loss = [False] * len(prompt) + carries + [True]
@@ -129,3 +138,19 @@ def robot_entry(manifest: dict) -> Optional[dict]:
     entries = [s["robot"] for s in (manifest.get("sources") or {}).values()
                if isinstance(s, dict) and isinstance(s.get("robot"), dict) and s["robot"].get("episodes")]
     return entries[0] if len(entries) == 1 else None
+
+
+def ordinal_bin_embeddings(bins: int, dim: int, norm: float, seed: int = 0) -> "torch.Tensor":
+    """[bins, dim] rows that vary smoothly with the bin: Fourier features of the bin's centre t in [0, 1]
+    (cos and sin of pi k t, k = 1..K) along random orthonormal directions, each row of length `norm`. Neighbouring
+    bins start close and far ones apart, so an answer one bin off is nearly right from the first step (random rows
+    make every wrong bin equally wrong)."""
+    import torch
+
+    k = max(1, min(dim // 4, bins // 2))
+    generator = torch.Generator().manual_seed(seed)
+    directions, _ = torch.linalg.qr(torch.randn(dim, 2 * k, generator=generator, dtype=torch.float64))
+    t = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+    angles = torch.pi * t[:, None] * torch.arange(1, k + 1, dtype=torch.float64)[None, :]
+    features = torch.cat([angles.cos(), angles.sin()], dim=1) / k ** 0.5
+    return (features @ directions.T * norm).float()

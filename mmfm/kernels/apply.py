@@ -128,6 +128,14 @@ def _layout_allows(op: str, value: str, reason: Optional[str]) -> bool:
     return False
 
 
+TOKEN_LOSS_OBJECTIVES = ("pretrain", "sft", "vla")  # a plain next-token loss: the fused kernel can take it
+
+
+def loss_objective(stage) -> str:
+    """The stage's objective as the fused loss kernel sees it: vla with soft bin targets needs the logits."""
+    return "vla with label_sigma > 0" if stage.objective == "vla" and stage.vla.label_sigma > 0 else stage.objective
+
+
 def resolve_kernels(kernels, device: torch.device, tp: int = 1, pp: int = 1, cp: int = 1,
                     objective: str = "pretrain", dtype: torch.dtype = torch.float32) -> dict[str, str]:
     """One choice per op: 'triton' or 'torch' for the element-wise ops, 'triton' / 'chunked' / 'torch' for
@@ -147,7 +155,7 @@ def resolve_kernels(kernels, device: torch.device, tp: int = 1, pp: int = 1, cp:
     reason = None
     if tp > 1 or pp > 1:
         reason = "under tensor or pipeline parallelism (the loss is taken from vocabulary-sharded or staged logits)"
-    elif objective not in ("pretrain", "sft", "vla"):
+    elif objective not in TOKEN_LOSS_OBJECTIVES:
         reason = f"for stage objective {objective!r} (it needs the logits)"
     if not _layout_allows("linear_cross_entropy", value, reason):
         choices["linear_cross_entropy"] = "torch"

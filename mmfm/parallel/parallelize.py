@@ -22,7 +22,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from mmfm.checkpoint.hf_vlm import load_pretrained
 from mmfm.config import JobConfig
-from mmfm.kernels.apply import apply_kernels, resolve_kernels
+from mmfm.kernels.apply import apply_kernels, loss_objective, resolve_kernels
 from mmfm.models import build_model, model_spec
 from mmfm.models.init import init_parameters
 from mmfm.models.lora import apply_lora
@@ -110,7 +110,7 @@ def parallelize(cfg: JobConfig, dims: ParallelDims, device: torch.device, mesh=N
     containers = model_spec(cfg.model).block_containers(cfg.model)
     whole = build_model(cfg.model, "meta")
     if kernels is None:
-        kernels = resolve_kernels(cfg.kernels, device, dims.tp, dims.pp, dims.cp, cfg.stage.objective,
+        kernels = resolve_kernels(cfg.kernels, device, dims.tp, dims.pp, dims.cp, loss_objective(cfg.stage),
                                   compute_dtype(cfg))
     apply_kernels(whole, kernels)
     stages, layers = [0], []

@@ -48,6 +48,35 @@ class TokenObjective:
         return next_token_loss(policy(batch), batch.targets)[0], {}
 
 
+def soft_bin_targets(targets: torch.Tensor, vocab: int, bins: int, sigma: float) -> torch.Tensor:
+    """[N, bins] Gaussian weights (std sigma bins) around each target bin, summing to 1 (HL-Gauss's discretized
+    Gaussian: the bins' ordering made part of the loss)."""
+    centres = (targets - (vocab - bins)).to(torch.float32)[:, None]
+    grid = torch.arange(bins, device=targets.device, dtype=torch.float32)[None, :]
+    weights = torch.exp(-0.5 * ((grid - centres) / sigma) ** 2)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+class ActionObjective(TokenObjective):
+    """stage=vla: the next-token loss, with label_sigma > 0 the action tokens' targets spread over neighbouring bins
+    (a Gaussian of that std in bins), so an answer one bin off costs less than one far off."""
+
+    def __init__(self, bins: int, label_sigma: float):
+        self.bins, self.sigma = bins, label_sigma
+
+    def __call__(self, policy: Logits, batch: Batch, reference: Optional[Logits]) -> tuple[torch.Tensor, dict]:
+        logits = policy(batch)
+        if self.sigma <= 0:
+            return next_token_loss(logits, batch.targets)[0], {}
+        logits, targets = logits.flatten(0, 1).float(), batch.targets.flatten()
+        vocab = logits.shape[-1]
+        is_action = targets >= vocab - self.bins
+        hard = F.cross_entropy(logits[~is_action], targets[~is_action], ignore_index=IGNORE_INDEX, reduction="sum")
+        logp = F.log_softmax(logits[is_action], dim=-1)[:, vocab - self.bins:]
+        soft = -(soft_bin_targets(targets[is_action], vocab, self.bins, self.sigma) * logp).sum()
+        return hard + soft, {}
+
+
 class PreferenceObjective:
     """A preference loss over pairs (rows: chosen answers, then rejected ones); reference log-probs from the
     frozen reference model or precomputed with the data."""
@@ -186,4 +215,6 @@ def build_objective(stage: StageConfig):
         return PreferenceObjective(stage)
     if stage.objective == "grpo":
         return GrpoObjective(stage)
+    if stage.objective == "vla":
+        return ActionObjective(stage.vla.bins, stage.vla.label_sigma)
     return TokenObjective()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from torch.distributed.pipelining import PipelineStage
 
@@ -95,6 +95,16 @@ def scalar(t) -> float:
     if isinstance(t, (int, float)):
         return float(t)
     return (t.full_tensor() if isinstance(t, DTensor) else t).item()
+
+
+@torch.no_grad()
+def set_last_rows(param, make_rows, count: int) -> None:
+    """A (possibly sharded) [vocab, dim] weight's last `count` rows <- make_rows(the other rows), on every rank."""
+    full = param.full_tensor() if isinstance(param, DTensor) else param.detach().clone()
+    full[-count:] = make_rows(full[:-count].float()).to(full.dtype)
+    if isinstance(param, DTensor):
+        full = distribute_tensor(full, param.device_mesh, param.placements)
+    param.copy_(full)
 
 
 def logits_of(model, batch: Batch) -> torch.Tensor:
@@ -281,6 +291,7 @@ class Trainer:
         if self.cfg.stage.init_from and (path is None or self.lora):  # a LoRA checkpoint holds no base weights
             self.init_from(stage_checkpoint(self.cfg.stage.init_from))
         if path is None:
+            self.init_action_bins()
             return
         state = self.load_checkpoint(path, optimizer=True)
         for scheduler in self.schedulers:
@@ -293,6 +304,21 @@ class Trainer:
         self.loader.load_state_dict(data_states[self.dp_rank])
         self.step = state["step"]
         log.info("resumed from %s at step %d", path, self.step)
+
+    def init_action_bins(self) -> None:
+        """stage=vla with stage.vla.bin_init=ordinal, on a fresh start: the action bins' token embeddings (and output
+        rows, when untied) become smooth functions of the bin (mmfm.embodied.actions.ordinal_bin_embeddings), as long
+        as the vocabulary's other rows on average."""
+        from mmfm.embodied.actions import ordinal_bin_embeddings
+
+        v = self.cfg.stage.vla
+        if self.cfg.stage.objective != "vla" or v.bin_init != "ordinal":
+            return
+        for part in self.parts.parts:
+            for name, param in part.named_parameters():
+                if name.endswith(("tok_embeddings.weight", "output.weight")):
+                    set_last_rows(param, lambda rest: ordinal_bin_embeddings(
+                        v.bins, rest.shape[1], float(rest.norm(dim=1).mean()), self.cfg.seed), v.bins)
 
     def init_from(self, path: Path) -> None:
         """The earlier stage's model weights (any layout; under LoRA into the base, the adapters fresh); optimizer,
