@@ -214,12 +214,12 @@ class DataConfig:
 class VlaConfig:
     """stage=vla: a vision-language-action policy on robot data (a lerobot source's shards; docs/embodied.md). action:
     tokens (each normalized action dimension one of `bins` tokens, the vocabulary's last ids); horizon: the actions
-    predicted per step (at most the data's); state: the proprioceptive state as tokens in the prompt."""
+    predicted per step (at most the data's); state: the proprioceptive state as tokens in the prompt; pad_loss,
+    bin_init, label_sigma: how the bins are learned (docs/embodied.md)."""
     action: str = "tokens"
     bins: int = 64
     horizon: int = 4
     state: bool = True
-    instruction_first: bool = True  # the instruction before the image in the prompt, so the image's tokens see it
     pad_loss: bool = True  # the chunk's padding (the final action repeated past the episode's end) carries loss
     bin_init: str = "ordinal"  # ordinal: the bins' embeddings start as smooth functions of the bin | keep
     label_sigma: float = 0.0  # > 0: Gaussian soft targets over neighbouring bins (std in bins), as HL-Gauss

@@ -94,8 +94,7 @@ def vla_encoder(cfg: JobConfig, tokenizer: TextTokenizer, processor=None, robot:
                           f"{vocab - tokenizer.vocab_size} or enlarge the vocabulary")
     conversation = ConversationEncoder(tokenizer, ChatTemplate(**dataclasses.asdict(cfg.data.chat)), image_tokens(cfg),
                                        processor, cfg.data.seq_len, "sft")
-    return VLAEncoder(conversation, action_tokens(robot, vocab, v.bins), v.horizon, v.state, v.pad_loss,
-                      v.instruction_first)
+    return VLAEncoder(conversation, action_tokens(robot, vocab, v.bins), v.horizon, v.state, v.pad_loss)
 
 
 def _stream(cfg: JobConfig, path: str, split: str, encoder, **kw) -> SampleStream:

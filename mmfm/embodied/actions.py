@@ -88,24 +88,17 @@ def action_tokens(robot: dict, vocab_size: int, bins: int) -> ActionTokens:
 class VLAEncoder:
     """Raw robot samples -> encoded samples for stage=vla: the prompt (the instruction about the image, as the
     stage's conversation encoder renders a question), the state's tokens, then the first `horizon` actions' tokens
-    and eos carry the loss (padding past the episode's end does not)."""
+    and eos carry the loss; the padding past the episode's end (its final action repeated: the grasp) only with
+    pad_loss."""
     conversation: object  # mmfm.data.chat.ConversationEncoder: the prompt's rendering
     tokens: ActionTokens
     horizon: int
     use_state: bool = True
     pad_loss: bool = True
-    instruction_first: bool = True
-
-    def question(self, instruction: str) -> str:
-        """The human turn: the instruction before the image lets the image's tokens attend to it (which object to
-        look for), as RT-1 conditions its image encoder on the instruction; after it, only the tokens that follow
-        the image can."""
-        image = self.conversation.template.image_placeholder
-        return f"{instruction}\n{image}" if self.instruction_first else f"{image}\n{instruction}"
 
     def prompt(self, instruction: str, state) -> list[int]:
         enc = self.conversation
-        turns = [{"from": "human", "value": self.question(instruction)},
+        turns = [{"from": "human", "value": enc.template.image_placeholder + "\n" + instruction},
                  {"from": "gpt", "value": ""}]
         whole = enc.encode(turns, [None], "")
         ids = whole.input_ids[: whole.prompt_len]

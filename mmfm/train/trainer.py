@@ -314,11 +314,21 @@ class Trainer:
         v = self.cfg.stage.vla
         if self.cfg.stage.objective != "vla" or v.bin_init != "ordinal":
             return
+
+        def rows(rest: torch.Tensor) -> torch.Tensor:
+            return ordinal_bin_embeddings(v.bins, rest.shape[1], float(rest.norm(dim=1).mean()), self.cfg.seed)
+
+        vocabulary = ("tok_embeddings.weight", "output.weight")
+        if self.engine is not None:  # DeepSpeed: through its full-weight state, as a checkpoint loads
+            model, _ = self.engine.state_dicts()
+            for name in (n for n in model if n.endswith(vocabulary)):
+                set_last_rows(model[name], rows, v.bins)
+            self.engine.load_state_dicts(model, None)
+            return
         for part in self.parts.parts:
             for name, param in part.named_parameters():
-                if name.endswith(("tok_embeddings.weight", "output.weight")):
-                    set_last_rows(param, lambda rest: ordinal_bin_embeddings(
-                        v.bins, rest.shape[1], float(rest.norm(dim=1).mean()), self.cfg.seed), v.bins)
+                if name.endswith(vocabulary):
+                    set_last_rows(param, rows, v.bins)
 
     def init_from(self, path: Path) -> None:
         """The earlier stage's model weights (any layout; under LoRA into the base, the adapters fresh); optimizer,
