@@ -397,6 +397,8 @@ def test_soft_targets_keep_the_logits():
     (["stage.vla.action=flow"], r"stage.vla.action='flow' is not built; use tokens"),
     (["stage.vla.bin_init=sine"], r"stage.vla.bin_init='sine' is unknown; use ordinal or keep"),
     (["stage.vla.label_sigma=-1"], r"stage.vla.label_sigma=-1.0 must be >= 0"),
+    (["stage.vla.label_sigma=1.5", "parallel.tp=2"], r"stage.vla.label_sigma=1.5 is not supported with "
+                                                    r"parallel.tp=2, pp=1 \(the soft targets need whole logits"),
 ])
 def test_a_bad_vla_config_is_one_line(overrides, message, robot_data, tmp_path):
     from mmfm.config import load_config

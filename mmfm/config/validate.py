@@ -191,8 +191,9 @@ def _validate_vla(cfg: JobConfig) -> None:
     _require(v.horizon >= 1, f"stage.vla.horizon={v.horizon} must be at least 1")
     _require(v.bin_init in ("ordinal", "keep"), f"stage.vla.bin_init={v.bin_init!r} is unknown; use ordinal or keep")
     _require(v.label_sigma >= 0, f"stage.vla.label_sigma={v.label_sigma} must be >= 0 (0: one-hot targets)")
-    _require(v.label_sigma == 0 or cfg.parallel.pp == 1, f"stage.vla.label_sigma={v.label_sigma} is not supported "
-             f"with parallel.pp={cfg.parallel.pp} (pipeline stages take the one-hot loss); set it to 0")
+    _require(v.label_sigma == 0 or (cfg.parallel.pp == 1 and cfg.parallel.tp == 1),
+             f"stage.vla.label_sigma={v.label_sigma} is not supported with parallel.tp={cfg.parallel.tp}, "
+             f"pp={cfg.parallel.pp} (the soft targets need whole logits on one rank); set it to 0")
     _require(cfg.eval.num_samples == 0, "stage=vla is measured in closed loop, not by caption accuracy: set "
              "eval.num_samples=0")
 
