@@ -65,10 +65,9 @@ class ActionObjective(TokenObjective):
         self.bins, self.sigma = bins, label_sigma
 
     def __call__(self, policy: Logits, batch: Batch, reference: Optional[Logits]) -> tuple[torch.Tensor, dict]:
-        logits = policy(batch)
         if self.sigma <= 0:
-            return next_token_loss(logits, batch.targets)[0], {}
-        logits, targets = logits.flatten(0, 1).float(), batch.targets.flatten()
+            return super().__call__(policy, batch, reference)
+        logits, targets = policy(batch).flatten(0, 1).float(), batch.targets.flatten()
         vocab = logits.shape[-1]
         is_action = targets >= vocab - self.bins
         hard = F.cross_entropy(logits[~is_action], targets[~is_action], ignore_index=IGNORE_INDEX, reduction="sum")

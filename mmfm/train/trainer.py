@@ -309,6 +309,7 @@ class Trainer:
         """stage=vla with stage.vla.bin_init=ordinal, on a fresh start: the action bins' token embeddings (and output
         rows, when untied) become smooth functions of the bin (mmfm.embodied.actions.ordinal_bin_embeddings), as long
         as the vocabulary's other rows on average."""
+        from mmfm.checkpoint.hf import VOCAB_ROWS
         from mmfm.embodied.actions import ordinal_bin_embeddings
 
         v = self.cfg.stage.vla
@@ -318,7 +319,7 @@ class Trainer:
         def rows(rest: torch.Tensor) -> torch.Tensor:
             return ordinal_bin_embeddings(v.bins, rest.shape[1], float(rest.norm(dim=1).mean()), self.cfg.seed)
 
-        vocabulary = ("tok_embeddings.weight", "output.weight")
+        vocabulary = tuple(VOCAB_ROWS)
         if self.engine is not None:  # DeepSpeed: through its full-weight state, as a checkpoint loads
             model, _ = self.engine.state_dicts()
             for name in (n for n in model if n.endswith(vocabulary)):
