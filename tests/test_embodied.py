@@ -347,6 +347,61 @@ def test_soft_bin_targets_cost_less_one_bin_off():
         == pytest.approx(float(hard), rel=1e-5)
 
 
+FLOW = ["stage.vla.action=flow", "model.action_head.kind=flow", "model.action_head.horizon=4",
+        "model.action_head.dims=3"]
+
+
+def test_the_flow_sampler_follows_the_interpolation_it_is_trained_on():
+    """x_t = (1 - t) e + t a has velocity a - e = (a - x_t) / (1 - t): Euler steps along that field from noise end
+    exactly at a, and the training target at any t is that field."""
+    from mmfm.embodied.flow import flow_draws, interpolate, sample_actions
+
+    target = torch.tensor([[[0.5, -0.25, 0.9], [0.1, 0.2, -0.3]]])
+
+    class Exact(torch.nn.Module):
+        horizon, dims = 2, 3
+
+        def forward(self, x, t, context):
+            return (target - x) / (1 - t)[:, None, None]
+
+    for steps in (1, 4, 10):
+        got = sample_actions(Exact(), torch.zeros(1, 8), steps, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(got, target)
+    noise, t = flow_draws(["a"], 0, 5, 2, 3)
+    torch.testing.assert_close((target - interpolate(target, noise, t)) / (1 - t), target - noise)
+    again, t2 = flow_draws(["b", "a"], 0, 5, 2, 3)
+    assert torch.equal(again[1], noise[0]) and t2[1] == t[0]  # per sample, whatever the batch
+    assert not torch.equal(flow_draws(["a"], 0, 6, 2, 3)[0], noise)  # fresh at the next step
+
+
+def test_a_flow_vla_run_learns_and_its_policy_acts(robot_data, tmp_path):
+    """100 steps of stage=vla with the flow head: the validation flow loss (fixed noise) falls by over 15% from
+    step 25; Policy.from_checkpoint integrates a chunk of 4 actions inside the data's bounds."""
+    from mmfm.config import load_config
+    from mmfm.embodied.policy import Policy
+    from mmfm.train.trainer import Trainer
+
+    cfg = load_config([f"data.path={robot_data}", *VLA_MODEL, *FLOW, "train.max_steps=100", "train.val_every=25",
+                       "train.schedule.warmup_steps=5", "train.optim.lr=2e-3", "data.batch_size=16",
+                       "logger.log_every=25", "checkpoint.every=100"])
+    Trainer(cfg, tmp_path / "run").fit()
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["loss"] for r in rows if r["kind"] == "val"}
+    assert val[100] < 0.85 * val[25], val  # 1.53 -> 1.24 measured
+    policy = Policy.from_checkpoint(tmp_path / "run")
+    assert policy.flow_steps == 10
+    obs, info = ReachGraspEnv().reset(seed=5)
+    chunk = policy.act(obs["image"], info["instruction"], obs["state"])
+    assert chunk.shape == (4, 3)
+    low, high = policy.tokens.action.low, policy.tokens.action.high
+    assert ((chunk >= low - 1e-6) & (chunk <= high + 1e-6)).all()
+    from mmfm.checkpoint.hf import HFCheckpointError
+    from mmfm.cli.export import parse_args, run
+
+    with pytest.raises(HFCheckpointError, match=r"has a flow action head .*: add --language-only"):
+        run(parse_args([str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]))
+
+
 def test_a_vla_run_trains_and_its_policy_acts_in_closed_loop(robot_data, tmp_path, capsys):
     """40 steps of stage=vla on the demonstrations: the loss falls below chance over the action bins; Policy.from_checkpoint acts (a chunk of
     4 actions inside the data's bounds), `mmfm rollout` runs episodes and writes results and GIFs."""
@@ -394,7 +449,12 @@ def test_soft_targets_keep_the_logits():
 
 @pytest.mark.parametrize("overrides, message", [
     (["eval.num_samples=10"], r"stage=vla is measured in closed loop, not by caption accuracy: set eval.num_samples=0"),
-    (["stage.vla.action=flow"], r"stage.vla.action='flow' is not built; use tokens"),
+    (["stage.vla.action=diffusion"], r"stage.vla.action='diffusion' is unknown; use tokens or flow"),
+    (["stage.vla.action=flow"], r"stage.vla.action=flow needs the model's flow head: set model.action_head.kind=flow"),
+    ([*FLOW[:-2], "model.action_head.horizon=2"], r"model.action_head.horizon=2 must equal stage.vla.horizon=4"),
+    ([*FLOW, "parallel.tp=2"], r"stage.vla.action=flow is not supported with parallel.tp=2, pp=1, cp=1"),
+    ([*FLOW, "engine.name=deepspeed"], r"stage.vla.action=flow runs on the native engine only"),
+    ([*FLOW[1:]], r"model.action_head.kind=flow is trained by stage=vla with stage.vla.action=flow"),
     (["stage.vla.bin_init=sine"], r"stage.vla.bin_init='sine' is unknown; use ordinal or keep"),
     (["stage.vla.label_sigma=-1"], r"stage.vla.label_sigma=-1.0 must be >= 0"),
     (["stage.vla.label_sigma=1.5", "parallel.tp=2"], r"stage.vla.label_sigma=1.5 is not supported with "
@@ -407,6 +467,17 @@ def test_a_bad_vla_config_is_one_line(overrides, message, robot_data, tmp_path):
 
     with pytest.raises(ConfigError, match=message):
         preflight(load_config([f"data.path={robot_data}", *VLA_MODEL, *overrides]))
+
+
+def test_a_flow_head_of_other_dimensions_than_the_data_is_one_line(robot_data):
+    from mmfm.config import load_config
+    from mmfm.data.build import load_tokenizer, sample_encoder
+    from mmfm.errors import ConfigError
+
+    cfg = load_config([f"data.path={robot_data}", *VLA_MODEL, *FLOW[:-1], "model.action_head.dims=7"])
+    with pytest.raises(ConfigError, match=r"model.action_head.dims=7 but .* holds 3-number actions; set "
+                                          r"model.action_head.dims=3"):
+        sample_encoder(cfg, load_tokenizer(cfg))
 
 
 def test_vla_on_data_without_room_or_robot_is_one_line(robot_data, synth_dir):
@@ -423,13 +494,15 @@ def test_vla_on_data_without_room_or_robot_is_one_line(robot_data, synth_dir):
         sample_encoder(cfg, load_tokenizer(cfg))
 
 
-def test_the_vla_stage_under_fsdp2_equals_one_process(robot_data, tmp_path):
-    """stage=vla, 3 AdamW steps of 8 samples in 2 micro-batches: FSDP2 on 2 gloo processes against one process,
-    losses rel 1e-5, parameters atol 1e-4 (as tests/test_parallel_equivalence.py)."""
+@pytest.mark.parametrize("action", ["tokens", "flow"])
+def test_the_vla_stage_under_fsdp2_equals_one_process(action, robot_data, tmp_path):
+    """stage=vla (action tokens, or the flow head), 3 AdamW steps of 8 samples in 2 micro-batches: FSDP2 on 2 gloo
+    processes against one process, losses rel 1e-5, parameters atol 1e-4 (as tests/test_parallel_equivalence.py)."""
     from parallel_runs import run_layout
 
     common = [f"data.path={robot_data}", *VLA_MODEL, "train.max_steps=3", "train.schedule.warmup_steps=1",
-              "train.grad_accum_steps=2", "train.val_every=0", "checkpoint.every=0", "data.partitions=4"]
+              "train.grad_accum_steps=2", "train.val_every=0", "checkpoint.every=0", "data.partitions=4",
+              *(FLOW if action == "flow" else [])]
     one = run_layout(1, [*common, "data.batch_size=4"], tmp_path / "one")
     two = run_layout(2, [*common, "data.batch_size=2", "parallel=fsdp2"], tmp_path / "two")
     assert sorted(two["losses"]) == [1, 2, 3]

@@ -39,6 +39,10 @@ def run(args: argparse.Namespace) -> Path:
     check_lora_flags(args, cfg.model.lora.enabled, run_dir)
     if args.format == "peft":
         return export_run_adapters(cfg, ckpt, args.out)
+    if not args.language_only and cfg.model.action_head.kind != "none":
+        raise HFCheckpointError(f"{run_dir} has a {cfg.model.action_head.kind} action head (stage.vla.action=flow), "
+                                "which no Hugging Face LLaVA class holds: add --language-only to export the language "
+                                "model alone, or keep the run directory for Policy.from_checkpoint")
     if not args.language_only and cfg.model.vision.kind not in ADAPTERS:  # before loading anything
         raise HFCheckpointError(f"model.vision.kind={cfg.model.vision.kind} has no Hugging Face form (LLaVA's tower "
                                 "is CLIP or SigLIP; tiny_vlm's vit has no transformers class): add --language-only "

@@ -130,6 +130,18 @@ class LoRAConfig:
 
 
 @dataclass
+class ActionHeadConfig:
+    """A continuous action head on the language model's hidden states (stage.vla.action=flow; docs/embodied.md):
+    kind none | flow (a chunk of `horizon` actions of `dims` numbers by flow matching, as pi0), an MLP of `layers`
+    residual blocks, `width` wide (0: the language model's hidden size)."""
+    kind: str = "none"
+    horizon: int = 0
+    dims: int = 0
+    width: int = 0
+    layers: int = 3
+
+
+@dataclass
 class ModelConfig:
     name: str = "vlm"  # the model that composes the parts (mmfm.models.spec.MODEL_REGISTRY)
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -139,6 +151,7 @@ class ModelConfig:
     init_std: float = 0.02
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    action_head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
 
 
 @dataclass
@@ -213,9 +226,10 @@ class DataConfig:
 @dataclass
 class VlaConfig:
     """stage=vla: a vision-language-action policy on robot data (a lerobot source's shards; docs/embodied.md). action:
-    tokens (each normalized action dimension one of `bins` tokens, the vocabulary's last ids); horizon: the actions
-    predicted per step (at most the data's); state: the proprioceptive state as tokens in the prompt; pad_loss,
-    bin_init, label_sigma: how the bins are learned (docs/embodied.md)."""
+    tokens (each normalized action dimension one of `bins` tokens, the vocabulary's last ids) or flow (the model's
+    action head, model.action_head, trained by flow matching; flow_steps: its Euler steps when acting); horizon: the
+    actions predicted per step (at most the data's); state: the proprioceptive state as tokens in the prompt (in
+    `bins` bins either way); pad_loss, bin_init, label_sigma: how the bins are learned (docs/embodied.md)."""
     action: str = "tokens"
     bins: int = 64
     horizon: int = 4
@@ -223,6 +237,7 @@ class VlaConfig:
     pad_loss: bool = True  # the chunk's padding (the final action repeated past the episode's end) carries loss
     bin_init: str = "ordinal"  # ordinal: the bins' embeddings start as smooth functions of the bin | keep
     label_sigma: float = 0.0  # > 0: Gaussian soft targets over neighbouring bins (std in bins), as HL-Gauss
+    flow_steps: int = 10
 
 
 @dataclass

@@ -46,6 +46,11 @@ def _validate_model(cfg: JobConfig) -> None:
     MODEL_REGISTRY[cfg.model.name].validate_training(cfg.model)
     _validate_pretrained(cfg)
     _validate_lora(cfg)
+    head = cfg.model.action_head.kind
+    _require(head in ("none", "flow"), f"model.action_head.kind={head!r} is unknown; use none or flow")
+    _require(head == "none" or (cfg.stage.objective == "vla" and cfg.stage.vla.action == "flow"),
+             f"model.action_head.kind={head} is trained by stage=vla with stage.vla.action=flow; set those, or "
+             "model.action_head.kind=none")
 
 
 def _validate_lora(cfg: JobConfig) -> None:
@@ -184,8 +189,9 @@ def _validate_stage(cfg: JobConfig) -> None:
 
 def _validate_vla(cfg: JobConfig) -> None:
     v = cfg.stage.vla
-    _require(v.action == "tokens", f"stage.vla.action={v.action!r} is not built; use tokens (a flow-matching action "
-             "head is planned)")
+    _require(v.action in ("tokens", "flow"), f"stage.vla.action={v.action!r} is unknown; use tokens or flow")
+    if v.action == "flow":
+        _validate_flow_head(cfg)
     _require(2 <= v.bins <= cfg.model.language.vocab_size // 2,
              f"stage.vla.bins={v.bins} must be between 2 and half the vocabulary ({cfg.model.language.vocab_size})")
     _require(v.horizon >= 1, f"stage.vla.horizon={v.horizon} must be at least 1")
@@ -196,6 +202,23 @@ def _validate_vla(cfg: JobConfig) -> None:
              f"pp={cfg.parallel.pp} (the soft targets need whole logits on one rank); set it to 0")
     _require(cfg.eval.num_samples == 0, "stage=vla is measured in closed loop, not by caption accuracy: set "
              "eval.num_samples=0")
+
+
+def _validate_flow_head(cfg: JobConfig) -> None:
+    v, head, p = cfg.stage.vla, cfg.model.action_head, cfg.parallel
+    _require(head.kind == "flow", f"stage.vla.action=flow needs the model's flow head: set model.action_head.kind=flow "
+             f"(it is {head.kind!r}) and model.action_head.dims to the data's action dimensions")
+    _require(head.horizon == v.horizon, f"model.action_head.horizon={head.horizon} must equal "
+             f"stage.vla.horizon={v.horizon}")
+    _require(head.dims >= 1 and head.layers >= 0 and head.width >= 0, f"model.action_head dims={head.dims}, "
+             f"layers={head.layers}, width={head.width}: dims must be >= 1, the others >= 0")
+    _require(v.flow_steps >= 1, f"stage.vla.flow_steps={v.flow_steps} must be at least 1")
+    _require(p.tp == 1 and p.pp == 1 and p.cp == 1, f"stage.vla.action=flow is not supported with parallel.tp={p.tp}, "
+             f"pp={p.pp}, cp={p.cp} (the head reads whole hidden states on one rank); use data parallelism (fsdp2)")
+    _require(cfg.engine.name == "native", f"stage.vla.action=flow runs on the native engine only (engine.name="
+             f"{cfg.engine.name}); set engine.name=native")
+    _require(not cfg.model.lora.enabled, "stage.vla.action=flow with model.lora.enabled=true is not supported (the "
+             "new head would train in full beside frozen weights); set model.lora.enabled=false")
 
 
 def _validate_preference(cfg: JobConfig) -> None:

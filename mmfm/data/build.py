@@ -94,7 +94,12 @@ def vla_encoder(cfg: JobConfig, tokenizer: TextTokenizer, processor=None, robot:
                           f"{vocab - tokenizer.vocab_size} or enlarge the vocabulary")
     conversation = ConversationEncoder(tokenizer, ChatTemplate(**dataclasses.asdict(cfg.data.chat)), image_tokens(cfg),
                                        processor, cfg.data.seq_len, "sft")
-    return VLAEncoder(conversation, action_tokens(robot, vocab, v.bins), v.horizon, v.state, v.pad_loss)
+    tokens = action_tokens(robot, vocab, v.bins)
+    head = cfg.model.action_head
+    if v.action == "flow" and head.dims != len(tokens.action.low):
+        raise ConfigError(f"model.action_head.dims={head.dims} but {cfg.data.path} holds {len(tokens.action.low)}-number "
+                          f"actions; set model.action_head.dims={len(tokens.action.low)}")
+    return VLAEncoder(conversation, tokens, v.horizon, v.state, v.pad_loss, flow=v.action == "flow")
 
 
 def _stream(cfg: JobConfig, path: str, split: str, encoder, **kw) -> SampleStream:

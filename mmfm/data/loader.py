@@ -51,6 +51,7 @@ class EncodedSample:
     # reference_logps the reference model's summed log-probs of both (chosen, rejected), when precomputed.
     rejected: Optional["EncodedSample"] = None
     reference_logps: Optional[tuple[float, float]] = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample tensors of the objective (Batch.extras)
 
 
 @dataclass
@@ -169,6 +170,8 @@ def collate(samples: list[EncodedSample], pad_id: int) -> Batch:
     extras = {}
     if pairs and all(s.reference_logps is not None for s in pairs):
         extras["reference_logps"] = torch.tensor([s.reference_logps for s in pairs], dtype=torch.float64)
+    for name in samples[0].extras if not pairs else ():
+        extras[name] = torch.stack([s.extras[name] for s in samples])
     return Batch(ids, targets, torch.stack(images) if images else None, [len(s.images) for s in rows],
                  [s.caption for s in samples], [s.key for s in samples],
                  prompt_lengths=[s.prompt_len for s in samples], pairs=len(pairs), extras=extras)

@@ -95,6 +95,7 @@ class VLAEncoder:
     horizon: int
     use_state: bool = True
     pad_loss: bool = True
+    flow: bool = False  # the chunk as numbers for the action head (extras "actions", "action_mask"), not tokens
 
     def prompt(self, instruction: str, state) -> list[int]:
         enc = self.conversation
@@ -115,6 +116,8 @@ class VLAEncoder:
         images = read_images(raw, self.conversation.processor)
         prompt = self.prompt(str(meta.get("caption", "")), robot["state"])
         dims = len(actions[0])
+        if self.flow:
+            return self.flow_sample(key, prompt, images, actions, pad)
         answer = self.tokens.encode_actions(actions[: self.horizon])
         carries = [self.pad_loss or not p for p in pad[: self.horizon] for _ in range(dims)]
         eos = self.conversation.tokenizer.eos_id
@@ -124,6 +127,17 @@ class VLAEncoder:
             raise SkipSample("too_long", f"{len(ids)} tokens > data.seq_len={self.conversation.seq_len}")
         targets = [nxt if c else IGNORE_INDEX for nxt, c in zip(ids[1:], loss[1:])] + [IGNORE_INDEX]
         return EncodedSample(key, ids, targets, images, "", prompt_len=len(prompt))
+
+    def flow_sample(self, key: str, prompt: list[int], images, actions, pad) -> EncodedSample:
+        import torch
+
+        if len(prompt) > self.conversation.seq_len:
+            raise SkipSample("too_long", f"{len(prompt)} tokens > data.seq_len={self.conversation.seq_len}")
+        chunk = self.tokens.action.normalize(np.asarray(actions[: self.horizon], dtype=np.float64))
+        mask = [float(self.pad_loss or not p) for p in pad[: self.horizon]]
+        extras = {"actions": torch.tensor(chunk, dtype=torch.float32), "action_mask": torch.tensor(mask)}
+        return EncodedSample(key, prompt, [IGNORE_INDEX] * len(prompt), images, "", prompt_len=len(prompt),
+                             extras=extras)
 
 
 def robot_entry(manifest: dict) -> Optional[dict]:

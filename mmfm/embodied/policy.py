@@ -21,10 +21,14 @@ from mmfm.errors import ConfigError
 
 
 class Policy:
-    def __init__(self, model, encoder, device: torch.device):
+    def __init__(self, model, encoder, device: torch.device, flow_steps: int = 0, seed: int = 0):
+        """flow_steps > 0: the model's flow head acts (that many Euler steps, noise drawn from `seed`); else its
+        action tokens."""
         self.model, self.encoder, self.device = model, encoder, device
         self.tokens = encoder.tokens
         self.dims = len(self.tokens.action.low)
+        self.flow_steps = flow_steps
+        self.generator = torch.Generator().manual_seed(seed)
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: str = "cpu") -> "Policy":
@@ -47,12 +51,14 @@ class Policy:
         tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
         encoder = vla_encoder(cfg, tokenizer, robot=json.loads(card.read_text()))
         model = load_run_model(cfg, ckpt, device).eval()
-        return cls(model, encoder, torch.device(device))
+        flow = cfg.stage.vla.flow_steps if cfg.stage.vla.action == "flow" else 0
+        return cls(model, encoder, torch.device(device), flow, cfg.seed)
 
     @torch.no_grad()
     def act(self, image: np.ndarray, instruction: str, state: Sequence[float]) -> np.ndarray:
         """The next horizon actions [horizon, action dims] for an RGB uint8 image [H, W, 3], the instruction and
-        the proprioceptive state, decoded greedily over the action tokens alone (KV-cached)."""
+        the proprioceptive state: decoded greedily over the action tokens alone (KV-cached), or integrated by the
+        flow head from the prompt's hidden state."""
         from mmfm.data.loader import load_image
         from mmfm.models.generate import generate
 
@@ -60,11 +66,21 @@ class Policy:
         Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
         pixels = load_image(buffer.getvalue(), self.encoder.conversation.processor).unsqueeze(0).to(self.device)
         prompt = self.encoder.prompt(instruction, state)
+        if self.flow_steps:
+            return self.flow_act(prompt, pixels)
         tokenizer = self.encoder.conversation.tokenizer
         ids = generate(self.model, [prompt], pixels, self.encoder.horizon * self.dims, tokenizer.eos_id,
                        tokenizer.pad_id, stop_early=False,
                        allowed=(self.tokens.first_id, self.tokens.vocab_size))[0]
         return self.tokens.decode_actions(ids)
+
+    def flow_act(self, prompt: list[int], pixels: torch.Tensor) -> np.ndarray:
+        from mmfm.embodied.flow import sample_actions
+
+        ids = torch.tensor([prompt], device=self.device)
+        hidden = self.model.language(self.model.embed(ids, pixels), final_hidden=True)
+        chunk = sample_actions(self.model.action_head, hidden[:, -1], self.flow_steps, self.generator)[0]
+        return self.tokens.action.denormalize(chunk.cpu().numpy()).astype(np.float32)
 
 
 def rollout(act, seeds: Sequence[int], execute: Optional[int] = None, record: int = 0) -> dict:

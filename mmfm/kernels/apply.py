@@ -132,7 +132,10 @@ TOKEN_LOSS_OBJECTIVES = ("pretrain", "sft", "vla")  # a plain next-token loss: t
 
 
 def loss_objective(stage) -> str:
-    """The stage's objective as the fused loss kernel sees it: vla with soft bin targets needs the logits."""
+    """The stage's objective as the fused loss kernel sees it: vla with soft bin targets needs the logits, and vla
+    with a flow head has no token loss."""
+    if stage.objective == "vla" and stage.vla.action == "flow":
+        return "vla with a flow action head"
     return "vla with label_sigma > 0" if stage.objective == "vla" and stage.vla.label_sigma > 0 else stage.objective
 
 

@@ -76,6 +76,43 @@ class ActionObjective(TokenObjective):
         return hard + soft, {}
 
 
+class FlowObjective:
+    """stage=vla with stage.vla.action=flow: the action head's flow-matching loss (mmfm.embodied.flow), summed over
+    the chunks' numbers that carry it; each sample's noise and time drawn from (seed, step, its key)."""
+    needs_reference = False
+    validates = True
+    VALIDATION_STEP = -1  # validation draws the same noise at every step
+
+    def units(self, batch: Batch) -> int:
+        x = batch.extras
+        return int(x["action_mask"].sum()) * x["actions"].shape[-1]
+
+    def prepare(self, trainer, micro: list[Batch]) -> list[Batch]:
+        for batch in micro:
+            self.draw(batch, trainer.cfg.seed, trainer.step)
+        return micro
+
+    @staticmethod
+    def draw(batch: Batch, seed: int, step: int) -> None:
+        from mmfm.embodied.flow import flow_draws
+
+        _, horizon, dims = batch.extras["actions"].shape
+        noise, times = flow_draws(batch.keys, seed, step, horizon, dims)
+        device = batch.extras["actions"].device
+        batch.extras.update(flow_noise=noise.to(device), flow_time=times.to(device))
+
+    def __call__(self, policy: Logits, batch: Batch, reference: Optional[Logits]) -> tuple[torch.Tensor, dict]:
+        from mmfm.embodied.flow import flow_loss, interpolate
+
+        if "flow_noise" not in batch.extras:
+            self.draw(batch, 0, self.VALIDATION_STEP)
+        x = batch.extras
+        noisy = interpolate(x["actions"], x["flow_noise"], x["flow_time"])
+        last = torch.tensor(batch.prompt_lengths, device=noisy.device) - 1
+        velocity = policy(batch, actions=(noisy, x["flow_time"], last))
+        return flow_loss(velocity, x["actions"], x["flow_noise"], x["action_mask"]), {}
+
+
 class PreferenceObjective:
     """A preference loss over pairs (rows: chosen answers, then rejected ones); reference log-probs from the
     frozen reference model or precomputed with the data."""
@@ -214,6 +251,8 @@ def build_objective(stage: StageConfig):
         return PreferenceObjective(stage)
     if stage.objective == "grpo":
         return GrpoObjective(stage)
+    if stage.objective == "vla" and stage.vla.action == "flow":
+        return FlowObjective()
     if stage.objective == "vla":
         return ActionObjective(stage.vla.bins, stage.vla.label_sigma)
     return TokenObjective()

@@ -107,8 +107,21 @@ def set_last_rows(param, make_rows, count: int) -> None:
     param.copy_(full)
 
 
-def logits_of(model, batch: Batch) -> torch.Tensor:
-    return model(batch.input_ids, batch.pixel_values, positions=batch.positions, document_ids=batch.document_ids)
+def is_not_action_head(name: str) -> bool:
+    return not name.startswith("action_head.")
+
+
+def holds_action_head(path: Path) -> bool:
+    from mmfm.checkpoint.manager import model_shapes
+    from mmfm.checkpoint.safe_read import read_metadata
+
+    return any(name.startswith("action_head.") for name in model_shapes(read_metadata(path)))
+
+
+def logits_of(model, batch: Batch, **inputs) -> torch.Tensor:
+    """The model's logits for the batch (or, with a head's inputs such as `actions`, that head's outputs)."""
+    return model(batch.input_ids, batch.pixel_values, positions=batch.positions, document_ids=batch.document_ids,
+                 **inputs)
 
 
 def freeze(parts, names: list[str]) -> None:
@@ -332,15 +345,18 @@ class Trainer:
                     set_last_rows(param, rows, v.bins)
 
     def init_from(self, path: Path) -> None:
-        """The earlier stage's model weights (any layout; under LoRA into the base, the adapters fresh); optimizer,
-        step and data start afresh."""
-        self.load_checkpoint(path, optimizer=False)
-        log.info("initialized the model from %s (stage.init_from)", path)
+        """The earlier stage's model weights (any layout; under LoRA into the base, the adapters fresh; an action head
+        the earlier stage had not, fresh); optimizer, step and data start afresh."""
+        fresh_head = self.cfg.model.action_head.kind != "none" and not holds_action_head(path)
+        self.load_checkpoint(path, optimizer=False, select=is_not_action_head if fresh_head else None)
+        log.info("initialized the model from %s (stage.init_from)%s", path,
+                 "; the action head starts fresh" if fresh_head else "")
 
-    def load_checkpoint(self, path: Path, optimizer: bool) -> dict:
-        """Load the model (and optimizer, RNG) from a checkpoint of any layout and engine; its trainer state."""
+    def load_checkpoint(self, path: Path, optimizer: bool, select=None) -> dict:
+        """Load the model (and optimizer, RNG) from a checkpoint of any layout and engine; its trainer state.
+        select: the model-state keys to load (default: all the run saves; under LoRA without the optimizer, the base)."""
         if self.engine is None:
-            select = self.checkpoints.select if optimizer else (is_base if self.lora else None)
+            select = select or (self.checkpoints.select if optimizer else (is_base if self.lora else None))
             return CheckpointManager.load(path, self.parts.parts, self.optimizers if optimizer else None, select=select)
         trainer_state = CheckpointManager.inspect(path, self.model_shapes())
         model, optim = self.engine.state_dicts()

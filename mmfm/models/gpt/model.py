@@ -105,7 +105,7 @@ class GPTLanguageModel(TokenEmbeddingOutput, nn.Module):
 
     def forward(self, h: torch.Tensor, positions: Optional[torch.Tensor] = None, attn_mask=None,
                 cache=None, document_ids: Optional[torch.Tensor] = None,
-                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+                targets: Optional[torch.Tensor] = None, final_hidden: bool = False) -> torch.Tensor:
         """As mmfm.models.llama.LanguageModel.forward: h [B, T, D] -> logits [B, T, V], or with targets the summed
         cross-entropy; positions [B, T] (default 0..T-1) index the position embeddings."""
         if self.pos_embeddings is not None:
@@ -117,6 +117,8 @@ class GPTLanguageModel(TokenEmbeddingOutput, nn.Module):
             h = block(h, ctx)
         if self.norm is None:
             return h
+        if final_hidden:  # the normed hidden states [B, T, D], for a head of the caller's
+            return self.norm(h)
         if targets is not None:
             return self.cross_entropy(self.norm(h), self.output_weight(), targets)
         return F.linear(self.norm(h), self.output_weight())

@@ -201,7 +201,7 @@ class LanguageModel(TokenEmbeddingOutput, nn.Module):
 
     def forward(self, h: torch.Tensor, positions: Optional[torch.Tensor] = None, attn_mask=None,
                 cache=None, document_ids: Optional[torch.Tensor] = None,
-                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+                targets: Optional[torch.Tensor] = None, final_hidden: bool = False) -> torch.Tensor:
         """h [B, T, D] embeddings, positions [B, T] (default 0..T-1 on every row) -> logits [B, T, V], or
         with targets [B, T] the summed cross-entropy over positions whose target is not -100.
 
@@ -220,6 +220,8 @@ class LanguageModel(TokenEmbeddingOutput, nn.Module):
             h = block(h, ctx)
         if self.norm is None:
             return h
+        if final_hidden:  # the normed hidden states [B, T, D], for a head of the caller's
+            return self.norm(h)
         if targets is not None:
             return self.cross_entropy(self.norm(h), self.output_weight(), targets)
         return F.linear(self.norm(h), self.output_weight())

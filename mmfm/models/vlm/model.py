@@ -20,6 +20,12 @@ class VisionLanguageModel(nn.Module):
         self.vision = part_spec(cfg, "vision").build(cfg)
         self.projector = part_spec(cfg, "projector").build(cfg)
         self.language = part_spec(cfg, "language").build(cfg)
+        head = cfg.action_head
+        if head.kind == "flow":  # stage.vla.action=flow (mmfm.embodied.flow)
+            from mmfm.embodied.flow import FlowActionHead
+
+            self.action_head = FlowActionHead(cfg.language.hidden_size, head.horizon, head.dims, head.width,
+                                              head.layers)
 
     @property
     def tokens_per_image(self) -> int:
@@ -68,14 +74,21 @@ class VisionLanguageModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
                 cache=None, document_ids: Optional[torch.Tensor] = None,
-                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+                targets: Optional[torch.Tensor] = None, actions: Optional[tuple] = None) -> torch.Tensor:
         """Logits [B, T, V], or with targets the summed next-token loss (see LanguageModel.forward).
         positions default to 0..T-1 for every row; document_ids [B, T] separates packed documents.
+        actions (noisy chunks [B, H, D], times [B], each row's last prompt position [B]): the action head's
+        velocities [B, H, D] instead (mmfm.embodied.flow).
 
         A later pipeline stage holds no vision tower: its input is the previous stage's hidden states.
         """
         h = self.embed(input_ids, pixel_values) if self.vision is not None else input_ids
-        return self.language(h, positions, attn_mask, cache, document_ids, targets)
+        if actions is None:
+            return self.language(h, positions, attn_mask, cache, document_ids, targets)
+        noisy, times, last = actions
+        hidden = self.language(h, positions, attn_mask, cache, document_ids, final_hidden=True)
+        context = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.action_head(noisy, times, context)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         return self.language.new_cache(batch, max_len, dtype, device)
