@@ -402,6 +402,26 @@ def test_a_flow_vla_run_learns_and_its_policy_acts(robot_data, tmp_path):
         run(parse_args([str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]))
 
 
+def test_a_flow_head_starts_fresh_on_a_model_without_one(robot_data, tmp_path):
+    """stage.init_from a token policy (no action head): every weight but the head (and the bins' ordinal rows) comes
+    from it; the head is initialized."""
+    from mmfm.config import load_config
+    from mmfm.train.trainer import Trainer
+
+    common = [f"data.path={robot_data}", *VLA_MODEL, "train.max_steps=1", "train.schedule.warmup_steps=0",
+              "train.val_every=0", "data.batch_size=4"]
+    source = Trainer(load_config(common), tmp_path / "tokens")
+    source.fit()
+    flow = Trainer(load_config([*common, *FLOW, f"stage.init_from={tmp_path / 'tokens'}"]), tmp_path / "flow")
+    flow.resume()
+    loaded = dict(flow.model.named_parameters())
+    for name, value in source.model.named_parameters():
+        if not name.endswith("tok_embeddings.weight"):
+            torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
+    head = [p for n, p in loaded.items() if n.startswith("action_head.")]
+    assert head and all(torch.isfinite(p).all() for p in head) and any(p.abs().sum() > 0 for p in head)
+
+
 def test_a_vla_run_trains_and_its_policy_acts_in_closed_loop(robot_data, tmp_path, capsys):
     """40 steps of stage=vla on the demonstrations: the loss falls below chance over the action bins; Policy.from_checkpoint acts (a chunk of
     4 actions inside the data's bounds), `mmfm rollout` runs episodes and writes results and GIFs."""

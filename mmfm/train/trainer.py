@@ -289,8 +289,10 @@ class Trainer:
             return None
         if path is None:
             refuse_adapter_only(source, self.cfg.stage.init_from)
-        state = CheckpointManager.inspect(source, self.model_shapes(adapters=self.lora and path is not None),
-                                          self.record["model"])
+        shapes = self.model_shapes(adapters=self.lora and path is not None)
+        if path is None and self.cfg.model.action_head.kind != "none" and not holds_action_head(source):
+            shapes = {k: v for k, v in shapes.items() if is_not_action_head(k)}  # the head starts fresh
+        state = CheckpointManager.inspect(source, shapes, self.record["model"])
         if path is not None:
             check_resume_record(path, state, self.record, self.cfg.data.path)
         elif tokenizer_of(source, state) not in (None, self.record["tokenizer_sha256"]):
