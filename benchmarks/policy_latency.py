@@ -1,5 +1,6 @@
 """Latency of one `Policy.act` call (mmfm.embodied.policy): the prompt's forward with the image, then horizon x action
-dims tokens decoded with the KV cache, restricted to the action tokens. What a robot loop waits for per chunk.
+dims tokens decoded with the KV cache, restricted to the action tokens (or, with stage.vla.action=flow, the flow
+head's Euler steps). What a robot loop waits for per chunk.
 
     python benchmarks/policy_latency.py RUN [--calls 50] [--device cpu|cuda] [--threads N]
 
