@@ -361,11 +361,11 @@ def test_the_flow_sampler_follows_the_interpolation_it_is_trained_on():
     class Exact(torch.nn.Module):
         horizon, dims = 2, 3
 
-        def forward(self, x, t, context):
+        def forward(self, x, t, context, mask):
             return (target - x) / (1 - t)[:, None, None]
 
     for steps in (1, 4, 10):
-        got = sample_actions(Exact(), torch.zeros(1, 8), steps, torch.Generator().manual_seed(0))
+        got = sample_actions(Exact(), torch.zeros(1, 5, 8), steps, torch.Generator().manual_seed(0))
         torch.testing.assert_close(got, target)
     noise, t = flow_draws(["a"], 0, 5, 2, 3)
     torch.testing.assert_close((target - interpolate(target, noise, t)) / (1 - t), target - noise)
@@ -375,19 +375,20 @@ def test_the_flow_sampler_follows_the_interpolation_it_is_trained_on():
 
 
 def test_a_flow_vla_run_learns_and_its_policy_acts(robot_data, tmp_path):
-    """100 steps of stage=vla with the flow head: the validation flow loss (fixed noise) falls by over 15% from
+    """150 steps of stage=vla with the flow head: the validation flow loss (fixed noise) falls by over 15% from
     step 25; Policy.from_checkpoint integrates a chunk of 4 actions inside the data's bounds."""
     from mmfm.config import load_config
     from mmfm.embodied.policy import Policy
     from mmfm.train.trainer import Trainer
 
-    cfg = load_config([f"data.path={robot_data}", *VLA_MODEL, *FLOW, "train.max_steps=100", "train.val_every=25",
+    cfg = load_config([f"data.path={robot_data}", *VLA_MODEL, *FLOW, "train.max_steps=150", "train.val_every=25",
                        "train.schedule.warmup_steps=5", "train.optim.lr=2e-3", "data.batch_size=16",
-                       "logger.log_every=25", "checkpoint.every=100"])
+                       "logger.log_every=25", "checkpoint.every=150"])
     Trainer(cfg, tmp_path / "run").fit()
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     val = {r["step"]: r["loss"] for r in rows if r["kind"] == "val"}
-    assert val[100] < 0.85 * val[25], val  # 1.53 -> 1.24 measured
+    # measured: 0.735 / 0.738 / 0.779 of step 25's loss on seeds 0 / 1 / 2 (the same on the AVX2 and scalar paths)
+    assert val[150] < 0.85 * val[25], val
     policy = Policy.from_checkpoint(tmp_path / "run")
     assert policy.flow_steps == 10
     obs, info = ReachGraspEnv().reset(seed=5)

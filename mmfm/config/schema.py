@@ -132,8 +132,8 @@ class LoRAConfig:
 @dataclass
 class ActionHeadConfig:
     """A continuous action head on the language model's hidden states (stage.vla.action=flow; docs/embodied.md):
-    kind none | flow (a chunk of `horizon` actions of `dims` numbers by flow matching, as pi0), an MLP of `layers`
-    residual blocks, `width` wide (0: the language model's hidden size)."""
+    kind none | flow (a chunk of `horizon` actions of `dims` numbers by flow matching, as pi0), `layers` blocks of
+    attention to the prompt's hidden states and a residual MLP, `width` wide (0: the language model's hidden size)."""
     kind: str = "none"
     horizon: int = 0
     dims: int = 0

@@ -2,9 +2,9 @@
 (model.action_head.kind=flow) maps a noisy action chunk, its time t in [0, 1] and the language model's final hidden
 state at the prompt's last token to a velocity. Training draws noise e and t per sample, forms x_t = (1 - t) e + t a
 from the normalized chunk a, and regresses the velocity on a - e (squared error over the chunk's numbers); acting
-integrates dx/dt = v from noise at t = 0 to t = 1 in `steps` Euler steps. pi0 attends from an action expert to every
-prefix token; this head is a residual MLP on the one hidden state, which keeps it small and replicated (no tensor
-parallel plan of its own).
+integrates dx/dt = v from noise at t = 0 to t = 1 in `steps` Euler steps. As pi0's action expert, the chunk's steps
+attend to every prompt position's hidden state; unlike it, they do not share the language model's layers (a small
+head of its own, replicated: no tensor parallel plan).
 """
 
 from __future__ import annotations
@@ -37,14 +37,43 @@ class ResidualMLP(nn.Module):
         return x + self.down(nn.functional.silu(self.up(self.norm(x))))
 
 
+class CrossAttention(nn.Module):
+    """The chunk's steps attend to the prompt's hidden states (projected to the head's width)."""
+
+    def __init__(self, width: int, head_dim: int = 32):
+        super().__init__()
+        self.heads = max(1, width // head_dim)
+        self.norm = nn.LayerNorm(width)
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, h = x.shape[0], self.heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, t.shape[1], h, -1).transpose(1, 2)
+
+        q, k, v = split(self.query(self.norm(x))), split(self.key(memory)), split(self.value(memory))
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return x + self.out(out.transpose(1, 2).reshape(b, x.shape[1], -1))
+
+
 class FlowActionHead(nn.Module):
+    """The noisy chunk is one token (its numbers, the time and the prompt's last hidden state); `layers` blocks of
+    attention to the prompt's hidden states and a residual MLP; the chunk's velocity. The prompt's positions are
+    contiguous from 0 (mask [B, T])."""
+
     def __init__(self, hidden_size: int, horizon: int, dims: int, width: int = 0, layers: int = 3):
         super().__init__()
         width = width or hidden_size
         self.horizon, self.dims = horizon, dims
         self.action_in = nn.Linear(horizon * dims, width)
-        self.context_in = nn.Linear(hidden_size, width)
         self.time_in = nn.Linear(2 * TIME_FREQUENCIES, width)
+        self.last_in = nn.Linear(hidden_size, width)
+        self.context_in = nn.Linear(hidden_size, width)
+        self.attention = nn.ModuleList(CrossAttention(width) for _ in range(layers))
         self.blocks = nn.ModuleList(ResidualMLP(width) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
         self.action_out = nn.Linear(width, horizon * dims)
@@ -54,18 +83,22 @@ class FlowActionHead(nn.Module):
             nn.init.zeros_(tensor)
         elif "norm" in name:
             nn.init.ones_(tensor)
-        elif name.endswith("down.weight"):  # residual outputs scaled down with depth
+        elif name.endswith(("down.weight", "out.weight")) and name != "action_out.weight":  # residual outputs
             nn.init.normal_(tensor, std=std / (2 * len(self.blocks)) ** 0.5, generator=generator)
         else:
             nn.init.normal_(tensor, std=std, generator=generator)
 
-    def forward(self, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """noisy [B, horizon, dims], t [B], context [B, hidden] -> velocity [B, horizon, dims]."""
-        x = (self.action_in(noisy.flatten(1).to(context.dtype)) + self.context_in(context)
-             + self.time_in(time_features(t).to(context.dtype)))
-        for block in self.blocks:
-            x = block(x)
-        return self.action_out(self.norm(x)).view(-1, self.horizon, self.dims)
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        """noisy [B, horizon, dims], t [B], the prompt's hidden states [B, T, hidden] and which of them to attend to
+        [B, T] (bool) -> velocity [B, horizon, dims]."""
+        last = context[torch.arange(context.shape[0], device=context.device), mask.sum(1) - 1]
+        x = (self.action_in(noisy.flatten(1).to(context.dtype)) + self.time_in(time_features(t).to(context.dtype))
+             + self.last_in(last))[:, None, :]
+        memory = self.context_in(context)
+        for attention, block in zip(self.attention, self.blocks):
+            x = block(attention(x, memory, mask))
+        return self.action_out(self.norm(x[:, 0])).view(-1, self.horizon, self.dims)
 
 
 def flow_draws(keys: Sequence[str], seed: int, step: int, horizon: int, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,9 +127,12 @@ def interpolate(actions: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> 
 @torch.no_grad()
 def sample_actions(head: FlowActionHead, context: torch.Tensor, steps: int,
                    generator: torch.Generator) -> torch.Tensor:
-    """Normalized chunks [B, horizon, dims] for contexts [B, hidden]: Euler steps from noise at t = 0 to t = 1."""
-    x = torch.randn(context.shape[0], head.horizon, head.dims, generator=generator).to(context.device)
+    """Normalized chunks [B, horizon, dims] for prompts' hidden states [B, T, hidden] (every position attended):
+    Euler steps from noise at t = 0 to t = 1."""
+    b, device = context.shape[0], context.device
+    mask = torch.ones(context.shape[:2], dtype=torch.bool, device=device)
+    x = torch.randn(b, head.horizon, head.dims, generator=generator).to(device)
     for i in range(steps):
-        t = torch.full((context.shape[0],), i / steps, device=context.device)
-        x = x + head(x, t, context).float() / steps
+        t = torch.full((b,), i / steps, device=device)
+        x = x + head(x, t, context, mask).float() / steps
     return x.clamp(-1.0, 1.0)

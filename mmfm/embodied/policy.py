@@ -79,7 +79,7 @@ class Policy:
 
         ids = torch.tensor([prompt], device=self.device)
         hidden = self.model.language(self.model.embed(ids, pixels), final_hidden=True)
-        chunk = sample_actions(self.model.action_head, hidden[:, -1], self.flow_steps, self.generator)[0]
+        chunk = sample_actions(self.model.action_head, hidden, self.flow_steps, self.generator)[0]
         return self.tokens.action.denormalize(chunk.cpu().numpy()).astype(np.float32)
 
 

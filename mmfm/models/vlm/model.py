@@ -78,7 +78,7 @@ class VisionLanguageModel(nn.Module):
         """Logits [B, T, V], or with targets the summed next-token loss (see LanguageModel.forward).
         positions default to 0..T-1 for every row; document_ids [B, T] separates packed documents.
         actions (noisy chunks [B, H, D], times [B], each row's last prompt position [B]): the action head's
-        velocities [B, H, D] instead (mmfm.embodied.flow).
+        velocities [B, H, D] instead, attending to each row's prompt (mmfm.embodied.flow).
 
         A later pipeline stage holds no vision tower: its input is the previous stage's hidden states.
         """
@@ -87,8 +87,8 @@ class VisionLanguageModel(nn.Module):
             return self.language(h, positions, attn_mask, cache, document_ids, targets)
         noisy, times, last = actions
         hidden = self.language(h, positions, attn_mask, cache, document_ids, final_hidden=True)
-        context = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.action_head(noisy, times, context)
+        prompt = torch.arange(hidden.shape[1], device=hidden.device)[None, :] <= last[:, None]
+        return self.action_head(noisy, times, hidden, prompt)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         return self.language.new_cache(batch, max_len, dtype, device)
