@@ -1,10 +1,10 @@
 """Continuous actions by flow matching (pi0's objective; docs/embodied.md): the model's action head
 (model.action_head.kind=flow) maps a noisy action chunk, its time t in [0, 1] and the language model's final hidden
-state at the prompt's last token to a velocity. Training draws noise e and t per sample, forms x_t = (1 - t) e + t a
+states over the prompt to a velocity. Training draws noise e and t per sample, forms x_t = (1 - t) e + t a
 from the normalized chunk a, and regresses the velocity on a - e (squared error over the chunk's numbers); acting
-integrates dx/dt = v from noise at t = 0 to t = 1 in `steps` Euler steps. As pi0's action expert, the chunk's steps
-attend to every prompt position's hidden state; unlike it, they do not share the language model's layers (a small
-head of its own, replicated: no tensor parallel plan).
+integrates dx/dt = v from noise at t = 0 to t = 1 in `steps` Euler steps. As pi0's action expert, the chunk attends
+to every prompt position's hidden state; unlike it, it does not share the language model's layers (a small head of
+its own, replicated: no tensor parallel plan).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class ResidualMLP(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """The chunk's steps attend to the prompt's hidden states (projected to the head's width)."""
+    """Queries x [B, Q, width] attend to the prompt's hidden states (projected to the head's width) where mask [B, T]."""
 
     def __init__(self, width: int, head_dim: int = 32):
         super().__init__()
