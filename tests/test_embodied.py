@@ -361,7 +361,7 @@ def test_the_flow_sampler_follows_the_interpolation_it_is_trained_on():
     class Exact(torch.nn.Module):
         horizon, dims = 2, 3
 
-        def forward(self, x, t, context, mask):
+        def forward(self, x, t, context, last):
             return (target - x) / (1 - t)[:, None, None]
 
     for steps in (1, 4, 10):

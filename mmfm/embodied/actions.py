@@ -115,24 +115,25 @@ class VLAEncoder:
             raise SkipSample("short_chunk", f"{len(actions)} actions < stage.vla.horizon={self.horizon}")
         images = read_images(raw, self.conversation.processor)
         prompt = self.prompt(str(meta.get("caption", "")), robot["state"])
-        dims = len(actions[0])
         if self.flow:
             return self.flow_sample(key, prompt, images, actions, pad)
         answer = self.tokens.encode_actions(actions[: self.horizon])
-        carries = [self.pad_loss or not p for p in pad[: self.horizon] for _ in range(dims)]
+        carries = [self.pad_loss or not p for p in pad[: self.horizon] for _ in range(len(actions[0]))]
         eos = self.conversation.tokenizer.eos_id
-        ids = prompt + answer + [eos]
+        ids = self.fitting(prompt + answer + [eos])
         loss = [False] * len(prompt) + carries + [True]
-        if len(ids) > self.conversation.seq_len:
-            raise SkipSample("too_long", f"{len(ids)} tokens > data.seq_len={self.conversation.seq_len}")
         targets = [nxt if c else IGNORE_INDEX for nxt, c in zip(ids[1:], loss[1:])] + [IGNORE_INDEX]
         return EncodedSample(key, ids, targets, images, "", prompt_len=len(prompt))
+
+    def fitting(self, ids: list[int]) -> list[int]:
+        if len(ids) > self.conversation.seq_len:
+            raise SkipSample("too_long", f"{len(ids)} tokens > data.seq_len={self.conversation.seq_len}")
+        return ids
 
     def flow_sample(self, key: str, prompt: list[int], images, actions, pad) -> EncodedSample:
         import torch
 
-        if len(prompt) > self.conversation.seq_len:
-            raise SkipSample("too_long", f"{len(prompt)} tokens > data.seq_len={self.conversation.seq_len}")
+        prompt = self.fitting(prompt)
         chunk = self.tokens.action.normalize(np.asarray(actions[: self.horizon], dtype=np.float64))
         mask = [float(self.pad_loss or not p) for p in pad[: self.horizon]]
         extras = {"actions": torch.tensor(chunk, dtype=torch.float32), "action_mask": torch.tensor(mask)}

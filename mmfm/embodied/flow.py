@@ -38,7 +38,8 @@ class ResidualMLP(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Queries x [B, Q, width] attend to the prompt's hidden states (projected to the head's width) where mask [B, T]."""
+    """Queries x [B, Q, width] attend to the prompt's hidden states (projected to the head's width) where mask [B, T]
+    is true."""
 
     def __init__(self, width: int, head_dim: int = 32):
         super().__init__()
@@ -62,8 +63,7 @@ class CrossAttention(nn.Module):
 
 class FlowActionHead(nn.Module):
     """The noisy chunk is one token (its numbers, the time and the prompt's last hidden state); `layers` blocks of
-    attention to the prompt's hidden states and a residual MLP; the chunk's velocity. The prompt's positions are
-    contiguous from 0 (mask [B, T])."""
+    attention to the prompt's hidden states and a residual MLP; the chunk's velocity."""
 
     def __init__(self, hidden_size: int, horizon: int, dims: int, width: int = 0, layers: int = 3):
         super().__init__()
@@ -88,13 +88,13 @@ class FlowActionHead(nn.Module):
         else:
             nn.init.normal_(tensor, std=std, generator=generator)
 
-    def forward(self, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
-        """noisy [B, horizon, dims], t [B], the prompt's hidden states [B, T, hidden] and which of them to attend to
-        [B, T] (bool) -> velocity [B, horizon, dims]."""
-        last = context[torch.arange(context.shape[0], device=context.device), mask.sum(1) - 1]
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """noisy [B, horizon, dims], t [B], hidden states [B, T, hidden] whose positions 0..last [B] are each row's
+        prompt -> velocity [B, horizon, dims]."""
+        rows = torch.arange(context.shape[0], device=context.device)
+        mask = torch.arange(context.shape[1], device=context.device)[None, :] <= last[:, None]
         x = (self.action_in(noisy.flatten(1).to(context.dtype)) + self.time_in(time_features(t).to(context.dtype))
-             + self.last_in(last))[:, None, :]
+             + self.last_in(context[rows, last]))[:, None, :]
         memory = self.context_in(context)
         for attention, block in zip(self.attention, self.blocks):
             x = block(attention(x, memory, mask))
@@ -130,9 +130,9 @@ def sample_actions(head: FlowActionHead, context: torch.Tensor, steps: int,
     """Normalized chunks [B, horizon, dims] for prompts' hidden states [B, T, hidden] (every position attended):
     Euler steps from noise at t = 0 to t = 1."""
     b, device = context.shape[0], context.device
-    mask = torch.ones(context.shape[:2], dtype=torch.bool, device=device)
+    last = torch.full((b,), context.shape[1] - 1, device=device)
     x = torch.randn(b, head.horizon, head.dims, generator=generator).to(device)
     for i in range(steps):
         t = torch.full((b,), i / steps, device=device)
-        x = x + head(x, t, context, mask).float() / steps
+        x = x + head(x, t, context, last).float() / steps
     return x.clamp(-1.0, 1.0)

@@ -107,15 +107,12 @@ def set_last_rows(param, make_rows, count: int) -> None:
     param.copy_(full)
 
 
+def is_action_head(name: str) -> bool:
+    return name.startswith("action_head.")
+
+
 def is_not_action_head(name: str) -> bool:
-    return not name.startswith("action_head.")
-
-
-def holds_action_head(path: Path) -> bool:
-    from mmfm.checkpoint.manager import model_shapes
-    from mmfm.checkpoint.safe_read import read_metadata
-
-    return any(name.startswith("action_head.") for name in model_shapes(read_metadata(path)))
+    return not is_action_head(name)
 
 
 def logits_of(model, batch: Batch, **inputs) -> torch.Tensor:
@@ -290,8 +287,9 @@ class Trainer:
         if path is None:
             refuse_adapter_only(source, self.cfg.stage.init_from)
         shapes = self.model_shapes(adapters=self.lora and path is not None)
-        if path is None and self.cfg.model.action_head.kind != "none" and not holds_action_head(source):
-            shapes = {k: v for k, v in shapes.items() if is_not_action_head(k)}  # the head starts fresh
+        select = self.init_select(source) if path is None else None
+        if select is not None:
+            shapes = {k: v for k, v in shapes.items() if select(k)}
         state = CheckpointManager.inspect(source, shapes, self.record["model"])
         if path is not None:
             check_resume_record(path, state, self.record, self.cfg.data.path)
@@ -349,10 +347,20 @@ class Trainer:
     def init_from(self, path: Path) -> None:
         """The earlier stage's model weights (any layout; under LoRA into the base, the adapters fresh; an action head
         the earlier stage had not, fresh); optimizer, step and data start afresh."""
-        fresh_head = self.cfg.model.action_head.kind != "none" and not holds_action_head(path)
-        self.load_checkpoint(path, optimizer=False, select=is_not_action_head if fresh_head else None)
+        select = self.init_select(path)
+        self.load_checkpoint(path, optimizer=False, select=select)
         log.info("initialized the model from %s (stage.init_from)%s", path,
-                 "; the action head starts fresh" if fresh_head else "")
+                 "; the action head starts fresh" if select is not None else "")
+
+    def init_select(self, source: Path):
+        """The model-state keys stage.init_from's checkpoint gives: None (all), or all but an action head it has not
+        (that head starts fresh)."""
+        from mmfm.checkpoint.manager import model_shapes
+        from mmfm.checkpoint.safe_read import read_metadata
+
+        if self.cfg.model.action_head.kind == "none" or any(map(is_action_head, model_shapes(read_metadata(source)))):
+            return None
+        return is_not_action_head
 
     def load_checkpoint(self, path: Path, optimizer: bool, select=None) -> dict:
         """Load the model (and optimizer, RNG) from a checkpoint of any layout and engine; its trainer state.

@@ -87,8 +87,7 @@ class VisionLanguageModel(nn.Module):
             return self.language(h, positions, attn_mask, cache, document_ids, targets)
         noisy, times, last = actions
         hidden = self.language(h, positions, attn_mask, cache, document_ids, final_hidden=True)
-        prompt = torch.arange(hidden.shape[1], device=hidden.device)[None, :] <= last[:, None]
-        return self.action_head(noisy, times, hidden, prompt)
+        return self.action_head(noisy, times, hidden, last)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         return self.language.new_cache(batch, max_len, dtype, device)
