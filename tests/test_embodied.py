@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmfm.embodied.reach import (GRASP_RADIUS, MAX_STEPS, ReachGraspEnv, blind_action, expert_action, new_scene,
-                                 random_action, success_rate)
+                                 random_action, render, success_rate, toward)
 
 HELD_OUT = range(10_000, 10_200)
 
@@ -24,6 +24,35 @@ def test_the_instruction_is_needed_to_tell_the_objects_apart():
     for seed in range(200):
         (shape, colour, *_), *others = new_scene(seed).objects
         assert sorted((s == shape, c == colour) for s, c, *_ in others) == [(False, True), (True, False)]
+
+
+def nearest_to_start(scene, rng):
+    """An instruction-blind policy that is deterministic: it grasps the object nearest the gripper's start."""
+    if not scene.trace:
+        scene.trace.append(scene.gripper.copy())
+    nearest = min(scene.objects, key=lambda o: float(np.linalg.norm(np.array(o[2:]) - scene.trace[0])))
+    return toward(np.array(nearest[2:]), scene.gripper, rng, 0.0)
+
+
+def test_a_table_can_name_each_of_its_objects():
+    """reset(options={"named": k}) keeps the table and names its k-th object. A policy that acts the same whatever
+    the instruction grasps the named object in at most one of a table's three namings; the expert in all three."""
+    env = ReachGraspEnv()
+    for seed in range(50):
+        scenes = [new_scene(seed, k) for k in range(3)]
+        assert all(sorted(s.objects) == sorted(scenes[0].objects) for s in scenes)
+        assert all(np.array_equal(s.gripper, scenes[0].gripper) for s in scenes)
+        assert [s.objects[0] for s in scenes] == scenes[0].objects
+        assert len({s.instruction for s in scenes}) == 3
+        obs, info = env.reset(seed=seed, options={"named": 2})
+        assert info["instruction"] == scenes[2].instruction
+        assert np.array_equal(obs["image"], render(scenes[0]))
+    each = (0, 1, 2)
+    # it grasps its object on every table, which is the named one in exactly one of the three namings
+    assert success_rate(nearest_to_start, range(200), named=each) == pytest.approx(1 / 3, abs=1e-9)
+    assert success_rate(expert_action, range(200), named=each) >= 0.95
+    with pytest.raises(ValueError, match="named"):
+        env.reset(seed=0, options={"named": 3})
 
 
 def test_episodes_are_deterministic_and_follow_gymnasium_s_api():
@@ -449,6 +478,40 @@ def test_a_vla_run_trains_and_its_policy_acts_in_closed_loop(robot_data, tmp_pat
     assert result["episodes"] == 3 and len(result["outcomes"]) == 3
     assert (tmp_path / "run/rollout/episode_10000.gif").stat().st_size > 0
     assert "success" in capsys.readouterr().out
+
+
+def test_a_policy_follows_the_instruction_in_closed_loop(synth_dir, tmp_path, record_figures):
+    """The smaller closed-loop test (about 2 minutes on 2 cores): 8 tables with each of their three objects named in
+    turn (24 demonstrations), 2000 steps of the tiny model from scratch, then closed loop on the same 24 (table,
+    instruction) pairs. A policy that acts the same whatever the instruction grasps the named object in at most one
+    of a table's three namings (1/3, test_a_table_can_name_each_of_its_objects), random actions about never: the bar,
+    2/3, needs the policy to follow the words. What it shows is instruction following on tables it trained on, not
+    on new tables (the demo's held-out success, docs/embodied.md). Measured: 0.96 / 0.88 / 0.96 on seeds 0-2; on seed
+    0 with the AVX2 and the scalar ATen paths 0.88 and 0.96."""
+    from conftest import TEST_SEED
+
+    from mmfm.cli.main import main
+    from mmfm.config import load_config
+    from mmfm.data.pipeline import build
+    from mmfm.train.trainer import Trainer
+
+    tables = ["--episodes", "8", "--seed", "100", "--each-object"]
+    assert main(["data", "robot-demos", "--out", str(tmp_path / "demos"), *tables]) == 0
+    (tmp_path / "recipe.yaml").write_text(
+        "name: robot\nsources:\n  - {type: lerobot, path: demos, name: sim}\nstages:\n  - {filter: decode}\n"
+        f"output: {{val_fraction: 0.01, tokenizer: {{file: {synth_dir}/tokenizer.json}}}}\n")
+    build(tmp_path / "recipe.yaml", tmp_path / "data", progress=False)
+    cfg = load_config([f"data.path={tmp_path / 'data'}", *VLA_MODEL, "train.max_steps=2000", "train.optim.lr=2e-3",
+                       "train.schedule.warmup_steps=20", "data.batch_size=16", "stage.vla.label_sigma=1.5",
+                       "train.val_every=0", "logger.log_every=500", "checkpoint.every=0", f"seed={TEST_SEED}"])
+    Trainer(cfg, tmp_path / "run").fit()
+    assert main(["rollout", str(tmp_path / "run"), *tables, "--gifs", "1"]) == 0
+    result = json.loads((tmp_path / "run/rollout/results.json").read_text())
+    record_figures(success=result["success_rate"])
+    assert result["episodes"] == 24 and {o["named"] for o in result["outcomes"]} == {0, 1, 2}
+    assert result["random_policy_success_rate"] <= 0.05
+    assert result["success_rate"] >= 2 / 3, result["outcomes"]
+    assert (tmp_path / "run/rollout/episode_100_0.gif").stat().st_size > 0
 
 
 def test_soft_targets_keep_the_logits():

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="a new folder")
     d.add_argument("--episodes", type=int, default=1000, help="episodes to record (the expert's failures are left out)")
     d.add_argument("--seed", type=int, default=0, help="episode seeds are seed, seed + 1, ...")
+    d.add_argument("--each-object", action="store_true", help="each table once per object, each named in turn "
+                   "(3 episodes per seed)")
     b = add_tool(sub, "data", "build",
                  description="Read the recipe's sources, run its stages (decode, filters, PII "
                              "de-identification, dedup) and write webdataset shards or a Megatron indexed "
@@ -137,7 +139,7 @@ def robot_demos_main(args: argparse.Namespace) -> int:
     from mmfm.embodied.reach import write_demonstrations
 
     with one_line_errors("mmfm data robot-demos"):
-        info = write_demonstrations(args.out, args.episodes, args.seed)
+        info = write_demonstrations(args.out, args.episodes, args.seed, each_object=args.each_object)
     print(f"{args.out}: LeRobot data set of {info['total_episodes']} episodes, {info['total_frames']} frames")
     return 0
 

@@ -83,15 +83,16 @@ class Policy:
         return self.tokens.action.denormalize(chunk.cpu().numpy()).astype(np.float32)
 
 
-def rollout(act, seeds: Sequence[int], execute: Optional[int] = None, record: int = 0) -> dict:
+def rollout(act, seeds: Sequence[int], execute: Optional[int] = None, record: int = 0, named=(0,)) -> dict:
     """Closed loop on the simulated task: `act(image, instruction, state) -> [steps, 3]` is called for each chunk,
-    whose first `execute` actions (all when None) run before the next call. Returns the success rate, per-episode
-    outcomes, the seconds per act call (median) and the frames of the first `record` episodes."""
-    from mmfm.embodied.reach import ReachGraspEnv
+    whose first `execute` actions (all when None) run before the next call; each seed's table once per entry of
+    `named` (reach.new_scene). Returns the success rate, per-episode outcomes, the seconds per act call (median) and
+    the frames of the first `record` episodes."""
+    from mmfm.embodied.reach import ReachGraspEnv, episodes_of
 
     env, outcomes, latencies, films = ReachGraspEnv(), [], [], []
-    for n, seed in enumerate(seeds):
-        obs, info = env.reset(seed=int(seed))
+    for n, (seed, k) in enumerate(episodes_of(seeds, named)):
+        obs, info = env.reset(seed=seed, options={"named": k})
         frames, ended = [obs["image"]], False
         while not ended:
             start = time.perf_counter()
@@ -103,8 +104,8 @@ def rollout(act, seeds: Sequence[int], execute: Optional[int] = None, record: in
                 ended = terminated or truncated
                 if ended:
                     break
-        outcomes.append({"seed": int(seed), "instruction": info["instruction"], "success": bool(info["success"]),
-                         "steps": info["steps"]})
+        outcomes.append({"seed": seed, "named": k, "instruction": info["instruction"],
+                         "success": bool(info["success"]), "steps": info["steps"]})
         if n < record:
             films.append(frames)
     wins = sum(o["success"] for o in outcomes)

@@ -66,7 +66,9 @@ def _place(rng: random.Random, taken: list[np.ndarray], lo: float = 0.15, hi: fl
     raise RuntimeError("no room on the table")  # cannot happen at these sizes
 
 
-def new_scene(seed: int) -> Scene:
+def new_scene(seed: int, named: int = 0) -> Scene:
+    """The seed's scene; `named` (0, 1 or 2) picks which of its objects the instruction names: 0 the one it was
+    drawn around, 1 and 2 its distractors (the same table, asked for something else)."""
     rng = random.Random(f"reach-grasp-{seed}")
     shape, colour = rng.choice(SHAPES), rng.choice(OBJECT_COLOURS)
     kinds = [(shape, colour), *_distractors(rng, shape, colour)]
@@ -75,6 +77,7 @@ def new_scene(seed: int) -> Scene:
         points.append(_place(rng, points))
     gripper = _place(rng, points, 0.05, 0.95)
     objects = [(s, c, float(p[0]), float(p[1])) for (s, c), p in zip(kinds, points)]
+    objects.insert(0, objects.pop(named))
     background = tuple(rng.randint(0, 45) for _ in range(3))
     return Scene(objects, gripper, background)
 
@@ -95,7 +98,8 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
 
 class ReachGraspEnv(gym.Env):
     """gymnasium's interface: observation {"image": uint8 [64, 64, 3], "state": float32 [x, y] of the gripper},
-    info["instruction"]; reward 1 on a successful grasp; terminated on any grasp, truncated after MAX_STEPS."""
+    info["instruction"]; reward 1 on a successful grasp; terminated on any grasp, truncated after MAX_STEPS.
+    reset(seed=s, options={"named": k}): the same table with its k-th object named (new_scene)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 5}
     instruction_key = "instruction"
@@ -117,7 +121,10 @@ class ReachGraspEnv(gym.Env):
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         super().reset(seed=seed)
-        self.scene = new_scene(int(seed if seed is not None else self.np_random.integers(2**31)))
+        named = int((options or {}).get("named", 0))
+        if named not in range(NUM_OBJECTS):
+            raise ValueError(f"options['named']={named}: a scene has objects 0-{NUM_OBJECTS - 1}")
+        self.scene = new_scene(int(seed if seed is not None else self.np_random.integers(2**31)), named)
         return self._observation(), self._info()
 
     def step(self, action):
@@ -171,21 +178,27 @@ def random_action(scene: Scene, rng: random.Random) -> np.ndarray:
     return np.array([rng.uniform(-1, 1) for _ in range(3)], dtype=np.float32)
 
 
-def success_rate(policy, seeds, rng_seed: int = 0) -> float:
-    """Fraction of the seeded episodes a (scene, rng) -> action policy ends with the named object grasped."""
-    env, rng, wins = ReachGraspEnv(), random.Random(rng_seed), 0
-    for seed in seeds:
-        env.reset(seed=int(seed))
+def episodes_of(seeds, named=(0,)):
+    """(seed, named object) pairs: each seed's table once per entry of `named` (0: its own instruction)."""
+    return ((int(seed), k) for seed in seeds for k in named)
+
+
+def success_rate(policy, seeds, rng_seed: int = 0, named=(0,)) -> float:
+    """Fraction of the seeded episodes a (scene, rng) -> action policy ends with the named object grasped (each
+    seed's table once per entry of `named`)."""
+    env, rng, wins, episodes = ReachGraspEnv(), random.Random(rng_seed), 0, list(episodes_of(seeds, named))
+    for seed, k in episodes:
+        env.reset(seed=seed, options={"named": k})
         terminated = truncated = False
         while not (terminated or truncated):
             _, _, terminated, truncated, info = env.step(policy(env.scene, rng))
         wins += info["success"]
-    return wins / len(seeds)
+    return wins / len(episodes)
 
 
-def record_demonstrations(seeds, noise: float = 0.01, rng_seed: int = 0) -> list:
-    """The scripted expert's successful episodes on these seeds, as LeRobot episodes (frames before each action,
-    the instruction as the task)."""
+def record_demonstrations(seeds, noise: float = 0.01, rng_seed: int = 0, named=(0,)) -> list:
+    """The scripted expert's successful episodes on these seeds (each table once per entry of `named`), as LeRobot
+    episodes (frames before each action, the instruction as the task)."""
     import io
 
     from PIL import Image
@@ -193,8 +206,8 @@ def record_demonstrations(seeds, noise: float = 0.01, rng_seed: int = 0) -> list
     from mmfm.embodied.lerobot import Episode
 
     env, rng, episodes = ReachGraspEnv(), random.Random(rng_seed), []
-    for seed in seeds:
-        obs, info = env.reset(seed=int(seed))
+    for seed, k in episodes_of(seeds, named):
+        obs, info = env.reset(seed=seed, options={"named": k})
         images, states, actions = [], [], []
         terminated = truncated = False
         while not (terminated or truncated):
@@ -213,12 +226,14 @@ def record_demonstrations(seeds, noise: float = 0.01, rng_seed: int = 0) -> list
 FPS = 5
 
 
-def write_demonstrations(out, episodes: int, seed: int = 0) -> dict:
-    """`mmfm data robot-demos`: the expert on seeds seed .. seed + episodes - 1, as a LeRobot data set in `out`."""
+def write_demonstrations(out, episodes: int, seed: int = 0, each_object: bool = False) -> dict:
+    """`mmfm data robot-demos`: the expert on seeds seed .. seed + episodes - 1 (each_object: each table once per
+    object, each named in turn), as a LeRobot data set in `out`."""
     from tqdm import tqdm
 
     from mmfm.embodied.lerobot import write_dataset
 
     seeds = tqdm(range(seed, seed + episodes), desc="recording", unit="episode", leave=False)
-    return write_dataset(out, record_demonstrations(seeds), fps=FPS, robot_type="mmfm-reach-grasp",
+    named = tuple(range(NUM_OBJECTS)) if each_object else (0,)
+    return write_dataset(out, record_demonstrations(seeds, named=named), fps=FPS, robot_type="mmfm-reach-grasp",
                          state_names=["x", "y"], action_names=["x", "y", "grip"])
