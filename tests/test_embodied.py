@@ -1,5 +1,7 @@
 """The simulated task for vision-language-action policies (mmfm.embodied.reach, docs/embodied.md)."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -12,18 +14,24 @@ HELD_OUT = range(10_000, 10_200)
 
 def test_the_scripted_expert_succeeds_and_baselines_do_not():
     """Over 200 seeded episodes: the expert >= 95%; a policy that grasps one of the objects without reading the
-    instruction about 1/3 (its best without the words), random actions about never."""
+    instruction about 1/4 (its best without the words), random actions about never."""
     expert, blind, random_ = (success_rate(p, HELD_OUT) for p in (expert_action, blind_action, random_action))
     assert expert >= 0.95, expert
-    assert 0.2 <= blind <= 0.5, blind
+    assert 0.15 <= blind <= 0.35, blind
     assert random_ <= 0.05, random_
 
 
 def test_the_instruction_is_needed_to_tell_the_objects_apart():
-    """Each distractor shares the target's colour or its shape: neither word alone names the target."""
-    for seed in range(200):
-        (shape, colour, *_), *others = new_scene(seed).objects
-        assert sorted((s == shape, c == colour) for s, c, *_ in others) == [(False, True), (True, False)]
+    """Two colours times two shapes: of the other objects one shares the named one's colour, one its shape, one
+    neither, so neither word alone names it; the seeds name each kind equally often, so the table does not either."""
+    named = Counter()
+    for seed in range(400):
+        scene = new_scene(seed)
+        (shape, colour, *_), *others = scene.objects
+        assert sorted((s == shape, c == colour) for s, c, *_ in others) == [(False, False), (False, True), (True, False)]
+        kinds = sorted({s for s, *_ in scene.objects}), sorted({c for _, c, *_ in scene.objects})
+        named[kinds[0].index(shape), kinds[1].index(colour)] += 1
+    assert len(named) == 4 and min(named.values()) >= 70, named  # about 100 each
 
 
 def nearest_to_start(scene, rng):
@@ -35,24 +43,23 @@ def nearest_to_start(scene, rng):
 
 
 def test_a_table_can_name_each_of_its_objects():
-    """reset(options={"named": k}) keeps the table and names its k-th object. A policy that acts the same whatever
-    the instruction grasps the named object in at most one of a table's three namings; the expert in all three."""
+    """reset(options={"named": k}) keeps the table and names another of its objects. A policy that acts the same
+    whatever the instruction grasps the named object in at most one of a table's four namings; the expert in all."""
     env = ReachGraspEnv()
     for seed in range(50):
-        scenes = [new_scene(seed, k) for k in range(3)]
+        scenes = [new_scene(seed, k) for k in range(4)]
         assert all(sorted(s.objects) == sorted(scenes[0].objects) for s in scenes)
         assert all(np.array_equal(s.gripper, scenes[0].gripper) for s in scenes)
-        assert [s.objects[0] for s in scenes] == scenes[0].objects
-        assert len({s.instruction for s in scenes}) == 3
+        assert len({s.instruction for s in scenes}) == 4
         obs, info = env.reset(seed=seed, options={"named": 2})
         assert info["instruction"] == scenes[2].instruction
         assert np.array_equal(obs["image"], render(scenes[0]))
-    each = (0, 1, 2)
-    # it grasps its object on every table, which is the named one in exactly one of the three namings
-    assert success_rate(nearest_to_start, range(200), named=each) == pytest.approx(1 / 3, abs=1e-9)
+    each = (0, 1, 2, 3)
+    # it grasps its object on every table, which is the named one in exactly one of the four namings
+    assert success_rate(nearest_to_start, range(200), named=each) == pytest.approx(1 / 4, abs=1e-9)
     assert success_rate(expert_action, range(200), named=each) >= 0.95
     with pytest.raises(ValueError, match="named"):
-        env.reset(seed=0, options={"named": 3})
+        env.reset(seed=0, options={"named": 4})
 
 
 def test_episodes_are_deterministic_and_follow_gymnasium_s_api():
@@ -279,7 +286,7 @@ def test_action_tokens_keep_the_expert_s_success(demos):
     assert min(ids) >= 512 - 64 and max(ids) < 512
     back = tokens.decode_actions(ids)
     x, y = tokens.action.normalize(actions), tokens.action.normalize(back)
-    assert np.abs(x - y).max() <= 1 / 64 + 1e-9
+    assert np.abs(x - y).max() <= 1 / 64 + 1e-6  # decode_actions gives float32
 
     def quantized(scene, rng):
         return tokens.decode_actions(tokens.encode_actions(expert_action(scene, rng)[None]))[0]

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--episodes", type=int, default=1000, help="episodes to record (the expert's failures are left out)")
     d.add_argument("--seed", type=int, default=0, help="episode seeds are seed, seed + 1, ...")
     d.add_argument("--each-object", action="store_true", help="each table once per object, each named in turn "
-                   "(3 episodes per seed)")
+                   "(4 episodes per seed)")
     b = add_tool(sub, "data", "build",
                  description="Read the recipe's sources, run its stages (decode, filters, PII "
                              "de-identification, dedup) and write webdataset shards or a Megatron indexed "

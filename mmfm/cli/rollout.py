@@ -19,8 +19,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "of `mmfm data robot-demos` use 0 up: keep these apart)")
     p.add_argument("--execute", type=int, default=None,
                    help="actions of each predicted chunk run before the next prediction (default: all)")
-    p.add_argument("--each-object", action="store_true", help="each table once per object, each named in turn (3 "
-                   "episodes per seed): a policy that ignores the instruction succeeds in at most a third of them")
+    p.add_argument("--each-object", action="store_true", help="each table once per object, each named in turn (4 "
+                   "episodes per seed): a policy that ignores the instruction succeeds in at most a quarter of them")
     p.add_argument("--gifs", type=int, default=3, help="episodes saved as GIF")
     p.add_argument("--out", default=None, help="folder for results.json and the GIFs (default: RUN/rollout)")
     p.add_argument("--device", default="cpu")

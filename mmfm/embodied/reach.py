@@ -1,11 +1,13 @@
 """`ReachGrasp`: the simulated task the project ships for vision-language-action policies (docs/embodied.md).
 
-A planar gripper over a table with three objects drawn as the demo's captioner sees them (mmfm.data.synth: its
-colours and shapes). The instruction names one ("pick up the red circle."); the others are distractors that share its
-colour or its shape, so neither word alone tells which one. An action is (x, y, grip) in [-1, 1], position control
+A planar gripper over a table with four objects drawn as the demo's captioner sees them (mmfm.data.synth: its
+colours and shapes): two colours times two shapes, all four kinds. The instruction names one ("pick up the red
+circle."); of the others one shares its colour, one its shape and one neither, so neither word alone tells which one,
+and the table alone does not either (every object stands in the same relation to the rest). An action is (x, y, grip) in [-1, 1], position control
 as on most arms: the gripper moves toward the point (x, y) of the table (mapped from [-1, 1] to [0, 1]) by at most
-MAX_STEP, and grip > 0 closes it, which ends the episode: a success when the gripper is over the named object. Episodes are deterministic from their seed, cheap on a CPU (a 64 x 64 image per step), and end after
-MAX_STEPS steps without a grasp.
+MAX_STEP, and grip > 0 closes it, which ends the episode: a success when the gripper is over the named object.
+Episodes are deterministic from their seed, cheap on a CPU (a 64 x 64 image per step), and end after MAX_STEPS steps
+without a grasp.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from mmfm.data.synth import COLOURS, RENDER_SCALE, SHAPES, _draw_shape
 
 OBJECT_COLOURS = tuple(c for c in COLOURS if c != "white")  # white is the gripper's
 IMAGE_SIZE = 64
-NUM_OBJECTS = 3
+NUM_OBJECTS = 4  # two colours x two shapes
 OBJECT_RADIUS = 0.09  # of the table's side
 GRASP_RADIUS = 0.08  # the gripper's centre this close to an object's grasps it
 MAX_STEP = 0.1  # the farthest the gripper moves in one step
@@ -52,12 +54,6 @@ class Scene:
         return f"pick up the {colour} {shape}."
 
 
-def _distractors(rng: random.Random, shape: str, colour: str) -> list[tuple[str, str]]:
-    """One object of the target's colour and another shape, one of its shape and another colour."""
-    return [(rng.choice([s for s in SHAPES if s != shape]), colour),
-            (shape, rng.choice([c for c in OBJECT_COLOURS if c != colour]))]
-
-
 def _place(rng: random.Random, taken: list[np.ndarray], lo: float = 0.15, hi: float = 0.85) -> np.ndarray:
     for _ in range(1000):
         point = np.array([rng.uniform(lo, hi), rng.uniform(lo, hi)], dtype=np.float32)
@@ -67,17 +63,17 @@ def _place(rng: random.Random, taken: list[np.ndarray], lo: float = 0.15, hi: fl
 
 
 def new_scene(seed: int, named: int = 0) -> Scene:
-    """The seed's scene; `named` (0, 1 or 2) picks which of its objects the instruction names: 0 the one it was
-    drawn around, 1 and 2 its distractors (the same table, asked for something else)."""
+    """The seed's scene. The seed draws which object the instruction names; `named` (0-3) moves on that many
+    objects: 0 the seed's own instruction, 1-3 the same table asked for each of its other objects."""
     rng = random.Random(f"reach-grasp-{seed}")
-    shape, colour = rng.choice(SHAPES), rng.choice(OBJECT_COLOURS)
-    kinds = [(shape, colour), *_distractors(rng, shape, colour)]
+    shapes, colours = rng.sample(SHAPES, 2), rng.sample(OBJECT_COLOURS, 2)
+    kinds = [(shape, colour) for colour in colours for shape in shapes]
     points: list[np.ndarray] = []
     for _ in kinds:
         points.append(_place(rng, points))
     gripper = _place(rng, points, 0.05, 0.95)
     objects = [(s, c, float(p[0]), float(p[1])) for (s, c), p in zip(kinds, points)]
-    objects.insert(0, objects.pop(named))
+    objects.insert(0, objects.pop((rng.randrange(NUM_OBJECTS) + named) % NUM_OBJECTS))
     background = tuple(rng.randint(0, 45) for _ in range(3))
     return Scene(objects, gripper, background)
 
@@ -99,7 +95,7 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
 class ReachGraspEnv(gym.Env):
     """gymnasium's interface: observation {"image": uint8 [64, 64, 3], "state": float32 [x, y] of the gripper},
     info["instruction"]; reward 1 on a successful grasp; terminated on any grasp, truncated after MAX_STEPS.
-    reset(seed=s, options={"named": k}): the same table with its k-th object named (new_scene)."""
+    reset(seed=s, options={"named": k}): the same table with another of its objects named (new_scene)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 5}
     instruction_key = "instruction"
@@ -167,7 +163,7 @@ def expert_action(scene: Scene, rng: random.Random, noise: float = 0.01) -> np.n
 
 def blind_action(scene: Scene, rng: random.Random) -> np.ndarray:
     """What a policy that ignores the instruction can do at best: grasp one of the objects, chosen at random per
-    episode (the same all episode)."""
+    episode (the same all episode): a quarter of the episodes."""
     if not scene.trace:
         scene.trace.append(rng.randrange(len(scene.objects)))
     _, _, x, y = scene.objects[scene.trace[0]]
