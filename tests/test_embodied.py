@@ -488,13 +488,13 @@ def test_a_vla_run_trains_and_its_policy_acts_in_closed_loop(robot_data, tmp_pat
 
 
 def test_a_policy_follows_the_instruction_in_closed_loop(synth_dir, tmp_path, record_figures):
-    """The smaller closed-loop test (about 2 minutes on 2 cores): 8 tables with each of their three objects named in
-    turn (24 demonstrations), 2000 steps of the tiny model from scratch, then closed loop on the same 24 (table,
+    """The smaller closed-loop test (about 2 minutes on 2 cores): 8 tables with each of their four objects named in
+    turn (32 demonstrations), 3000 steps of the tiny model from scratch, then closed loop on the same 32 (table,
     instruction) pairs. A policy that acts the same whatever the instruction grasps the named object in at most one
-    of a table's three namings (1/3, test_a_table_can_name_each_of_its_objects), random actions about never: the bar,
-    2/3, needs the policy to follow the words. What it shows is instruction following on tables it trained on, not
-    on new tables (the demo's held-out success, docs/embodied.md). Measured: 0.96 / 0.88 / 0.96 on seeds 0-2; on seed
-    0 with the AVX2 and the scalar ATen paths 0.88 and 0.96."""
+    of a table's four namings (1/4, test_a_table_can_name_each_of_its_objects), random actions about never: the bar,
+    0.6, needs the policy to follow the words. What it shows is instruction following on tables it trained on, not
+    on new tables (the demo's held-out success, docs/embodied.md). Measured: 0.75 / 0.94 / 0.88 on seeds 0-2; on seed
+    0 with the AVX2 and the scalar ATen paths 0.94 and 0.91."""
     from conftest import TEST_SEED
 
     from mmfm.cli.main import main
@@ -508,16 +508,16 @@ def test_a_policy_follows_the_instruction_in_closed_loop(synth_dir, tmp_path, re
         "name: robot\nsources:\n  - {type: lerobot, path: demos, name: sim}\nstages:\n  - {filter: decode}\n"
         f"output: {{val_fraction: 0.01, tokenizer: {{file: {synth_dir}/tokenizer.json}}}}\n")
     build(tmp_path / "recipe.yaml", tmp_path / "data", progress=False)
-    cfg = load_config([f"data.path={tmp_path / 'data'}", *VLA_MODEL, "train.max_steps=2000", "train.optim.lr=2e-3",
+    cfg = load_config([f"data.path={tmp_path / 'data'}", *VLA_MODEL, "train.max_steps=3000", "train.optim.lr=2e-3",
                        "train.schedule.warmup_steps=20", "data.batch_size=16", "stage.vla.label_sigma=1.5",
                        "train.val_every=0", "logger.log_every=500", "checkpoint.every=0", f"seed={TEST_SEED}"])
     Trainer(cfg, tmp_path / "run").fit()
     assert main(["rollout", str(tmp_path / "run"), *tables, "--gifs", "1"]) == 0
     result = json.loads((tmp_path / "run/rollout/results.json").read_text())
     record_figures(success=result["success_rate"])
-    assert result["episodes"] == 24 and {o["named"] for o in result["outcomes"]} == {0, 1, 2}
+    assert result["episodes"] == 32 and {o["named"] for o in result["outcomes"]} == {0, 1, 2, 3}
     assert result["random_policy_success_rate"] <= 0.05
-    assert result["success_rate"] >= 2 / 3, result["outcomes"]
+    assert result["success_rate"] >= 0.6, result["outcomes"]
     assert (tmp_path / "run/rollout/episode_100_0.gif").stat().st_size > 0
 
 
