@@ -28,7 +28,8 @@ def test_the_instruction_is_needed_to_tell_the_objects_apart():
     for seed in range(400):
         scene = new_scene(seed)
         (shape, colour, *_), *others = scene.objects
-        assert sorted((s == shape, c == colour) for s, c, *_ in others) == [(False, False), (False, True), (True, False)]
+        relations = sorted((s == shape, c == colour) for s, c, *_ in others)
+        assert relations == [(False, False), (False, True), (True, False)]
         kinds = sorted({s for s, *_ in scene.objects}), sorted({c for _, c, *_ in scene.objects})
         named[kinds[0].index(shape), kinds[1].index(colour)] += 1
     assert len(named) == 4 and min(named.values()) >= 70, named  # about 100 each

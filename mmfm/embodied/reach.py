@@ -5,9 +5,9 @@ colours and shapes): two colours times two shapes, all four kinds. The instructi
 circle."); of the others one shares its colour, one its shape and one neither, so neither word alone tells which one,
 and the table alone does not either (every object stands in the same relation to the rest). An action is (x, y, grip)
 in [-1, 1], position control as on most arms: the gripper moves toward the point (x, y) of the table (mapped from
-[-1, 1] to [0, 1]) by at most MAX_STEP, and grip > 0 closes it, which ends the episode: a success when the gripper is over the named object.
-Episodes are deterministic from their seed, cheap on a CPU (a 64 x 64 image per step), and end after MAX_STEPS steps
-without a grasp.
+[-1, 1] to [0, 1]) by at most MAX_STEP, and grip > 0 closes it, which ends the episode: a success when the gripper
+is over the named object. Episodes are deterministic from their seed, cheap on a CPU (a 64 x 64 image per step), and
+end after MAX_STEPS steps without a grasp.
 """
 
 from __future__ import annotations
