@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmfm.embodied.reach import (GRASP_RADIUS, MAX_STEPS, ReachGraspEnv, blind_action, expert_action, new_scene,
-                                 random_action, render, success_rate, toward)
+from mmfm.embodied.reach import (EVERY_OBJECT, GRASP_RADIUS, MAX_STEPS, ReachGraspEnv, blind_action, expert_action,
+                                 new_scene, random_action, render, success_rate, toward)
 
 HELD_OUT = range(10_000, 10_200)
 
@@ -55,7 +55,7 @@ def test_a_table_can_name_each_of_its_objects():
         obs, info = env.reset(seed=seed, options={"named": 2})
         assert info["instruction"] == scenes[2].instruction
         assert np.array_equal(obs["image"], render(scenes[0]))
-    each = (0, 1, 2, 3)
+    each = EVERY_OBJECT
     # it grasps its object on every table, which is the named one in exactly one of the four namings
     assert success_rate(nearest_to_start, range(200), named=each) == pytest.approx(1 / 4, abs=1e-9)
     assert success_rate(expert_action, range(200), named=each) >= 0.95
@@ -298,13 +298,19 @@ def test_action_tokens_keep_the_expert_s_success(demos):
 @pytest.fixture(scope="module")
 def robot_data(synth_dir, tmp_path_factory):
     """40 demonstrations as training shards (the synthetic data set's tokenizer), horizon 4."""
-    from mmfm.data.pipeline import build
-
     root = tmp_path_factory.mktemp("robot")
     write_dataset(root / "demos", record_demonstrations(range(100, 140)), fps=5, robot_type="sim")
+    return robot_shards(root, synth_dir, val_fraction=0.2)
+
+
+def robot_shards(root: Path, synth_dir: Path, val_fraction: float) -> Path:
+    """root/demos (a LeRobot data set) built into root/data with the synthetic data set's tokenizer."""
+    from mmfm.data.pipeline import build
+
     recipe = root / "recipe.yaml"
-    recipe.write_text("name: robot\nsources:\n  - {type: lerobot, path: demos, name: sim}\nstages:\n"
-                      f"  - {{filter: decode}}\noutput: {{val_fraction: 0.2, tokenizer: {{file: {synth_dir}/tokenizer.json}}}}\n")
+    recipe.write_text("name: robot\nsources:\n  - {type: lerobot, path: demos, name: sim}\n"
+                      "stages:\n  - {filter: decode}\n"
+                      f"output: {{val_fraction: {val_fraction}, tokenizer: {{file: {synth_dir}/tokenizer.json}}}}\n")
     build(recipe, root / "data", progress=False)
     return root / "data"
 
@@ -500,16 +506,12 @@ def test_a_policy_follows_the_instruction_in_closed_loop(synth_dir, tmp_path, re
 
     from mmfm.cli.main import main
     from mmfm.config import load_config
-    from mmfm.data.pipeline import build
     from mmfm.train.trainer import Trainer
 
     tables = ["--episodes", "8", "--seed", "100", "--each-object"]
     assert main(["data", "robot-demos", "--out", str(tmp_path / "demos"), *tables]) == 0
-    (tmp_path / "recipe.yaml").write_text(
-        "name: robot\nsources:\n  - {type: lerobot, path: demos, name: sim}\nstages:\n  - {filter: decode}\n"
-        f"output: {{val_fraction: 0.01, tokenizer: {{file: {synth_dir}/tokenizer.json}}}}\n")
-    build(tmp_path / "recipe.yaml", tmp_path / "data", progress=False)
-    cfg = load_config([f"data.path={tmp_path / 'data'}", *VLA_MODEL, "train.max_steps=3000", "train.optim.lr=2e-3",
+    data = robot_shards(tmp_path, synth_dir, val_fraction=0.01)
+    cfg = load_config([f"data.path={data}", *VLA_MODEL, "train.max_steps=3000", "train.optim.lr=2e-3",
                        "train.schedule.warmup_steps=20", "data.batch_size=16", "stage.vla.label_sigma=1.5",
                        "train.val_every=0", "logger.log_every=500", "checkpoint.every=0", f"seed={TEST_SEED}"])
     Trainer(cfg, tmp_path / "run").fit()

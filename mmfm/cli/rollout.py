@@ -33,12 +33,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     from mmfm.checkpoint import find_checkpoint
     from mmfm.embodied.policy import Policy, rollout, save_gif
-    from mmfm.embodied.reach import NUM_OBJECTS, episodes_of, random_action, success_rate
+    from mmfm.embodied.reach import EVERY_OBJECT, episodes_of, random_action, success_rate
 
     run_dir, _ = find_checkpoint(Path(args.checkpoint))
     policy = Policy.from_checkpoint(args.checkpoint, args.device)
     seeds = range(args.seed, args.seed + args.episodes)
-    named = tuple(range(NUM_OBJECTS)) if args.each_object else (0,)
+    named = EVERY_OBJECT if args.each_object else (0,)
     result = rollout(policy.act, seeds, args.execute, record=args.gifs, named=named)
     out = Path(args.out) if args.out else run_dir / "rollout"
     out.mkdir(parents=True, exist_ok=True)

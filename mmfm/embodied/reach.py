@@ -27,6 +27,7 @@ from mmfm.data.synth import COLOURS, RENDER_SCALE, SHAPES, _draw_shape
 OBJECT_COLOURS = tuple(c for c in COLOURS if c != "white")  # white is the gripper's
 IMAGE_SIZE = 64
 NUM_OBJECTS = 4  # two colours x two shapes
+EVERY_OBJECT = tuple(range(NUM_OBJECTS))  # `named` for each table once per object
 OBJECT_RADIUS = 0.09  # of the table's side
 GRASP_RADIUS = 0.08  # the gripper's centre this close to an object's grasps it
 MAX_STEP = 0.1  # the farthest the gripper moves in one step
@@ -230,6 +231,6 @@ def write_demonstrations(out, episodes: int, seed: int = 0, each_object: bool = 
     from mmfm.embodied.lerobot import write_dataset
 
     seeds = tqdm(range(seed, seed + episodes), desc="recording", unit="episode", leave=False)
-    named = tuple(range(NUM_OBJECTS)) if each_object else (0,)
+    named = EVERY_OBJECT if each_object else (0,)
     return write_dataset(out, record_demonstrations(seeds, named=named), fps=FPS, robot_type="mmfm-reach-grasp",
                          state_names=["x", "y"], action_names=["x", "y", "grip"])
