@@ -207,7 +207,7 @@ def _json_members(out: Path, split: str) -> list[bytes]:
     (lambda info: info.update(data_path="../outside/{chunk_index}-{file_index}.parquet"),
      r"data_path gives an unsafe file name: .* leads outside"),
     (lambda info: info["features"]["observation.image"].update(dtype="video"),
-     r"are stored as video, which mmfm does not decode yet; re-export it with image features"),
+     r"camera 'observation.image' is stored as video but video_path None is not a path template"),
     (lambda info: info.update(codebase_version="v1.6"), r"codebase_version 'v1.6' is not read"),
 ])
 def test_a_lerobot_data_set_mmfm_cannot_read_safely_is_refused_in_one_line(change, message, demos, tmp_path):

@@ -63,14 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = add_tool(sub, "data", "robot-demos",
                  description="Record the scripted expert of the simulated pick-up task (mmfm.embodied.reach) as a "
-                             "LeRobot data set (codebase v3.0, 64x64 images in the parquet files, the instruction as "
-                             "the task): the input of a `lerobot` source in `mmfm data build`. Deterministic from "
-                             "--seed.")
+                             "LeRobot data set (codebase v3.0, 64x64 images in the parquet files or, with --video, one "
+                             "MP4; the instruction as the task): the input of a `lerobot` source in `mmfm data "
+                             "build`. Deterministic from --seed.")
     d.add_argument("--out", required=True, help="a new folder")
     d.add_argument("--episodes", type=int, default=1000, help="episodes to record (the expert's failures are left out)")
     d.add_argument("--seed", type=int, default=0, help="episode seeds are seed, seed + 1, ...")
     d.add_argument("--each-object", action="store_true", help="each table once per object, each named in turn "
                    "(4 episodes per seed)")
+    d.add_argument("--video", action="store_true", help="the camera as one MP4 (AV1, lossy; lerobot's default "
+                   "layout) instead of PNG in the parquet; needs PyAV (pip install av)")
     b = add_tool(sub, "data", "build",
                  description="Read the recipe's sources, run its stages (decode, filters, PII "
                              "de-identification, dedup) and write webdataset shards or a Megatron indexed "
@@ -139,7 +141,8 @@ def robot_demos_main(args: argparse.Namespace) -> int:
     from mmfm.embodied.reach import write_demonstrations
 
     with one_line_errors("mmfm data robot-demos"):
-        info = write_demonstrations(args.out, args.episodes, args.seed, each_object=args.each_object)
+        info = write_demonstrations(args.out, args.episodes, args.seed, each_object=args.each_object,
+                                    video=args.video)
     print(f"{args.out}: LeRobot data set of {info['total_episodes']} episodes, {info['total_frames']} frames")
     return 0
 

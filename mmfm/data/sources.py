@@ -562,15 +562,17 @@ class IndexedSource(Source):
 
 
 class LeRobotSource(Source):
-    """A LeRobot data set (codebase v3.0 or v2.x, image features; mmfm.embodied.lerobot): one record per frame, the
-    episode's task as its text, the camera's frame as its image, and under meta["robot"] the episode and frame
-    indices, the proprioceptive state and the chunk of the next `horizon` actions (the episode's last one repeated
-    past its end, flagged in actions_pad). key = "episode_E/frame_T"; an episode's frames go to one split. A bad episode is one Dropped, key
-    "episode_E", reason missing_frames, wrong_dimension, nan_action or nan_state. The manifest records per source
-    the state and action statistics of the kept episodes (for normalization) under "robot"."""
+    """A LeRobot data set (codebase v3.0 or v2.x, a camera stored as images or as video; mmfm.embodied.lerobot): one
+    record per frame, the episode's task as its text, the camera's frame as its image (a video frame decoded and
+    stored as PNG), and under meta["robot"] the episode and frame indices, the proprioceptive state and the chunk of
+    the next `horizon` actions (the episode's last one repeated past its end, flagged in actions_pad).
+    key = "episode_E/frame_T"; an episode's frames go to one split. A bad episode is one Dropped, key "episode_E",
+    reason missing_frames, bad_video, wrong_dimension, nan_action or nan_state. The manifest records per source the
+    state and action statistics of the kept episodes (for normalization) under "robot"."""
 
     def __init__(self, path, name: str, license: str = "", camera: str = "", horizon: int = 4):
-        from mmfm.embodied.lerobot import read_info
+        from mmfm.embodied.lerobot import is_video, pick_camera, read_info
+        from mmfm.embodied.video import pyav
 
         super().__init__(name, license)
         self.root = _existing(path, name)
@@ -578,6 +580,8 @@ class LeRobotSource(Source):
             raise SourceError(f"source {name!r} (lerobot): horizon={horizon} must be at least 1 (actions per chunk)")
         self.camera, self.horizon = camera, int(horizon)
         self.info = read_info(self.root)
+        if is_video(self.info, pick_camera(self.info, camera)):
+            pyav()  # a one-line error before the build starts when PyAV is missing
 
     def __iter__(self) -> Iterator[Outcome]:
         from mmfm.embodied.lerobot import BadEpisode, action_chunk, read_episodes
@@ -599,7 +603,7 @@ class LeRobotSource(Source):
 
         from mmfm.embodied.lerobot import ACTION, STATE, Episode, pick_camera, read_episodes, stats
 
-        kept = [e for e in read_episodes(self.root, self.camera) if isinstance(e, Episode)]
+        kept = [e for e in read_episodes(self.root, self.camera, images=False) if isinstance(e, Episode)]
         if not kept:
             return {"robot": {"episodes": 0}}
         return {"robot": {"episodes": len(kept), "fps": self.info.get("fps"), "camera": pick_camera(self.info,

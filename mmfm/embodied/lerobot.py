@@ -1,29 +1,35 @@
 """LeRobot data sets on disk, read and written without the lerobot package (docs/embodied.md).
 
 Read: codebase v3.0 (episodes packed into data/chunk-C/file-F.parquet, meta/episodes/*.parquet, meta/tasks.parquet)
-and v2.x (one data/chunk-C/episode_E.parquet per episode, meta/episodes.jsonl, meta/tasks.jsonl), image features
-stored in the parquet files (video features are refused in one line). Every file is untrusted: meta/info.json is
-size-capped JSON, a data file's path comes from its template with integer indices and must stay inside the data
-set's folder, nothing is unpickled.
+and v2.x (one data/chunk-C/episode_E.parquet per episode, meta/episodes.jsonl, meta/tasks.jsonl), one camera: an image
+feature stored in the parquet files, or a video feature stored as MP4 files (meta/info.json's video_path; v3.0: the
+episode's file and its start in it from the episodes parquet, v2.x: one file per episode), decoded with PyAV
+(mmfm.embodied.video), frame t the decoded frame nearest the episode's start + its timestamp, within half a frame
+period, stored as PNG. Every file is untrusted: meta/info.json is size-capped JSON, a data or video file's path comes
+from its template with integer indices and must stay inside the data set's folder, nothing is unpickled.
 
 A bad episode is skipped with its reason: "missing_frames" (fewer rows than its length, frame indices out of order,
-an image without bytes), "wrong_dimension" (a state or action vector of another length than meta/info.json's),
+an image without bytes, a frame time without a video frame within the tolerance), "bad_video" (its video file is
+missing or does not decode), "wrong_dimension" (a state or action vector of another length than meta/info.json's),
 "nan_action" / "nan_state" (a non-finite value).
 
 Written (the simulated task's demonstrations, `mmfm data robot-demos`): codebase v3.0 as lerobot 0.4 writes it, one
-data file and one episodes file, images as PNG in the parquet, meta/stats.json for the state and the action.
+data file and one episodes file, images as PNG in the parquet (or, video=True, the camera as one MP4 with lerobot's
+default encoding), meta/stats.json for the state and the action.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
 from mmfm.data.manifest import DataError, UnsafePath, contained
+from mmfm.embodied.video import UnusableFrames, frames_at, pyav, rgb, write_video
 
 INFO = "meta/info.json"
 MAX_INFO_BYTES = 4 << 20
@@ -32,6 +38,8 @@ READ_VERSIONS = ("v2.0", "v2.1", "v3.0")
 STATE, ACTION = "observation.state", "action"
 V3_DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 V3_EPISODES = "meta/episodes/chunk-000/file-000.parquet"
+V3_VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+CAMERA_DTYPES = ("image", "video")
 
 
 class LeRobotError(DataError):
@@ -77,23 +85,30 @@ def read_info(root: Path) -> dict:
 
 
 def pick_camera(info: dict, camera: str = "") -> str:
-    """The image feature to read: `camera`, or the data set's only one."""
-    features = info["features"]
-    images = [k for k, f in features.items() if isinstance(f, dict) and f.get("dtype") == "image"]
-    videos = [k for k, f in features.items() if isinstance(f, dict) and f.get("dtype") == "video"]
+    """The camera to read (an image or a video feature): `camera`, or the data set's only one."""
+    cameras = [k for k, f in info["features"].items() if isinstance(f, dict) and f.get("dtype") in CAMERA_DTYPES]
     if camera:
-        if camera in videos:
-            raise LeRobotError(f"camera {camera!r} is stored as video, which mmfm does not decode yet; re-export the "
-                               "data set with image features (lerobot: use_videos=False)")
-        if camera not in images:
-            raise LeRobotError(f"camera {camera!r} is not an image feature of the data set; it has {images or 'none'}")
+        if camera not in cameras:
+            raise LeRobotError(f"camera {camera!r} is not an image or video feature of the data set; it has "
+                               f"{cameras or 'none'}")
         return camera
-    if len(images) == 1:
-        return images[0]
-    if not images and videos:
-        raise LeRobotError(f"the data set's cameras {videos} are stored as video, which mmfm does not decode yet; "
-                           "re-export it with image features (lerobot: use_videos=False)")
-    raise LeRobotError(f"the data set has {len(images)} image features {images}: name one with camera=...")
+    if len(cameras) == 1:
+        return cameras[0]
+    raise LeRobotError(f"the data set has {len(cameras)} image or video features {cameras}: name one with "
+                       "camera=...")
+
+
+def is_video(info: dict, camera: str) -> bool:
+    """Whether the camera is stored as video files (else as images in the parquet files)."""
+    return info["features"][camera].get("dtype") == "video"
+
+
+def frame_tolerance(info: dict) -> float:
+    """How far (seconds) a decoded video frame may lie from a frame's time: half a frame period."""
+    fps = info.get("fps")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+        raise LeRobotError(f"{INFO}: fps {fps!r} is not a positive number; video frames are found by their time")
+    return 0.5 / fps
 
 
 def _dims(info: dict, key: str) -> int:
@@ -103,17 +118,19 @@ def _dims(info: dict, key: str) -> int:
     return int(feature["shape"][0])
 
 
-def _inside(root: Path, template: object, **indices: int) -> Path:
+def _inside(root: Path, info: dict, field: str, **indices: Union[int, str]) -> Path:
+    """The file info[field] (a path template: data_path, video_path) names for `indices`, refused unless inside root."""
+    template = info.get(field)
     if not isinstance(template, str):
-        raise LeRobotError(f"{INFO}: data_path {template!r} is not a path template")
+        raise LeRobotError(f"{INFO}: {field} {template!r} is not a path template")
     try:
         name = template.format(**indices)
-    except (KeyError, IndexError, ValueError) as exc:
-        raise LeRobotError(f"{INFO}: data_path {template!r} does not format ({exc})") from None
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise LeRobotError(f"{INFO}: {field} {template!r} does not format ({exc})") from None
     try:
         return contained(root, name)
     except UnsafePath as exc:
-        raise LeRobotError(f"{INFO}: data_path gives an unsafe file name: {exc}") from None
+        raise LeRobotError(f"{INFO}: {field} gives an unsafe file name: {exc}") from None
 
 
 def _read_table(path: Path):
@@ -150,49 +167,80 @@ def _jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _episode_rows(root: Path, info: dict) -> list[dict]:
-    """One dict per episode: episode_index, length, and where its rows are."""
+def _episode_rows(root: Path, info: dict, video: str = "") -> list[dict]:
+    """One dict per episode: episode_index, length, and where its rows are (and, v3.0, its frames of the camera
+    `video`)."""
     if info["codebase_version"] == "v3.0":
         files = sorted((root / "meta/episodes").glob("chunk-*/file-*.parquet"))
         if not files:
             raise LeRobotError(f"{root / 'meta/episodes'} holds no episodes parquet; the data set is incomplete")
+        columns = ["episode_index", "length", "data/chunk_index", "data/file_index"]
+        columns += [f"videos/{video}/{c}" for c in ("chunk_index", "file_index", "from_timestamp")] if video else []
         rows = []
         for f in files:
-            rows += _read_table(f).select(["episode_index", "length", "data/chunk_index", "data/file_index"]) \
-                .to_pylist()
+            rows += _columns(_read_table(f), columns, f).to_pylist()
         return sorted(rows, key=lambda r: r["episode_index"])
     chunk = int(info.get("chunks_size") or 1000)
     return [{"episode_index": int(r["episode_index"]), "length": int(r["length"]),
              "episode_chunk": int(r["episode_index"]) // chunk} for r in _jsonl(root / "meta/episodes.jsonl")]
 
 
+def _columns(table, names: list[str], path: Path):
+    missing = [c for c in names if c not in table.column_names]
+    if missing:
+        raise LeRobotError(f"{path} has no column(s) {missing}")
+    return table.select(names)
+
+
 def _data_file(root: Path, info: dict, row: dict) -> Path:
     if info["codebase_version"] == "v3.0":
-        return _inside(root, info.get("data_path"), chunk_index=int(row["data/chunk_index"]),
+        return _inside(root, info, "data_path", chunk_index=int(row["data/chunk_index"]),
                        file_index=int(row["data/file_index"]))
-    return _inside(root, info.get("data_path"), episode_chunk=row["episode_chunk"],
-                   episode_index=row["episode_index"])
+    return _inside(root, info, "data_path", episode_chunk=row["episode_chunk"], episode_index=row["episode_index"])
 
 
-def read_episodes(root: Union[str, Path], camera: str = "") -> Iterator[Union[Episode, BadEpisode]]:
-    """Every episode of the data set, in episode order, or why it is unusable."""
+def _video_file(root: Path, info: dict, camera: str, row: dict) -> tuple[Path, float]:
+    """The video file holding the episode's frames of `camera`, and the time (seconds) in it of the episode's start."""
+    if info["codebase_version"] == "v3.0":
+        where = {k: row[f"videos/{camera}/{k}"] for k in ("chunk_index", "file_index", "from_timestamp")}
+        if any(v is None for v in where.values()):
+            raise LeRobotError(f"the episodes metadata of episode {row['episode_index']} has no video location for "
+                               f"{camera!r}; the data set is incomplete")
+        return _inside(root, info, "video_path", video_key=camera, chunk_index=int(where["chunk_index"]),
+                       file_index=int(where["file_index"])), float(where["from_timestamp"])
+    return _inside(root, info, "video_path", video_key=camera, episode_chunk=row["episode_chunk"],
+                   episode_index=row["episode_index"]), 0.0
+
+
+def read_episodes(root: Union[str, Path], camera: str = "", images: bool = True) -> \
+        Iterator[Union[Episode, BadEpisode]]:
+    """Every episode of the data set, in episode order, or why it is unusable. images=False: the same episodes
+    kept and dropped, but Episode.images empty (no frame encoded as PNG; for statistics)."""
     root = Path(root)
     info = read_info(root)
     camera = pick_camera(info, camera)
+    video = is_video(info, camera)
+    if video:
+        pyav()  # a one-line error before any work when PyAV is missing
+        if not isinstance(info.get("video_path"), str):
+            raise LeRobotError(f"{INFO}: camera {camera!r} is stored as video but video_path "
+                               f"{info.get('video_path')!r} is not a path template")
     state_dims, action_dims = _dims(info, STATE), _dims(info, ACTION)
     tasks = _tasks(root, info["codebase_version"])
-    columns = [camera, STATE, ACTION, "episode_index", "frame_index", "task_index"]
+    columns = [STATE, ACTION, "episode_index", "frame_index", "task_index", "timestamp" if video else camera]
+    tolerance = frame_tolerance(info) if video else 0.0
     cached: tuple[Optional[Path], dict] = (None, {})
-    for row in _episode_rows(root, info):
+    for row in _episode_rows(root, info, camera if video else ""):
         path = _data_file(root, info, row)
         if cached[0] != path:
-            table = _read_table(path)
-            missing = [c for c in columns if c not in table.column_names]
-            if missing:
-                raise LeRobotError(f"{path} has no column(s) {missing}")
-            cached = (path, _by_episode(table.select(columns).to_pydict()))
+            cached = (path, _by_episode(_columns(_read_table(path), columns, path).to_pydict()))
         frames = cached[1].get(int(row["episode_index"]), [])
-        yield _episode(int(row["episode_index"]), int(row["length"]), frames, camera, state_dims, action_dims, tasks)
+        if video:
+            pictures = partial(_video_images, *_video_file(root, info, camera, row), tolerance=tolerance, keep=images)
+        else:
+            pictures = partial(_stored_images, camera=camera, keep=images)
+        yield _episode(int(row["episode_index"]), int(row["length"]), frames, pictures, state_dims, action_dims,
+                       tasks)
 
 
 def _by_episode(columns: dict) -> dict[int, list[dict]]:
@@ -202,16 +250,40 @@ def _by_episode(columns: dict) -> dict[int, list[dict]]:
     return out
 
 
-def _episode(index: int, length: int, frames: list[dict], camera: str, state_dims: int, action_dims: int,
-             tasks: dict[int, str]) -> Union[Episode, BadEpisode]:
+def _stored_images(frames: list[dict], camera: str, keep: bool) -> list[bytes]:
+    """The frames' encoded images as stored in the parquet files."""
+    images = [(f[camera] or {}).get("bytes") if isinstance(f[camera], dict) else None for f in frames]
+    missing = [t for t, image in enumerate(images) if not image]
+    if missing:
+        raise UnusableFrames("missing_frames", f"frame {missing[0]} has no image bytes")
+    return images if keep else []
+
+
+def _video_images(path: Path, start: float, frames: list[dict], tolerance: float, keep: bool) -> list[bytes]:
+    """The frames' images decoded from the video file (frame t at start + its timestamp), as PNG."""
+    times = [start + f["timestamp"] if f["timestamp"] is not None else np.nan for f in frames]
+    images = frames_at(path, times, tolerance, _png if keep else lambda frame: b"")
+    return images if keep else []
+
+
+def _png(frame) -> bytes:
+    """A decoded video frame as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(rgb(frame)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _episode(index: int, length: int, frames: list[dict], images: Callable[[list[dict]], list[bytes]],
+             state_dims: int, action_dims: int, tasks: dict[int, str]) -> Union[Episode, BadEpisode]:
+    """The episode, or why it is unusable; its images (images(frames), the costliest step) come last."""
     order = [f["frame_index"] for f in frames]
     if len(frames) != length or order != list(range(length)):
         return BadEpisode(index, "missing_frames", f"{len(frames)} rows for length {length}, frame indices "
                                                    f"{order[:3]}...")
-    images = [(f[camera] or {}).get("bytes") if isinstance(f[camera], dict) else None for f in frames]
-    if any(not image for image in images):
-        return BadEpisode(index, "missing_frames", f"frame {next(i for i, b in enumerate(images) if not b)} has no "
-                                                   "image bytes")
     for key, dims in ((STATE, state_dims), (ACTION, action_dims)):
         if any(value is None or len(value) != dims for value in (f[key] for f in frames)):
             return BadEpisode(index, "wrong_dimension", f"a {key} vector is not of length {dims}")
@@ -223,7 +295,10 @@ def _episode(index: int, length: int, frames: list[dict], camera: str, state_dim
     task = tasks.get(int(frames[0]["task_index"]))
     if task is None:
         return BadEpisode(index, "missing_frames", f"task_index {frames[0]['task_index']} is not in the task list")
-    return Episode(index, task, images, states, actions)
+    try:
+        return Episode(index, task, images(frames), states, actions)
+    except UnusableFrames as exc:
+        return BadEpisode(index, exc.reason, exc.detail)
 
 
 def action_chunk(actions: np.ndarray, t: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
@@ -246,8 +321,9 @@ def stats(values: np.ndarray) -> dict:
 
 def write_dataset(root: Union[str, Path], episodes: Iterable[Episode], fps: int, robot_type: str,
                   camera: str = "observation.image", state_names: Optional[list[str]] = None,
-                  action_names: Optional[list[str]] = None) -> dict:
-    """Episodes as a codebase v3.0 data set in the new folder `root`; returns its info."""
+                  action_names: Optional[list[str]] = None, video: bool = False) -> dict:
+    """Episodes as a codebase v3.0 data set in the new folder `root`; returns its info. video: the camera as one MP4
+    (lerobot's default encoding, mmfm.embodied.video) instead of PNG in the parquet."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -258,16 +334,19 @@ def write_dataset(root: Union[str, Path], episodes: Iterable[Episode], fps: int,
     episodes = list(episodes)
     if not episodes:
         raise LeRobotError("no episodes to write")
+    if video:
+        pyav()
     state_dims, action_dims = episodes[0].states.shape[1], episodes[0].actions.shape[1]
     task_names = list(dict.fromkeys(e.task for e in episodes))
     task_index = {t: i for i, t in enumerate(task_names)}
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    columns: dict[str, list] = {k: [] for k in (camera, STATE, ACTION, "timestamp", "frame_index", "episode_index",
-                                                "index", "task_index")}
+    columns: dict[str, list] = {k: [] for k in ([] if video else [camera]) + [STATE, ACTION, "timestamp",
+                                                "frame_index", "episode_index", "index", "task_index"]}
     rows, start = [], 0
     for n, e in enumerate(episodes):
         length = len(e.images)
-        columns[camera] += [{"bytes": b, "path": f"frame-{t:06d}.png"} for t, b in enumerate(e.images)]
+        if not video:
+            columns[camera] += [{"bytes": b, "path": f"frame-{t:06d}.png"} for t, b in enumerate(e.images)]
         columns[STATE] += e.states.tolist()
         columns[ACTION] += e.actions.tolist()
         columns["timestamp"] += [t / fps for t in range(length)]
@@ -277,13 +356,15 @@ def write_dataset(root: Union[str, Path], episodes: Iterable[Episode], fps: int,
         columns["task_index"] += [task_index[e.task]] * length
         rows.append({"episode_index": n, "tasks": [e.task], "length": length, "data/chunk_index": 0,
                      "data/file_index": 0, "dataset_from_index": start, "dataset_to_index": start + length,
-                     "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+                     "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0,
+                     **(_video_location(camera, start / fps, (start + length) / fps) if video else {})})
         start += length
     types = {camera: image_type, STATE: pa.list_(pa.float32(), state_dims),
              ACTION: pa.list_(pa.float32(), action_dims), "timestamp": pa.float32(), "frame_index": pa.int64(),
              "episode_index": pa.int64(), "index": pa.int64(), "task_index": pa.int64()}
     for folder in ("data/chunk-000", "meta/episodes/chunk-000"):
         (root / folder).mkdir(parents=True, exist_ok=True)
+    camera_feature = _camera_feature(root, camera, episodes, fps, video)
     pq.write_table(pa.table({k: pa.array(v, types[k]) for k, v in columns.items()}),
                    root / V3_DATA_PATH.format(chunk_index=0, file_index=0), compression="snappy")
     pq.write_table(pa.Table.from_pylist(rows), root / V3_EPISODES)
@@ -296,15 +377,41 @@ def write_dataset(root: Union[str, Path], episodes: Iterable[Episode], fps: int,
     info = {"codebase_version": CODEBASE, "robot_type": robot_type, "total_episodes": len(episodes),
             "total_frames": start, "total_tasks": len(task_names), "chunks_size": 1000, "data_files_size_in_mb": 100,
             "video_files_size_in_mb": 200, "fps": fps, "splits": {"train": f"0:{len(episodes)}"},
-            "data_path": V3_DATA_PATH, "video_path": None,
-            "features": {camera: {"dtype": "image", "shape": _image_shape(episodes[0].images[0]),
-                                  "names": ["height", "width", "channels"]},
+            "data_path": V3_DATA_PATH, "video_path": V3_VIDEO_PATH if video else None,
+            "features": {camera: camera_feature,
                          STATE: {"dtype": "float32", "shape": [state_dims], "names": state_names},
                          ACTION: {"dtype": "float32", "shape": [action_dims], "names": action_names},
                          **{k: {"dtype": "float32" if k == "timestamp" else "int64", "shape": [1], "names": None}
                             for k in ("timestamp", "frame_index", "episode_index", "index", "task_index")}}}
     (root / INFO).write_text(json.dumps(info, indent=4))
     return info
+
+
+def _camera_feature(root: Path, camera: str, episodes: list[Episode], fps: int, video: bool) -> dict:
+    """The camera's feature in meta/info.json; with video, its MP4 written (every episode, one after the other)."""
+    height, width, channels = _image_shape(episodes[0].images[0])
+    names = ["height", "width", "channels"]
+    if not video:
+        return {"dtype": "image", "shape": [height, width, channels], "names": names}
+    path = root / V3_VIDEO_PATH.format(video_key=camera, chunk_index=0, file_index=0)
+    info = write_video(path, (_pixels(image) for e in episodes for image in e.images), fps)
+    return {"dtype": "video", "shape": [height, width, 3], "names": names, "info": info}
+
+
+def _video_location(camera: str, start: float, end: float) -> dict:
+    """An episode's columns in the episodes parquet locating its frames in the camera's one video file."""
+    return {f"videos/{camera}/chunk_index": 0, f"videos/{camera}/file_index": 0,
+            f"videos/{camera}/from_timestamp": start, f"videos/{camera}/to_timestamp": end}
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    """An encoded image as RGB uint8 [H, W, 3]."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def _image_shape(data: bytes) -> list[int]:

@@ -223,9 +223,9 @@ def record_demonstrations(seeds, noise: float = 0.01, rng_seed: int = 0, named=(
 FPS = 5
 
 
-def write_demonstrations(out, episodes: int, seed: int = 0, each_object: bool = False) -> dict:
+def write_demonstrations(out, episodes: int, seed: int = 0, each_object: bool = False, video: bool = False) -> dict:
     """`mmfm data robot-demos`: the expert on seeds seed .. seed + episodes - 1 (each_object: each table once per
-    object, each named in turn), as a LeRobot data set in `out`."""
+    object, each named in turn), as a LeRobot data set in `out` (video: the camera as MP4, as lerobot's default)."""
     from tqdm import tqdm
 
     from mmfm.embodied.lerobot import write_dataset
@@ -233,4 +233,4 @@ def write_demonstrations(out, episodes: int, seed: int = 0, each_object: bool = 
     seeds = tqdm(range(seed, seed + episodes), desc="recording", unit="episode", leave=False)
     named = EVERY_OBJECT if each_object else (0,)
     return write_dataset(out, record_demonstrations(seeds, named=named), fps=FPS, robot_type="mmfm-reach-grasp",
-                         state_names=["x", "y"], action_names=["x", "y", "grip"])
+                         state_names=["x", "y"], action_names=["x", "y", "grip"], video=video)
