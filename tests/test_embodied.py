@@ -588,17 +588,23 @@ def test_vla_on_data_without_room_or_robot_is_one_line(robot_data, synth_dir):
         sample_encoder(cfg, load_tokenizer(cfg))
 
 
-@pytest.mark.parametrize("action", ["tokens", "flow"])
-def test_the_vla_stage_under_fsdp2_equals_one_process(action, robot_data, tmp_path):
-    """stage=vla (action tokens, or the flow head), 3 AdamW steps of 8 samples in 2 micro-batches: FSDP2 on 2 gloo
-    processes against one process, losses rel 1e-5, parameters atol 1e-4 (as tests/test_parallel_equivalence.py)."""
+# zero2: the DeepSpeed engine sets the ordinal bins' rows through its own full-weight state (Trainer.init_action_bins)
+SHARDED = {"fsdp2": ["parallel=fsdp2"],
+           "zero2": ["parallel.dp_shard=-1", "engine.name=deepspeed", "engine.deepspeed.zero_stage=2"]}
+
+
+@pytest.mark.parametrize("action,layout", [("tokens", "fsdp2"), ("flow", "fsdp2"), ("tokens", "zero2")])
+def test_the_vla_stage_sharded_equals_one_process(action, layout, robot_data, tmp_path):
+    """stage=vla (action tokens, or the flow head), 3 AdamW steps of 8 samples in 2 micro-batches: FSDP2 or
+    DeepSpeed ZeRO-2 on 2 gloo processes against one process, losses rel 1e-5, parameters atol 1e-4 (as
+    tests/test_parallel_equivalence.py)."""
     from parallel_runs import run_layout
 
     common = [f"data.path={robot_data}", *VLA_MODEL, "train.max_steps=3", "train.schedule.warmup_steps=1",
               "train.grad_accum_steps=2", "train.val_every=0", "checkpoint.every=0", "data.partitions=4",
               *(FLOW if action == "flow" else [])]
     one = run_layout(1, [*common, "data.batch_size=4"], tmp_path / "one")
-    two = run_layout(2, [*common, "data.batch_size=2", "parallel=fsdp2"], tmp_path / "two")
+    two = run_layout(2, [*common, "data.batch_size=2", *SHARDED[layout]], tmp_path / "two")
     assert sorted(two["losses"]) == [1, 2, 3]
     for step, loss in one["losses"].items():
         assert two["losses"][step] == pytest.approx(loss, rel=1e-5), step
