@@ -268,12 +268,17 @@ def _video_images(path: Path, start: float, frames: list[dict], tolerance: float
 
 def _png(frame) -> bytes:
     """A decoded video frame as PNG bytes."""
+    return png_bytes(rgb(frame))
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """RGB uint8 [H, W, 3] as PNG bytes: how an episode's frames are stored (the inverse of _pixels)."""
     import io
 
     from PIL import Image
 
     out = io.BytesIO()
-    Image.fromarray(rgb(frame)).save(out, format="PNG")
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(out, format="PNG")
     return out.getvalue()
 
 

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -60,11 +59,10 @@ class Policy:
         the proprioceptive state: decoded greedily over the action tokens alone (KV-cached), or integrated by the
         flow head from the prompt's hidden state."""
         from mmfm.data.loader import load_image
+        from mmfm.embodied.lerobot import png_bytes
         from mmfm.models.generate import generate
 
-        buffer = io.BytesIO()
-        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
-        pixels = load_image(buffer.getvalue(), self.encoder.conversation.processor).unsqueeze(0).to(self.device)
+        pixels = load_image(png_bytes(image), self.encoder.conversation.processor).unsqueeze(0).to(self.device)
         prompt = self.encoder.prompt(instruction, state)
         if self.flow_steps:
             return self.flow_act(prompt, pixels)

@@ -196,11 +196,7 @@ def success_rate(policy, seeds, rng_seed: int = 0, named=(0,)) -> float:
 def record_demonstrations(seeds, noise: float = 0.01, rng_seed: int = 0, named=(0,)) -> list:
     """The scripted expert's successful episodes on these seeds (each table once per entry of `named`), as LeRobot
     episodes (frames before each action, the instruction as the task)."""
-    import io
-
-    from PIL import Image
-
-    from mmfm.embodied.lerobot import Episode
+    from mmfm.embodied.lerobot import Episode, png_bytes
 
     env, rng, episodes = ReachGraspEnv(), random.Random(rng_seed), []
     for seed, k in episodes_of(seeds, named):
@@ -209,9 +205,7 @@ def record_demonstrations(seeds, noise: float = 0.01, rng_seed: int = 0, named=(
         terminated = truncated = False
         while not (terminated or truncated):
             action = expert_action(env.scene, rng, noise)
-            buffer = io.BytesIO()
-            Image.fromarray(obs["image"]).save(buffer, format="PNG")
-            images.append(buffer.getvalue())
+            images.append(png_bytes(obs["image"]))
             states.append(obs["state"])
             actions.append(action)
             obs, _, terminated, truncated, info = env.step(action)
