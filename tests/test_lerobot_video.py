@@ -240,6 +240,24 @@ def test_an_episode_without_its_frames_is_dropped_under_its_reason(tmp_path):
     assert m["stages"]["written"] == sum(LENGTHS) and m["sources"]["cam"]["robot"]["episodes"] == 3
 
 
+def test_a_v30_episode_without_a_video_location_is_dropped_not_the_data_set(tmp_path):
+    """v3.0: an episode whose row in the episodes parquet leaves its camera's file and start empty is dropped as
+    bad_video; the other episodes are still read from the shared file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "ds"
+    write_v30(root)
+    path = root / "meta/episodes/chunk-000/file-000.parquet"
+    rows = pq.read_table(path).to_pylist()
+    rows[1][f"videos/{CAMERA}/from_timestamp"] = rows[1][f"videos/{CAMERA}/file_index"] = None
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    got = list(read_episodes(root))
+    assert [type(e).__name__ for e in got] == ["Episode", "BadEpisode", "Episode"]
+    assert got[1].reason == "bad_video" and "no video location for 'observation.images.top'" in got[1].detail
+    assert [len(e.images) for e in (got[0], got[2])] == [LENGTHS[0], LENGTHS[2]]
+
+
 @pytest.mark.parametrize("video_path, message", [
     ("../outside/{video_key}/file-{file_index:03d}.mp4", r"video_path gives an unsafe file name: .* leads outside"),
     ("/tmp/{video_key}.mp4", r"video_path gives an unsafe file name: .* is an absolute path"),

@@ -204,8 +204,7 @@ def _video_file(root: Path, info: dict, camera: str, row: dict) -> tuple[Path, f
     if info["codebase_version"] == "v3.0":
         where = {k: row[f"videos/{camera}/{k}"] for k in ("chunk_index", "file_index", "from_timestamp")}
         if any(v is None for v in where.values()):
-            raise LeRobotError(f"the episodes metadata of episode {row['episode_index']} has no video location for "
-                               f"{camera!r}; the data set is incomplete")
+            raise UnusableFrames("bad_video", f"the episodes metadata gives no video location for {camera!r}")
         return _inside(root, info, "video_path", video_key=camera, chunk_index=int(where["chunk_index"]),
                        file_index=int(where["file_index"])), float(where["from_timestamp"])
     return _inside(root, info, "video_path", video_key=camera, episode_chunk=row["episode_chunk"],
@@ -236,7 +235,7 @@ def read_episodes(root: Union[str, Path], camera: str = "", images: bool = True)
             cached = (path, _by_episode(_columns(_read_table(path), columns, path).to_pydict()))
         frames = cached[1].get(int(row["episode_index"]), [])
         if video:
-            pictures = partial(_video_images, *_video_file(root, info, camera, row), tolerance=tolerance, keep=images)
+            pictures = partial(_video_images, root, info, camera, row, tolerance=tolerance, keep=images)
         else:
             pictures = partial(_stored_images, camera=camera, keep=images)
         yield _episode(int(row["episode_index"]), int(row["length"]), frames, pictures, state_dims, action_dims,
@@ -259,8 +258,11 @@ def _stored_images(frames: list[dict], camera: str, keep: bool) -> list[bytes]:
     return images if keep else []
 
 
-def _video_images(path: Path, start: float, frames: list[dict], tolerance: float, keep: bool) -> list[bytes]:
-    """The frames' images decoded from the video file (frame t at start + its timestamp), as PNG."""
+def _video_images(root: Path, info: dict, camera: str, row: dict, frames: list[dict], tolerance: float,
+                  keep: bool) -> list[bytes]:
+    """The frames' images decoded from the episode's video file (frame t at its start + the frame's timestamp), as
+    PNG."""
+    path, start = _video_file(root, info, camera, row)
     times = [start + f["timestamp"] if f["timestamp"] is not None else np.nan for f in frames]
     images = frames_at(path, times, tolerance, _png if keep else lambda frame: b"")
     return images if keep else []
